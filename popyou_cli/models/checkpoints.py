@@ -1,0 +1,231 @@
+"""Loading and saving VAR / VQ-VAE weights.
+
+A weights spec is one of:
+  * a local file: `.safetensors`, or an official / training `.pth` (read with `torch.load(weights_only=True)`);
+  * a local popyou model folder: `config.json` + `model.safetensors`;
+  * a Hub file `org/repo/file.pth`, or a Hub repo `org/repo` (the official repo gets its default file, any other
+    repo is read as a popyou model folder), fetched through huggingface_hub's cache.
+The architecture is inferred from the state dict, so official and tiny checkpoints load without a config file.
+Every load is strict: missing, unexpected or mis-shaped keys fail with one message that lists them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import PopyouError
+from .var import VAR, VARConfig
+from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE, VQVAEConfig
+
+OFFICIAL_REPO = "FoundationVision/var"
+DEFAULT_VAR = f"{OFFICIAL_REPO}/var_d16.pth"
+DEFAULT_VAE = f"{OFFICIAL_REPO}/vae_ch160v4096z32.pth"
+_OFFICIAL_DEFAULT_FILE = {"var": "var_d16.pth", "vqvae": "vae_ch160v4096z32.pth"}
+# patch_nums by (number of scales, total tokens) for checkpoints that carry no lvl_1L buffer
+_KNOWN_PATCH_NUMS = {(10, 680): OFFICIAL_PATCH_NUMS, (10, 2240): (1, 2, 3, 4, 6, 9, 13, 18, 24, 32), (4, 30): (1, 2, 3, 4)}
+# training checkpoints of the reference nest the weights; popyou's own training checkpoints use "model"
+_NESTED = {"var": ("var_wo_ddp", "var"), "vqvae": ("vae_local", "vae")}
+_PREFIXES = ("module.", "_orig_mod.")
+_WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt"}
+
+
+# ------------------------------------------------------------------------------------------ files
+def resolve(spec: str, kind: str) -> tuple[Path, dict | None]:
+    """Returns (weights file, popyou config or None). kind is 'var' or 'vqvae'."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return _model_folder(p)
+    if p.is_file():
+        return p, None
+    parts = spec.strip("/").split("/")
+    looks_local = spec.startswith((".", "/", "~")) or len(parts) < 2 or (len(parts) == 2 and p.suffix in _WEIGHT_SUFFIXES)
+    if looks_local or not re.fullmatch(r"[\w.\-]+", parts[0]):
+        raise PopyouError(f"no such file or folder: {spec}")
+    repo = "/".join(parts[:2])
+    if len(parts) > 2:
+        return Path(_hub_file(repo, "/".join(parts[2:]))), None
+    if repo == OFFICIAL_REPO:
+        return Path(_hub_file(repo, _OFFICIAL_DEFAULT_FILE[kind])), None
+    _hub_file(repo, "config.json")
+    return _model_folder(Path(_hub_file(repo, "model.safetensors")).parent)
+
+
+def _hub_file(repo: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # offline, missing repo or file, auth: all the same to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PopyouError(f"cannot get '{filename}' from the Hub repo '{repo}' ({type(e).__name__}: {reason[:200]}); "
+                          "check the name, log in with `hf auth login` for private repos, or pass a local path") from None
+
+
+def _model_folder(folder: Path) -> tuple[Path, dict]:
+    cfg, weights = folder / "config.json", folder / "model.safetensors"
+    if not cfg.is_file() or not weights.is_file():
+        raise PopyouError(f"{folder} is not a popyou model folder (needs config.json and model.safetensors)")
+    try:
+        return weights, json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise PopyouError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """Reads a bare or nested state dict; never unpickles arbitrary objects."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PopyouError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+    sd = _unnest(sd, kind)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PopyouError(f"{path} does not hold a {kind} state dict")
+    for pre in _PREFIXES:
+        if all(k.startswith(pre) for k in sd):
+            sd = {k[len(pre):]: v for k, v in sd.items()}
+    return sd
+
+
+def _unnest(obj, kind: str):
+    for _ in range(4):  # e.g. {'trainer': {'var_wo_ddp': {...}}}
+        if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in ("trainer", *_NESTED[kind], "model", "state_dict", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        else:
+            return obj
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ configs
+def infer_var_config(sd: dict[str, torch.Tensor]) -> VARConfig:
+    try:
+        C, Cv = sd["word_embed.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        l2 = "blocks.0.attn.scale_mul_1H11" in sd
+        heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if l2 else C // 64
+        S, L = sd["lvl_embed.weight"].shape[0], sd["pos_1LC"].shape[1]
+        pns = _patch_nums_from(sd.get("lvl_1L"), S, L)
+        return VARConfig(depth=depth, embed_dim=C, num_heads=heads, num_classes=sd["class_emb.weight"].shape[0] - 1,
+                         vocab_size=sd["head.weight"].shape[0], z_channels=Cv, patch_nums=pns,
+                         mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C,
+                         shared_aln="shared_ada_lin.1.weight" in sd, attn_l2_norm=l2, drop_path_rate=0.1 * depth / 24)
+    except (KeyError, ValueError) as e:
+        raise PopyouError(f"this does not look like a VAR checkpoint (missing or odd key {e})") from None
+
+
+def _patch_nums_from(lvl_1L, S: int, L: int) -> tuple[int, ...]:
+    if lvl_1L is not None and lvl_1L.device.type != "meta":
+        counts = torch.bincount(lvl_1L.flatten().long()).tolist()
+        pns = tuple(round(c**0.5) for c in counts)
+        if all(p * p == c for p, c in zip(pns, counts)):
+            return pns
+    if (S, L) in _KNOWN_PATCH_NUMS:
+        return _KNOWN_PATCH_NUMS[(S, L)]
+    raise PopyouError(f"cannot infer patch_nums for {S} scales / {L} tokens; save the model with a config.json")
+
+
+def infer_vqvae_config(sd: dict[str, torch.Tensor], patch_nums=None) -> VQVAEConfig:
+    try:
+        V, Cv = sd["quantize.embedding.weight"].shape
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+        ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+        n_res = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+    except (KeyError, ValueError) as e:
+        raise PopyouError(f"this does not look like a VQ-VAE checkpoint (missing or odd key {e})") from None
+    if "quantize.quant_resi.qresi.weight" in sd:
+        share = 1
+    elif any(k.startswith("quantize.quant_resi.qresi_ls.") for k in sd):
+        share = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("quantize.quant_resi.qresi_ls."))
+    else:
+        share = 0
+    if patch_nums is None:
+        S = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else 10
+        patch_nums = OFFICIAL_PATCH_NUMS if S == 10 else next((p for (s, _), p in _KNOWN_PATCH_NUMS.items() if s == S), None)
+        if patch_nums is None:
+            raise PopyouError("cannot infer the VQ-VAE's patch_nums; pass them from the VAR model")
+    return VQVAEConfig(vocab_size=V, z_channels=Cv, ch=ch, ch_mult=ch_mult, num_res_blocks=n_res,
+                       share_quant_resi=share, patch_nums=tuple(patch_nums))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, ignore_shape=()) -> None:
+    want = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    bad = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in set(want) & set(sd)
+                 if k not in ignore_shape and tuple(sd[k].shape) != tuple(want[k].shape))
+    if missing or unexpected or bad:
+        show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")  # noqa: E731
+        parts = [f"{name} {len(xs)}: {show(xs)}" for name, xs in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)) if xs]
+        raise PopyouError(f"{source} does not fit the model: " + "; ".join(parts))
+
+
+def _load_into(model: torch.nn.Module, sd: dict, source: str, ignore_shape=()) -> None:
+    check_keys(model, sd, source, ignore_shape)
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def load_var(spec: str, device: str | torch.device = "cpu") -> tuple[VAR, dict]:
+    """Returns (VAR in eval mode, extra config such as class_names and the vqvae reference)."""
+    path, meta = resolve(spec, "var")
+    sd = read_state_dict(path, "var")
+    cfg = VARConfig.from_dict(meta["config"]) if meta else infer_var_config(sd)
+    with torch.device("meta"):
+        model = VAR(cfg)
+    _load_into(model, sd, str(path))
+    model.init_buffers()
+    return model.to(device).eval(), (meta or {})
+
+
+def load_vqvae(spec: str, patch_nums=None, device: str | torch.device = "cpu") -> VQVAE:
+    path, meta = resolve(spec, "vqvae")
+    sd = read_state_dict(path, "vqvae")
+    cfg = VQVAEConfig.from_dict(meta["config"]) if meta else infer_vqvae_config(sd, patch_nums)
+    if patch_nums is not None:
+        cfg.patch_nums = tuple(patch_nums)
+    with torch.device("meta"):
+        model = VQVAE(cfg)
+    # ema_vocab_hit_SV is a training statistic sized by the number of scales; the reference silently replaces
+    # a mis-sized one, and so do we (one VQ-VAE file serves VARs with different patch_nums).
+    sd = dict(sd)
+    sd["quantize.ema_vocab_hit_SV"] = torch.zeros(len(cfg.patch_nums), cfg.vocab_size)
+    _load_into(model, sd, str(path))
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def save_model(model: VAR | VQVAE, folder: str | Path, extra: dict | None = None) -> Path:
+    """Writes model.safetensors + config.json (atomically: temporary names, then rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = "var" if isinstance(model, VAR) else "vqvae"
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp_w, tmp_c = folder / ".model.safetensors.tmp", folder / ".config.json.tmp"
+    save_file(sd, str(tmp_w), metadata={"format": "pt", "popyou_type": kind})
+    tmp_c.write_text(json.dumps({"popyou_type": kind, "config": model.config.to_dict(), **(extra or {})}, indent=2))
+    os.replace(tmp_w, folder / "model.safetensors")
+    os.replace(tmp_c, folder / "config.json")
+    return folder

@@ -1,0 +1,34 @@
+"""Shared test setup: offline, one thread, the golden folder found through POPYOU_GOLDEN_DIR."""
+import os
+
+# Set before torch / huggingface are imported by any test module.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def golden_dir() -> Path:
+    return Path(os.environ.get("POPYOU_GOLDEN_DIR", HERE.parent.parent / "shared" / "golden")).resolve()
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    var = golden_dir() / "var"
+    if not (var / "tiny_cases.safetensors").is_file():
+        pytest.skip(f"golden data not found at {var} (set POPYOU_GOLDEN_DIR to the shared/golden folder)")
+    return var
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+    yield
