@@ -59,10 +59,15 @@ def _hub_file(repo: str, filename: str) -> str:
 
     try:
         return hf_hub_download(repo, filename)
-    except Exception as e:  # offline, missing repo or file, auth: all the same to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PopyouError(f"cannot get '{filename}' from the Hub repo '{repo}' ({type(e).__name__}: {reason[:200]}); "
-                          "check the name, log in with `hf auth login` for private repos, or pass a local path") from None
+    except Exception as e:  # offline, missing repo or file, auth: each gets one line that says what to do
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or "LocalEntryNotFound" in type(e).__name__:
+            why = "not in the local Hugging Face cache, and the Hub cannot be reached (offline)"
+        elif "NotFound" in type(e).__name__:
+            why = "no such repo or file on the Hub"
+        else:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        raise PopyouError(f"cannot get '{filename}' from the Hub repo '{repo}': {why}; download it once with network "
+                          "access (log in with `hf auth login` for private repos) or pass a local path") from None
 
 
 def _model_folder(folder: Path) -> tuple[Path, dict]:

@@ -1,0 +1,103 @@
+"""`popyou sample --class-id`: golden images through the CLI, seeds, and bad input."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from popyou_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny(golden):
+    return {"var": golden / "tiny_var.safetensors", "vae": golden / "tiny_vae.safetensors",
+            "cases": load_file(str(golden / "tiny_cases.safetensors"))}
+
+
+@pytest.mark.parametrize("class_id,item", [(1, 0), (3, 1)])
+def test_greedy_png_equals_golden(tiny, tmp_path, class_id, item):
+    res = invoke("sample", "--var", tiny["var"], "--vae", tiny["vae"], "--cfg", 1.5, "--top-k", 1, "--top-p", 0,
+                 "--class-id", class_id, "--n", 1, "--out", tmp_path, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    png = np.asarray(Image.open(tmp_path / f"class{class_id}_seed0_00000.png")).astype(int)
+    want = torch.round(255 * tiny["cases"]["ar_greedy_img"][item]).permute(1, 2, 0).numpy().astype(int)
+    assert png.shape == want.shape == (64, 64, 3)
+    assert np.abs(png - want).max() <= 1
+    assert (tmp_path / f"class{class_id}_seed0_grid.png").is_file()
+
+
+def test_tiny10_greedy_png_equals_golden(golden, tmp_path):
+    res = invoke("sample", "--var", golden / "tiny10_var.safetensors", "--vae", golden / "tiny_vae.safetensors",
+                 "--cfg", 1.5, "--top-k", 1, "--class-id", 3, "--n", 1, "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    png = np.asarray(Image.open(tmp_path / "class3_seed0_00000.png")).astype(int)
+    want = torch.round(255 * load_file(str(golden / "tiny10_cases.safetensors"))["ar_greedy_img"][1]).permute(1, 2, 0).numpy()
+    assert np.abs(png - want.astype(int)).max() <= 1
+
+
+def _images(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_seed_reproducible_and_batches_written(tiny, tmp_path):
+    args = ["sample", "--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 2, "--n", 5, "--batch-size", 2,
+            "--top-k", 8, "--top-p", 0.9, "--cfg", 3]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert invoke(*args, "--seed", 7, "--out", a).exit_code == 0
+    assert invoke(*args, "--seed", 7, "--out", b).exit_code == 0
+    assert invoke(*args, "--seed", 8, "--out", c).exit_code == 0
+    ia, ib, ic = _images(a), _images(b), _images(c)
+    assert len(ia) == 6  # 5 images + grid
+    assert all(np.array_equal(ia[k], ib[k]) for k in ia)
+    assert any(not np.array_equal(ia[k], ic[k.replace("seed7", "seed8")]) for k in ia)
+    grid = ia["class2_seed7_grid.png"]
+    assert grid.shape[0] > 64 and grid.shape[1] > 64
+
+
+def test_more_smooth_runs(tiny, tmp_path):
+    res = invoke("sample", "--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 0, "--n", 2, "--more-smooth",
+                 "--top-k", 8, "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert len(list(tmp_path.glob("class0_seed0_0000*.png"))) == 2
+
+
+def _bad_cases(tiny, tmp_path):
+    not_ckpt = tmp_path / "notes.pth"
+    not_ckpt.write_text("this is not a checkpoint")
+    cut = tmp_path / "cut.safetensors"
+    data = tiny["var"].read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    base = ["--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 1]
+    return {
+        "not a checkpoint": (["--var", not_ckpt, "--vae", tiny["vae"], "--class-id", 1], "not a readable checkpoint"),
+        "truncated": (["--var", cut, "--vae", tiny["vae"], "--class-id", 1], "not a readable checkpoint"),
+        "class out of range": (["--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 10], "out of range"),
+        "top-k too large": (base + ["--top-k", 65], "larger than the vocabulary"),
+        "negative cfg": (base + ["--cfg", -1], "--cfg must be >= 0"),
+        "vae as var": (["--var", tiny["vae"], "--vae", tiny["vae"], "--class-id", 1], "does not look like a VAR"),
+        "no class": (["--var", tiny["var"]], "--class-id"),
+        "unwritable out": (base, "cannot write"),
+    }, blocker
+
+
+@pytest.mark.parametrize("case", ["not a checkpoint", "truncated", "class out of range", "top-k too large",
+                                  "negative cfg", "vae as var", "no class", "unwritable out"])
+def test_bad_input_one_line_error_and_nothing_written(tiny, tmp_path, case):
+    cases, blocker = _bad_cases(tiny, tmp_path)
+    args, message = cases[case]
+    out = blocker / "sub" if case == "unwritable out" else tmp_path / "out"
+    res = invoke("sample", *args, "--out", out)
+    assert res.exit_code != 0
+    assert message in res.output, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert not out.exists()
