@@ -138,3 +138,13 @@ def test_vqvae_round_trip_and_ema_buffer_of_other_size(tmp_path, golden):
     again = load_vqvae(str(tmp_path / "vae"))
     assert again.config == vae.config
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values()))
+
+
+def test_tiny_stand_ins_are_identical_in_every_build():
+    a, _ = load_var("tiny")
+    b, _ = load_var("tiny")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    va, vb = load_vqvae("tiny"), load_vqvae("tiny")
+    assert all(torch.equal(x, y) for x, y in zip(va.state_dict().values(), vb.state_dict().values()))
+    assert a.config.vocab_size == va.config.vocab_size and a.config.patch_nums == va.patch_nums
+    assert va.config.image_size == 64

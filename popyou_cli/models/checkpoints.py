@@ -4,7 +4,9 @@ A weights spec is one of:
   * a local file: `.safetensors`, or an official / training `.pth` (read with `torch.load(weights_only=True)`);
   * a local popyou model folder: `config.json` + `model.safetensors`;
   * a Hub file `org/repo/file.pth`, or a Hub repo `org/repo` (the official repo gets its default file, any other
-    repo is read as a popyou model folder), fetched through huggingface_hub's cache.
+    repo is read as a popyou model folder), fetched through huggingface_hub's cache;
+  * `tiny`: a small randomly initialised stand-in built in code from a fixed seed (64 px images, 4 scales),
+    identical in every process, for tests and the offline quick-start.
 The architecture is inferred from the state dict, so official and tiny checkpoints load without a config file.
 Every load is strict: missing, unexpected or mis-shaped keys fail with one message that lists them.
 """
@@ -171,6 +173,31 @@ def infer_vqvae_config(sd: dict[str, torch.Tensor], patch_nums=None) -> VQVAECon
                        share_quant_resi=share, patch_nums=tuple(patch_nums))
 
 
+# ------------------------------------------------------------------------------------------ tiny stand-ins
+TINY = "tiny"
+TINY_PATCH_NUMS = (1, 2, 3, 4)
+
+
+def build_tiny_vqvae(patch_nums=TINY_PATCH_NUMS) -> VQVAE:
+    """Seeded random VQ-VAE: 64 codes of 8 channels, ch 32 (the smallest GroupNorm allows), 16x downsampling."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=32, patch_nums=tuple(patch_nums)))
+        torch.nn.init.trunc_normal_(vae.quantize.embedding.weight, std=0.1)  # codes spread like a trained codebook
+    return vae.requires_grad_(False).eval()
+
+
+def build_tiny_var(num_classes: int = 10, patch_nums=TINY_PATCH_NUMS) -> VAR:
+    """Seeded random VAR of depth 2, width 64, matching build_tiny_vqvae."""
+    cfg = VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=num_classes, vocab_size=64, z_channels=8,
+                    patch_nums=tuple(patch_nums))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(35)
+        var = VAR(cfg)
+        var.init_weights(init_adaln_gamma=1e-3)
+    return var.eval()
+
+
 # ------------------------------------------------------------------------------------------ loading
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, ignore_shape=()) -> None:
     want = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -193,6 +220,8 @@ def _load_into(model: torch.nn.Module, sd: dict, source: str, ignore_shape=()) -
 
 def load_var(spec: str, device: str | torch.device = "cpu") -> tuple[VAR, dict]:
     """Returns (VAR in eval mode, extra config such as class_names and the vqvae reference)."""
+    if spec == TINY:
+        return build_tiny_var().to(device), {"vqvae": TINY}
     path, meta = resolve(spec, "var")
     sd = read_state_dict(path, "var")
     cfg = VARConfig.from_dict(meta["config"]) if meta else infer_var_config(sd)
@@ -204,6 +233,8 @@ def load_var(spec: str, device: str | torch.device = "cpu") -> tuple[VAR, dict]:
 
 
 def load_vqvae(spec: str, patch_nums=None, device: str | torch.device = "cpu") -> VQVAE:
+    if spec == TINY:
+        return build_tiny_vqvae(patch_nums or TINY_PATCH_NUMS).to(device)
     path, meta = resolve(spec, "vqvae")
     sd = read_state_dict(path, "vqvae")
     cfg = VQVAEConfig.from_dict(meta["config"]) if meta else infer_vqvae_config(sd, patch_nums)
