@@ -157,12 +157,17 @@ def _is_unavailable_error(err: BaseException) -> bool:
     return False
 
 
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    """``"ErrorType: message"`` on one line, shortened to about ``limit`` characters."""
+    detail = " ".join(str(err).split())
+    if len(detail) > limit:
+        detail = detail[: limit - 3] + "..."
+    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+
+
 def _unavailable(what: str, model: str, err: BaseException, hint: str = "") -> PopyouError:
     """The one-line user-facing error for a model that is neither local nor in the Hugging Face cache."""
-    detail = " ".join(str(err).split())
-    if len(detail) > 240:
-        detail = detail[:237] + "..."
-    detail = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+    detail = _one_line(err)
     if hub_offline():
         why = "is not available offline: it is not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE=1)"
     else:
@@ -184,12 +189,23 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
-def _load_or_explain(what: str, model: str, load: Callable[[], Any], hint: str = "") -> Any:
-    """Run ``load()``; turn "not local, not cached, not downloadable" errors into a one-line PopyouError."""
+_SAME_AS_MODEL = object()
+
+
+def _load_or_explain(
+    what: str, model: str, load: Callable[[], Any], hint: str = "", path: Any = _SAME_AS_MODEL
+) -> Any:
+    """Run ``load()``; turn "not local, not cached, not downloadable" errors into a one-line PopyouError.
+
+    ``model`` names the model in messages; ``path`` is what may be a local file or folder (by default ``model``;
+    None when nothing is).
+    """
     import warnings
 
-    if _looks_like_path(model) and not Path(model).expanduser().exists():
-        raise PopyouError(f"{what} folder {model!r} does not exist (and it is not a Hugging Face Hub id)")
+    path = model if path is _SAME_AS_MODEL else path
+    local = path is not None and Path(path).expanduser().exists()
+    if path is not None and _looks_like_path(path) and not local:
+        raise PopyouError(f"{what} {model!r}: {path!r} does not exist (and it is not a Hugging Face Hub id)")
     try:
         with warnings.catch_warnings():
             # diffusers passes huggingface_hub an argument that it has deprecated: not the user's business
@@ -198,6 +214,8 @@ def _load_or_explain(what: str, model: str, load: Callable[[], Any], hint: str =
     except PopyouError:
         raise
     except Exception as err:  # noqa: BLE001 - narrowed by _is_unavailable_error
+        if local and isinstance(err, OSError):
+            raise PopyouError(f"{what} {model!r} could not be loaded from {path!r}: {_one_line(err)}") from err
         if _is_unavailable_error(err):
             raise _unavailable(what, model, err, hint) from err
         raise
@@ -339,8 +357,14 @@ def load_text_to_image(
 
 @functools.lru_cache(maxsize=8)
 def _tiny_text_to_image(image_size: int, device: "torch.device", dtype: "torch.dtype"):
+    import torch
+
     pipe = build_tiny_text_to_image(image_size)
-    return pipe.to(device=device, dtype=dtype)
+    # plain nn.Module.to: diffusers' own .to(dtype=...) warns about "modules to keep in float32" (there are none)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, device=device, dtype=dtype)
+    return pipe
 
 
 def build_tiny_text_to_image(image_size: int = TINY_IMAGE_SIZE, *, seed: int = TINY_TEXT_TO_IMAGE_SEED):
@@ -486,6 +510,8 @@ _TINY_CAPTION_SPECIALS = ("<pad>", "</s>", "<unk>")
 @functools.lru_cache(maxsize=None)
 def _tiny_caption_tokenizer_files() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     """Vocabulary and merges of a tiny byte-level BPE trained on a fixed corpus (deterministic, milliseconds)."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -499,8 +525,6 @@ def _tiny_caption_tokenizer_files() -> tuple[tuple[tuple[str, int], ...], tuple[
         show_progress=False,
     )
     tok.train_from_iterator(list(_TINY_CAPTION_CORPUS), trainer=trainer)
-    import json
-
     state = json.loads(tok.to_str())["model"]
     vocab = tuple(sorted(state["vocab"].items(), key=lambda item: item[1]))
     merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"])
@@ -689,28 +713,45 @@ def load_siglip(
                     f"unknown open_clip model {model!r}: use a name from open_clip.list_models(), "
                     f"'hf-hub:<repo>', 'local-dir:<folder>' or 'tiny'"
                 )
+            tags = open_clip.list_pretrained_tags_by_model(model)
+            known = {t.lower() for t in tags}
+            if tag is not None and tag.lower() not in known and not os.path.isfile(os.path.expanduser(tag)):
+                raise PopyouError(
+                    f"open_clip model {model!r}: pretrained {tag!r} is neither one of its tags "
+                    f"({', '.join(tags) or 'none'}) nor a checkpoint file"
+                )
             if tag is None:
-                tags = open_clip.list_pretrained_tags_by_model(model)
                 if len(tags) != 1:
                     raise PopyouError(
                         f"open_clip model {model!r} needs a pretrained tag or checkpoint file; tags: "
                         f"{', '.join(tags) or 'none'}"
                     )
                 tag = tags[0]
+            elif tag.lower() not in known:
+                tag = os.path.expanduser(tag)
         # require_pretrained: fail rather than return random weights when the checkpoint cannot be loaded
         extra = {"require_pretrained": True} if _accepts_require_pretrained() else {}
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=tag, device=dev, **extra)
         tokenizer = open_clip.get_tokenizer(model)
         return net, preprocess, tokenizer
 
-    label = model if pretrained is None or model.startswith(("hf-hub:", "local-dir:")) else f"{model}/{pretrained}"
+    label = model
+    if pretrained is not None and not model.startswith(("hf-hub:", "local-dir:")):
+        label = f"{model} pretrained={pretrained}"
     repo = _open_clip_hub_repo(model, pretrained)
     fetch = f" (`hf download {repo}`)" if repo else ""
+    if model.startswith("local-dir:"):
+        path = model[len("local-dir:") :]
+    elif not model.startswith("hf-hub:") and pretrained is not None and _looks_like_path(pretrained):
+        path = pretrained  # a checkpoint file
+    else:
+        path = None
     with _quiet_open_clip():
         net, preprocess, tokenizer = _load_or_explain(
             "SigLIP (open_clip) model",
             label,
             load,
+            path=path,
             hint=(
                 f"download its weights and tokenizer first{fetch}, pass a checkpoint file as the pretrained tag, "
                 "or use the tiny preset (--preset tiny)"
@@ -730,7 +771,7 @@ def _open_clip_hub_repo(model: str, pretrained: str | None) -> str | None:
 
         tags = open_clip.list_pretrained_tags_by_model(model)
         tag = pretrained if pretrained is not None else (tags[0] if len(tags) == 1 else None)
-        cfg = open_clip.get_pretrained_cfg(model, tag) if tag else {}
+        cfg = open_clip.get_pretrained_cfg(model, tag) if tag in tags else {}
     except Exception:  # noqa: BLE001 - only for a nicer message
         return None
     hub = (cfg or {}).get("hf_hub", "")
@@ -774,7 +815,10 @@ def _model_device_dtype(model) -> tuple["torch.device", "torch.dtype"]:
 
 
 def encode_images(model, pixel_batch: "torch.Tensor") -> "torch.Tensor":
-    """L2-normalised float32 image embeddings ``(N, D)`` of a preprocessed pixel batch ``(N, 3, H, W)``."""
+    """L2-normalised float32 image embeddings ``(N, D)`` of a preprocessed pixel batch ``(N, 3, H, W)``.
+
+    The batch is moved to the model's device and dtype; no gradients are recorded.
+    """
     import torch
 
     device, dtype = _model_device_dtype(model)
@@ -784,7 +828,7 @@ def encode_images(model, pixel_batch: "torch.Tensor") -> "torch.Tensor":
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str]) -> "torch.Tensor":
-    """L2-normalised float32 text embeddings ``(N, D)`` of ``texts``."""
+    """L2-normalised float32 text embeddings ``(N, D)`` of ``texts`` (a string or a list); no gradients."""
     import torch
 
     if isinstance(texts, str):

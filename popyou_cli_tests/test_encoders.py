@@ -274,7 +274,7 @@ def test_real_hub_model_missing_offline_is_a_clear_error(hub_offline, load, mode
 @pytest.mark.parametrize(
     ("model", "pretrained", "label"),
     [
-        (encoders.DEFAULT_SIGLIP, encoders.DEFAULT_SIGLIP_PRETRAINED, "ViT-B-16-SigLIP/webli"),
+        (encoders.DEFAULT_SIGLIP, encoders.DEFAULT_SIGLIP_PRETRAINED, "ViT-B-16-SigLIP pretrained=webli"),
         ("hf-hub:popyou-tests/no-such-siglip", None, "hf-hub:popyou-tests/no-such-siglip"),
     ],
     ids=["siglip-default", "siglip-hf-hub-unknown"],
@@ -297,6 +297,12 @@ def test_bad_model_names_are_clear_errors():
         encoders.load_captioner("./no-such-folder-popyou", device="cpu")
     with pytest.raises(PopyouError, match="unknown open_clip model"):
         encoders.load_siglip("no-such-open-clip-model", None, device="cpu")
+    with pytest.raises(PopyouError, match="neither one of its tags"):
+        encoders.load_siglip("ViT-B-16-SigLIP", "no-such-tag", device="cpu")
+    with pytest.raises(PopyouError, match="does not exist"):
+        encoders.load_siglip("ViT-B-16-SigLIP", "/no/such/checkpoint.bin", device="cpu")
+    with pytest.raises(PopyouError, match="does not exist"):
+        encoders.load_siglip("local-dir:/no/such/folder/popyou", None, device="cpu")
     with pytest.raises(PopyouError, match="pretrained tag"):
         encoders.load_siglip("ViT-B-32", None, device="cpu")  # several tags: random weights are never implied
     with pytest.raises(PopyouError, match="unknown dtype"):
