@@ -81,3 +81,81 @@ def grid(images_u8: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torc
         r, c = divmod(i, ncol)
         out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images_u8[i]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared by the data stages (caption, encode; gen-data keeps private copies of the first four for now): the
+# accelerate multi-process protocol of store.py, the live progress bar, and the test hook for kill/resume tests.
+# ---------------------------------------------------------------------------------------------------------------
+def stage_state(device: str):
+    """accelerate's view of this launch (rank, world size, device). PartialState only joins a CPU process group
+    when told it runs on CPU (AcceleratorState reads ACCELERATE_USE_CPU, PartialState does not): without cpu=True,
+    torchrun on a machine without GPUs gives every process world size 1 and each would redo every shard."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def stage_device(device: str, state) -> torch.device:
+    """--device for one process of a launch: auto (and plain cuda under several processes) means accelerate's
+    per-process device, cuda:LOCAL_RANK or cpu, so that 8 processes do not all pile onto cuda:0."""
+    if device == "auto" or (device == "cuda" and state.num_processes > 1):
+        return torch.device(state.device)
+    return pick_device(device)
+
+
+def open_stage_writer(state, out, **kw):
+    """store.StageWriter built with the multi-process protocol: the main process creates or checks the folder
+    first, then the others only read its manifest. A refusal on the main process is sent to every process (the
+    others would otherwise wait forever at the barrier) and raised everywhere as the same PopyouError."""
+    from .store import StageWriter
+
+    writer, error = None, None
+    if state.is_main_process:
+        try:
+            writer = StageWriter(out, main_process=True, **kw)
+        except PopyouError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise PopyouError(error)
+    if writer is None:
+        kw.pop("overwrite", None)  # only the main process may wipe
+        writer = StageWriter(out, main_process=False, **kw)
+    return writer
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, console, total: int, label: str):
+    """Yields advance(k). A live bar with images/s and an ETA on a terminal; nothing otherwise (the stages print
+    a summary line at the end, which is what logs and CI keep)."""
+    if not enabled or total == 0 or console is None or not console.is_terminal:
+        yield lambda k: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):  # rich's own speed column speaks of bytes
+        def render(self, task):
+            return Text(f"{task.speed:.1f} images/s" if task.speed else "- images/s", style="cyan")
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda k: bar.advance(task, k)
+
+
+def debug_pause() -> None:
+    """Sleep POPYOU_TEST_BATCH_PAUSE_S seconds (unset: no-op). Tests set it so that a run of tiny models, which
+    would otherwise finish in a blink, is reliably still running when their SIGKILL lands."""
+    seconds = float(os.environ.get("POPYOU_TEST_BATCH_PAUSE_S") or 0)
+    if seconds > 0:
+        import time
+
+        time.sleep(seconds)

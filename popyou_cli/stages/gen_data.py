@@ -1,0 +1,360 @@
+"""`popyou gen-data`: synthetic Funko Pop! images from a text-to-image model (SDXL-Turbo by default).
+
+Row i holds prompt i of the attribute scheme (`prompts.make_prompt(scheme, seed, i)`) and the image made from it
+with its own generator seeded by `image_seed(seed, i)`, in a batch fixed by (i, shard size, batch size) alone
+(`batch_grid`). So an image does not depend on n, on the process that made it or on a run that was interrupted:
+resume, growing n and multi-process runs give the bytes of one uninterrupted run, and `remake_image` rebuilds
+any row from the manifest. Bit-for-bit equality needs the same kind of device and dtype (CPU and CUDA round
+differently); everything else that changes pixels is recorded in the manifest and checked on every rerun.
+
+Work is split in shards (see store.py): shard k is always rows [k*shard_size, (k+1)*shard_size), and a shard
+file appears only once complete, so a SIGKILL loses at most the shards in flight. With several processes
+(accelerate launch / torchrun), process r makes the shards k with k % world_size == r.
+
+Throughput: the accelerator only generates; PNG/JPEG/WebP encoding runs in a thread pool and shard writing in
+one more thread, both overlapping the next batches. Bounded queues keep memory flat when the disk is slower.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import presets as P
+from ..errors import PopyouError
+from ..prompts import PromptRow, default_scheme, iter_prompts, load_scheme, scheme_from_dict
+
+STAGE = "gen-data"
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+DEFAULT_QUALITY = {"jpeg": 95, "webp": 90}  # PNG is lossless: no quality
+DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
+SEED_RULE = "blake2b-8('popyou-image/{seed}/{i}') >> 1"  # recorded in the manifest: how the seed column is made
+
+
+def image_seed(seed: int, i: int) -> int:
+    """The generator seed of image i: a 63-bit hash of (seed, i). A hash, not seed + i, so that the images of
+    seed 0 and seed 1 do not overlap shifted by one row; 63 bits so it fits the int64 `seed` column."""
+    digest = hashlib.blake2b(f"popyou-image/{int(seed)}/{int(i)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def features(scheme) -> "datasets.Features":  # noqa: F821 - imported lazily
+    import datasets
+
+    # One string field per attribute of the scheme (None when the row did not draw it), so that rows can be
+    # filtered by attribute without parsing text.
+    return datasets.Features({
+        "index": datasets.Value("int64"), "prompt": datasets.Value("string"), "seed": datasets.Value("int64"),
+        "attributes": {name: datasets.Value("string") for name in scheme.names}, "image": datasets.Image()})
+
+
+def scheme_settings(scheme) -> dict:
+    """The prompt scheme as the manifest stores it. Attributes go in a list: the manifest is written with sorted
+    keys, and a dict would come back in alphabetical order, which draws other prompts (order matters)."""
+    d = scheme.to_dict()
+    return {"template": d["template"], "attributes": [{"name": k, **v} for k, v in d["attributes"].items()]}
+
+
+def scheme_from_settings(stored: dict):
+    """Inverse of scheme_settings: the exact scheme of a gen-data folder (from its manifest's settings)."""
+    return scheme_from_dict({"base": "empty", "template": stored["template"], "attributes": {
+        a["name"]: {k: v for k, v in a.items() if k != "name"} for a in stored["attributes"]}})
+
+
+def encode_image(pixels, image_format: str = "png", quality: int | None = None) -> bytes:
+    """(H, W, 3) uint8 array -> file bytes. Deterministic: the same pixels and settings give the same bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    kw = {} if image_format == "png" else {"quality": int(quality or DEFAULT_QUALITY[image_format])}
+    Image.fromarray(pixels).save(buf, format=IMAGE_FORMATS[image_format], **kw)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence per-call library chatter: diffusers logs the cut-off text of every prompt longer than CLIP's 77
+    tokens (truncation is expected and harmless here), the Euler-A scheduler a numpy DeprecationWarning."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    old = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        dlog.set_verbosity(old[0])
+        tlog.set_verbosity(old[1])
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, steps: int, guidance: float):
+    """One batch -> (B, H, W, 3) uint8 CPU tensor. One CPU generator per image: its starting noise (and the
+    scheduler's per-step noise) depends only on its own seed, whatever the device or the batch (the arithmetic
+    after that may still round differently for another batch shape: see batch_grid)."""
+    import torch
+
+    from .. import runtime
+
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    with torch.inference_mode(), _quiet():
+        images = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size,
+                      width=size, generator=gens, output_type="pt").images
+    if not torch.isfinite(images).all():  # e.g. an fp16 VAE overflow: refuse to store black images
+        raise PopyouError("the model produced NaN/inf pixels (fp16 overflow?); rerun with --dtype bf16 or fp32")
+    return runtime.to_uint8(images)
+
+
+def load_pipeline(model: str, *, device, dtype, size: int):
+    from ..encoders import load_text_to_image
+
+    with _quiet():
+        return load_text_to_image(model, device=device, dtype=dtype, image_size=size)
+
+
+def _state(device: str):
+    """accelerate's view of this launch (rank, world size, device). PartialState only joins a CPU process group
+    when told it runs on CPU (AcceleratorState reads ACCELERATE_USE_CPU, PartialState does not): without cpu=True,
+    torchrun on a machine without GPUs gives every process world size 1 and each would make every shard."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def _resolve_device(device: str, state):
+    import torch
+
+    from .. import runtime
+
+    if device == "auto" or (device == "cuda" and state.num_processes > 1):
+        return torch.device(state.device)  # accelerate's per-process device (cuda:local_rank, or cpu)
+    return runtime.pick_device(device)
+
+
+def _dtype_name(dtype: str, dev) -> str:
+    if dtype not in DTYPE_NAMES:
+        raise PopyouError(f"unknown --dtype '{dtype}' (use {', '.join(DTYPE_NAMES)})")
+    if dtype == "auto":  # SDXL-Turbo ships fp16 weights; its VAE is upcast for decoding by diffusers
+        return "fp16" if dev.type == "cuda" else "fp32"
+    return dtype
+
+
+def _check(n: int, p: P.GenDataPreset, quality: int | None) -> None:
+    if n < 1:
+        raise PopyouError(f"--n must be at least 1 (got {n})")
+    if p.shard_size < 1:
+        raise PopyouError(f"--shard-size must be at least 1 (got {p.shard_size})")
+    if p.batch_size < 1:
+        raise PopyouError(f"--batch-size must be at least 1 (got {p.batch_size})")
+    if p.size < 8 or p.size % 8:
+        raise PopyouError(f"--size must be a positive multiple of 8 (got {p.size})")
+    if p.steps < 1:
+        raise PopyouError(f"--steps must be at least 1 (got {p.steps})")
+    if p.guidance < 0:
+        raise PopyouError(f"--guidance must be >= 0 (got {p.guidance})")
+    if p.image_format not in IMAGE_FORMATS:
+        raise PopyouError(f"unknown --format '{p.image_format}' (use {', '.join(IMAGE_FORMATS)})")
+    if quality is not None and p.image_format == "png":
+        raise PopyouError("--quality applies to jpeg and webp only (PNG is lossless)")
+    if quality is not None and not 1 <= quality <= 100:
+        raise PopyouError(f"--quality must be in 1..100 (got {quality})")
+
+
+def _open_writer(state, out: Path, settings: dict, feats, n: int, shard_size: int, overwrite: bool):
+    """The StageWriter protocol of store.py for several processes: the main process creates or checks the folder
+    first; a refusal there reaches every process (else the others would wait forever at the barrier)."""
+    from ..store import StageWriter
+
+    kw = dict(stage=STAGE, parent=None, settings=settings, features=feats, n_rows=n, shard_size=shard_size)
+    writer, error = None, None
+    if state.is_main_process:
+        try:
+            writer = StageWriter(out, overwrite=overwrite, main_process=True, **kw)
+        except PopyouError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise PopyouError(error)
+    return writer or StageWriter(out, main_process=False, **kw)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, console, total: int):
+    """Yields advance(k). A live bar only on a terminal; otherwise nothing (the caller prints a summary)."""
+    if not enabled or total == 0 or not console.is_terminal:
+        yield lambda k: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):  # rich's own speed column is for bytes
+        def render(self, task):
+            return Text(f"{task.speed:.1f} images/s" if task.speed else "- images/s", style="cyan")
+
+    with Progress(TextColumn("gen-data"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("gen-data", total=total)
+        yield lambda k: bar.advance(task, k)
+
+
+def _attribute_rows(rows: list[PromptRow], names: list[str]) -> list[dict]:
+    return [{name: r.attributes.get(name) for name in names} for r in rows]
+
+
+def _write(writer, spec, rows: list[PromptRow], seeds: list[int], images: list[Future], names: list[str]) -> None:
+    writer.write_shard(spec, {"index": [r.index for r in rows], "prompt": [r.prompt for r in rows],
+                              "seed": seeds, "attributes": _attribute_rows(rows, names),
+                              "image": [f.result() for f in images]})
+
+
+def batch_grid(shard_start: int, shard_size: int, batch_size: int, start: int, stop: int):
+    """The batches [b0, b1) that make rows [start, stop) of the shard beginning at shard_start.
+
+    Batches sit on a fixed grid inside each shard (shard_start + j * batch_size, cut at the shard's end, not at
+    n), so a row is always generated in the same company: kernels can round differently for another batch shape
+    (off by one in a few pixels even on CPU), and this keeps resume, a grown n and any process count bit-identical
+    to one uninterrupted run. It costs at most batch_size - 1 discarded images at either end of a shard."""
+    first = shard_start + (start - shard_start) // batch_size * batch_size
+    return [(b0, min(b0 + batch_size, shard_start + shard_size)) for b0 in range(first, stop, batch_size)]
+
+
+def _produce(writer, specs, pipe, scheme, seed: int, p: P.GenDataPreset, quality, workers: int, advance) -> None:
+    """Generate on the caller's thread, encode on `workers` threads, write shards on one more thread."""
+    encoders = ThreadPoolExecutor(workers, thread_name_prefix="popyou-encode")
+    shard_writer = ThreadPoolExecutor(1, thread_name_prefix="popyou-write")
+    writes: deque[Future] = deque()
+    backlog: deque[Future] = deque()
+    max_backlog = 2 * p.batch_size + workers  # raw images waiting for the encoders: bounded memory
+    try:
+        for spec in specs:
+            rows, images = [], []
+            for b0, b1 in batch_grid(spec.shard_start, p.shard_size, p.batch_size, spec.start, spec.stop):
+                batch = list(iter_prompts(scheme, seed, b0, b1))
+                pixels = generate(pipe, [r.prompt for r in batch], [image_seed(seed, r.index) for r in batch],
+                                  size=p.size, steps=p.steps, guidance=p.guidance).numpy()
+                keep = [k for k, r in enumerate(batch) if spec.start <= r.index < spec.stop]
+                rows += [batch[k] for k in keep]
+                images += [encoders.submit(encode_image, pixels[k], p.image_format, quality) for k in keep]
+                backlog.extend(images[len(images) - len(keep):])
+                advance(len(keep))
+                while len(backlog) > max_backlog:
+                    backlog.popleft().result()  # re-raises an encoding error here, promptly
+            seeds = [image_seed(seed, r.index) for r in rows]
+            writes.append(shard_writer.submit(_write, writer, spec, rows, seeds, images, scheme.names))
+            while len(writes) > 1:  # one shard written while the next one generates
+                writes.popleft().result()
+        while writes:
+            writes.popleft().result()
+    finally:
+        # On an error or Ctrl-C: drop queued work; a shard half written stays a hidden temporary file.
+        encoders.shutdown(wait=True, cancel_futures=True)
+        shard_writer.shutdown(wait=True, cancel_futures=True)
+
+
+def gen_data(*, out: str | Path, n: int, preset: str = "full", model: str | None = None, seed: int = 0,
+             batch_size: int | None = None, shard_size: int | None = None, size: int | None = None,
+             steps: int | None = None, guidance: float | None = None, image_format: str | None = None,
+             quality: int | None = None, prompt_file: str | Path | None = None, device: str = "auto",
+             dtype: str | None = None, overwrite: bool = False, workers: int | None = None,
+             progress: bool = True, console=None) -> dict:
+    """Make (or finish, or grow) the gen-data folder `out` with rows 0..n-1. Options left as None come from the
+    preset. Run it in every process of an accelerate/torchrun launch; each makes its share of the shards.
+    Returns a summary: n, generated (all processes), this process's seconds and images/s, world_size."""
+    import os
+
+    p = P.resolve(P.get_preset(P.GEN_DATA_PRESETS, preset, stage=STAGE), model=model, batch_size=batch_size,
+                  shard_size=shard_size, size=size, steps=steps, guidance=guidance,
+                  image_format=image_format.lower() if image_format else None, dtype=dtype)
+    _check(n, p, quality)
+    workers = workers if workers and workers > 0 else max(1, min(8, (os.cpu_count() or 2) - 1))
+    scheme = load_scheme(prompt_file) if prompt_file else default_scheme()
+    state = _state(device)
+    dev = _resolve_device(device, state)
+    dtype_name = _dtype_name(p.dtype, dev)
+    # Everything that changes an image or a row; a folder made with other values is refused (store.py). The batch
+    # size is in: it changes rounding (see batch_grid). Device and workers are out: the same kind of device is
+    # the user's part (CPU and CUDA round differently), and workers change speed only.
+    settings = {"model": p.model, "size": p.size, "steps": p.steps, "guidance": p.guidance, "seed": seed,
+                "batch_size": p.batch_size,
+                "dtype": dtype_name, "image_format": p.image_format,
+                "quality": None if p.image_format == "png" else int(quality or DEFAULT_QUALITY[p.image_format]),
+                "seed_rule": SEED_RULE, "prompt_scheme": scheme_settings(scheme)}
+    out = Path(out)
+    writer = _open_writer(state, out, settings, features(scheme), n, p.shard_size, overwrite)
+    specs = writer.pending_shards(state.process_index, state.num_processes)
+    todo = sum(len(s.rows) for s in specs)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    seconds = 0.0
+    if specs:  # a finished folder does not even load the model
+        pipe = load_pipeline(p.model, device=dev, dtype=dtype_name, size=p.size)
+        t0 = time.perf_counter()
+        with _progress_bar(progress and state.is_main_process, console, todo) as advance:
+            _produce(writer, specs, pipe, scheme, seed, p, settings["quality"], workers, advance)
+        seconds = time.perf_counter() - t0
+    generated = todo
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        generated = sum(gather_object([todo]))  # also a barrier: every shard is written after it
+    if state.is_main_process and not writer.is_complete():
+        writer.finalize()
+    state.wait_for_everyone()  # nobody returns (and reads the folder) before finalize
+    return {"out": str(out), "n": n, "generated": generated, "seconds": seconds,
+            "images_per_s": todo / seconds if seconds else None, "process_generated": todo,
+            "world_size": state.num_processes, "is_main_process": state.is_main_process,
+            "device": str(dev), "dtype": dtype_name, "model": p.model}
+
+
+def remake_image(folder: str | Path, i: int, *, device: str = "auto", exact: bool = True):
+    """Row i's image made again from the folder's recorded settings, without reading the data: (PIL image, encoded
+    bytes). exact=True generates row i's whole batch (at most batch_size images; see batch_grid), which gives
+    the stored bytes on the same kind of device and dtype; exact=False generates row i by itself, equal up to
+    the rounding of a few pixel values."""
+    from PIL import Image
+
+    from .. import runtime
+    from ..store import read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("stage") != STAGE:
+        raise PopyouError(f"{folder} is not a popyou gen-data folder")
+    s, shard_size = manifest["settings"], manifest["shard_size"]
+    scheme = scheme_from_settings(s["prompt_scheme"])
+    shard_start = i // shard_size * shard_size
+    b0, b1 = batch_grid(shard_start, shard_size, s["batch_size"], i, i + 1)[0] if exact else (i, i + 1)
+    batch = list(iter_prompts(scheme, s["seed"], b0, b1))
+    pipe = load_pipeline(s["model"], device=runtime.pick_device(device), dtype=s["dtype"], size=s["size"])
+    pixels = generate(pipe, [r.prompt for r in batch], [image_seed(s["seed"], r.index) for r in batch],
+                      size=s["size"], steps=s["steps"], guidance=s["guidance"]).numpy()[i - b0]
+    return Image.fromarray(pixels), encode_image(pixels, s["image_format"], s["quality"])
+
+
+def summary(res: dict[str, Any]) -> str:
+    """The one line the CLI prints at the end (main process)."""
+    where = f"{res['out']} holds {res['n']} rows ({res['model']}, {res['device']}, {res['dtype']})"
+    if not res["generated"]:
+        return f"gen-data: nothing to do; {where}"
+    rate = f"{res['process_generated']} in {res['seconds']:.1f} s"
+    if res["images_per_s"]:
+        rate += f", {res['images_per_s']:.1f} images/s"
+    if res["world_size"] > 1:
+        rate = f"{res['world_size']} processes; this one: {rate}"
+    return f"gen-data: {res['generated']} new rows ({rate}); {where}"
