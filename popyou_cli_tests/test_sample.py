@@ -26,18 +26,18 @@ def test_greedy_png_equals_golden(tiny, tmp_path, class_id, item):
     res = invoke("sample", "--var", tiny["var"], "--vae", tiny["vae"], "--cfg", 1.5, "--top-k", 1, "--top-p", 0,
                  "--class-id", class_id, "--n", 1, "--out", tmp_path, "--device", "cpu")
     assert res.exit_code == 0, res.output
-    png = np.asarray(Image.open(tmp_path / f"class{class_id}_seed0_00000.png")).astype(int)
+    png = np.asarray(Image.open(tmp_path / f"class{class_id}_seed0.png")).astype(int)
     want = torch.round(255 * tiny["cases"]["ar_greedy_img"][item]).permute(1, 2, 0).numpy().astype(int)
     assert png.shape == want.shape == (64, 64, 3)
     assert np.abs(png - want).max() <= 1
-    assert (tmp_path / f"class{class_id}_seed0_grid.png").is_file()
+    assert (tmp_path / f"class{class_id}_grid.png").is_file()
 
 
 def test_tiny10_greedy_png_equals_golden(golden, tmp_path):
     res = invoke("sample", "--var", golden / "tiny10_var.safetensors", "--vae", golden / "tiny_vae.safetensors",
                  "--cfg", 1.5, "--top-k", 1, "--class-id", 3, "--n", 1, "--out", tmp_path)
     assert res.exit_code == 0, res.output
-    png = np.asarray(Image.open(tmp_path / "class3_seed0_00000.png")).astype(int)
+    png = np.asarray(Image.open(tmp_path / "class3_seed0.png")).astype(int)
     want = torch.round(255 * load_file(str(golden / "tiny10_cases.safetensors"))["ar_greedy_img"][1]).permute(1, 2, 0).numpy()
     assert np.abs(png - want.astype(int)).max() <= 1
 
@@ -46,26 +46,28 @@ def _images(folder):
     return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
 
 
-def test_seed_reproducible_and_batches_written(tiny, tmp_path):
-    args = ["sample", "--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 2, "--n", 5, "--batch-size", 2,
+def test_seed_reproducible_and_independent_of_the_batch(tiny, tmp_path):
+    args = ["sample", "--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 2, "--n", 5,
             "--top-k", 8, "--top-p", 0.9, "--cfg", 3]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    assert invoke(*args, "--seed", 7, "--out", a).exit_code == 0
-    assert invoke(*args, "--seed", 7, "--out", b).exit_code == 0
-    assert invoke(*args, "--seed", 8, "--out", c).exit_code == 0
+    assert invoke(*args, "--batch-size", 2, "--seed", 7, "--out", a).exit_code == 0
+    assert invoke(*args, "--batch-size", 2, "--seed", 7, "--out", b).exit_code == 0
+    assert invoke(*args, "--batch-size", 3, "--seed", 8, "--out", c).exit_code == 0
     ia, ib, ic = _images(a), _images(b), _images(c)
-    assert len(ia) == 6  # 5 images + grid
+    assert sorted(ia) == sorted(["class2_grid.png"] + [f"class2_seed{s}.png" for s in range(7, 12)])
     assert all(np.array_equal(ia[k], ib[k]) for k in ia)
-    assert any(not np.array_equal(ia[k], ic[k.replace("seed7", "seed8")]) for k in ia)
-    grid = ia["class2_seed7_grid.png"]
-    assert grid.shape[0] > 64 and grid.shape[1] > 64
+    # image k uses seed + k whatever batch it falls in: seeds 8..11 are the same images in both runs
+    # (the same tokens; the decoder's convs may round differently at another batch size: at most one level)
+    assert all(np.abs(ia[f"class2_seed{s}.png"].astype(int) - ic[f"class2_seed{s}.png"]).max() <= 1 for s in range(8, 12))
+    assert not np.array_equal(ia["class2_seed7.png"], ia["class2_seed8.png"])
+    assert ia["class2_grid.png"].shape[0] > 64 and ia["class2_grid.png"].shape[1] > 64
 
 
 def test_more_smooth_runs(tiny, tmp_path):
     res = invoke("sample", "--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 0, "--n", 2, "--more-smooth",
                  "--top-k", 8, "--out", tmp_path)
     assert res.exit_code == 0, res.output
-    assert len(list(tmp_path.glob("class0_seed0_0000*.png"))) == 2
+    assert len(list(tmp_path.glob("class0_seed*.png"))) == 2
 
 
 def _bad_cases(tiny, tmp_path):

@@ -266,18 +266,22 @@ class VAR(nn.Module):
     @torch.no_grad()
     def generate(self, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None, *, cfg: float = 1.5,
                  top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                 generator: torch.Generator | None = None, cond_delta: torch.Tensor | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 cond_delta: torch.Tensor | None = None,
                  alpha: float = 1.0, beta: float = 1.0,
                  on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
                  return_fhat: bool = False) -> torch.Tensor:
         """Next-scale sampling with the reference CFG ramp (t = cfg * si / (S-1)). Returns images in [0, 1].
         labels: tensor (B,), an int for all, None for uniformly random classes; negative means the null class.
+        generator: one generator for the batch (the reference's draws, bit for bit), or a list of B generators,
+        one per image, so that an image depends on its own seed and not on the rest of its batch.
         on_step(si, guided_logits_before_masking, tokens, f_hat) is for tests and debugging."""
         B, dev = batch_size, self.pos_1LC.device
         pns, S, C = self.config.patch_nums, len(self.config.patch_nums), self.config.embed_dim
         if labels is None:
-            uniform = torch.ones(self.num_classes, device=generator.device if generator is not None else dev)
-            labels = torch.multinomial(uniform, B, replacement=True, generator=generator).to(dev)
+            g = generator[0] if isinstance(generator, (list, tuple)) else generator
+            uniform = torch.ones(self.num_classes, device=g.device if g is not None else dev)
+            labels = torch.multinomial(uniform, B, replacement=True, generator=g).to(dev)
         elif isinstance(labels, int):
             labels = torch.full((B,), labels, device=dev)
         labels = torch.where(labels < 0, self.num_classes, labels.to(dev))
@@ -346,9 +350,15 @@ def sample_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float, generato
         remove[..., -1:] = False  # the most likely token always stays
         logits.masked_fill_(remove.scatter(order.ndim - 1, order, remove), -torch.inf)
     probs = logits.softmax(dim=-1).view(-1, V)
+    if isinstance(generator, (list, tuple)):  # one generator per image: an image's draws ignore its batch
+        return torch.cat([torch.multinomial(p, 1, replacement=True, generator=g)
+                          for p, g in zip(probs.view(B, l, V), generator)]).view(B, l)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator) -> torch.Tensor:
-    g = -torch.empty_like(logits).exponential_(generator=generator).log()
-    return ((logits + g) / tau).softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        noise = torch.stack([torch.empty_like(row).exponential_(generator=g) for row, g in zip(logits, generator)])
+    else:
+        noise = torch.empty_like(logits).exponential_(generator=generator)
+    return ((logits - noise.log()) / tau).softmax(dim=-1)
