@@ -248,6 +248,13 @@ def _median_rate(label: str, n: int, times: list[float], rows: list[dict], conso
     console.print(f"{label:<44} {n / med:9.1f} images/s  (median {med:.3f} s for {n} images)", soft_wrap=True)
 
 
+def _save(result: dict, out: Path | None) -> list[dict]:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return result["results"]
+
+
 def _arch(arch: str, dev: torch.device) -> str:
     if arch == "auto":
         return "full" if dev.type == "cuda" else "tiny"
@@ -292,7 +299,8 @@ def bench_caption(*, n: int, batch_size: int, workers: int, repeats: int, device
                   max_new_tokens: int, num_beams: int, out: Path | None, console) -> list[dict]:
     """images/s of `caption`: the loader alone (decode + BLIP-2 preprocessing in worker processes), generate
     alone on a ready batch, both together; for the tiny arch also the whole stage (with shard writing). Every
-    caption has exactly max_new_tokens tokens (min = max), so runs and machines compare."""
+    timed caption but the stage's has exactly max_new_tokens tokens (min = max), so runs and machines compare;
+    the stage stops at the model's end-of-text as it does in real use."""
     import tempfile
 
     from .encoders import load_captioner
@@ -306,9 +314,8 @@ def bench_caption(*, n: int, batch_size: int, workers: int, repeats: int, device
         net, processor = full_blip2(dev, dtype)
     else:
         net, processor = load_captioner("tiny", device=dev, dtype=dtype)
-    gen = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, device=dev, dtype=dtype)
-    net.generation_config.min_new_tokens = max_new_tokens
-    net.language_model.generation_config.min_new_tokens = max_new_tokens
+    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, num_beams=num_beams, device=dev,
+               dtype=dtype)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="popyou-bench-") as tmp:
         data = _bench_dataset(Path(tmp) / "in", n, 512 if arch == "full" else 64)
@@ -335,12 +342,8 @@ def bench_caption(*, n: int, batch_size: int, workers: int, repeats: int, device
                                max_new_tokens=max_new_tokens, num_beams=num_beams, device=str(dev),
                                workers=workers, progress=False)["seconds"] for k in range(repeats)]
             _median_rate("caption stage end to end (tiny, 1 process)", n, times, rows, console)
-    result = {"benchmark": "caption", "arch": arch, "batch": batch_size, "machine": machine_info(dev),
-              "results": rows}
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-    return rows
+    return _save({"benchmark": "caption", "arch": arch, "batch": batch_size, "machine": machine_info(dev),
+                  "results": rows}, out)
 
 
 def bench_encode(*, n: int, batch_size: int, workers: int, repeats: int, device: str, arch: str, flip: bool,
@@ -363,8 +366,16 @@ def bench_encode(*, n: int, batch_size: int, workers: int, repeats: int, device:
     if arch == "full":
         torch.manual_seed(0)
         vae = VQVAE(VQVAEConfig()).to(dev).eval()
-        siglip, _, preprocess = open_clip.create_model_and_transforms(
-            "ViT-B-16-SigLIP", pretrained=None, device=dev, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+        import logging
+
+        quiet = logging.Filter()
+        quiet.filter = lambda record: "No pretrained weights" not in record.getMessage()  # random on purpose
+        logging.root.addFilter(quiet)
+        try:
+            siglip, _, preprocess = open_clip.create_model_and_transforms(
+                "ViT-B-16-SigLIP", pretrained=None, device=dev, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+        finally:
+            logging.root.removeFilter(quiet)
         vocab, ctx = siglip.vocab_size, siglip.context_length
 
         def tokenizer(texts):  # SigLIP's real tokenizer is a download; random ids cost the model the same
@@ -400,9 +411,5 @@ def bench_encode(*, n: int, batch_size: int, workers: int, repeats: int, device:
                               flip=flip, device=str(dev), workers=workers, progress=False)["seconds"]
                      for k in range(repeats)]
             _median_rate("encode stage end to end (tiny, 1 process)", n, times, rows, console)
-    result = {"benchmark": "encode", "arch": arch, "batch": batch_size, "machine": machine_info(dev),
-              "results": rows}
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-    return rows
+    return _save({"benchmark": "encode", "arch": arch, "batch": batch_size, "machine": machine_info(dev),
+                  "results": rows}, out)
