@@ -47,34 +47,48 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def sample(
-    prompt: Optional[str] = typer.Argument(None, help="Text prompt (needs a pipeline from train-adapter; coming with the text adapter). Leave out for --class-id."),
-    class_id: Optional[int] = typer.Option(None, "--class-id", help="Class-conditional sampling: the class row to use (ImageNet ids 0-999 for the official models)."),
-    var: str = typer.Option(DEFAULT_VAR, "--var", help="VAR weights: local .pth/.safetensors, a popyou model folder, or a Hub file org/repo/file."),
-    vae: str = typer.Option(DEFAULT_VAE, "--vae", help="VQ-VAE weights, same forms as --var."),
-    n: int = typer.Option(4, "--n", help="Number of images."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Images generated together (CFG doubles the batch internally)."),
-    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance at the last scale; it ramps up linearly from 0 over the scales as in VAR."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely codes (0 = off, 1 = greedy). Default: 900, capped at the vocabulary size.", show_default=False),
-    top_p: float = typer.Option(0.96, "--top-p", help="Nucleus sampling mass (0 = off)."),
-    more_smooth: bool = typer.Option(False, "--more-smooth", help="Gumbel-softmax code mixing for smoother images (VAR's more_smooth)."),
-    seed: int = typer.Option(0, "--seed", help="Batch b uses seed+b: same seed and batch size give the same images on the same device type."),
+    prompts: Optional[list[str]] = typer.Argument(None, help="Text prompt(s), e.g. \"a wizard funko pop\" (needs --pipeline). Leave out for --class-id.", show_default=False),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id made by 'popyou train-adapter' (or set POPYOU_PIPELINE).", show_default=False),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompts", help="A file with one prompt per line; all are batched together.", show_default=False),
+    class_id: Optional[int] = typer.Option(None, "--class-id", help="Class-conditional sampling with --var/--vae: the class row (ImageNet ids 0-999 for the official models).", show_default=False),
+    var: str = typer.Option(DEFAULT_VAR, "--var", help="VAR weights for --class-id: local .pth/.safetensors, a popyou model folder, a Hub file org/repo/file, or 'tiny'."),
+    vae: str = typer.Option(DEFAULT_VAE, "--vae", help="VQ-VAE weights for --class-id, same forms as --var."),
+    n: int = typer.Option(4, "--n", "-n", help="Images per prompt (or per class)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images generated together (CFG doubles the batch internally)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance at the last scale; VAR ramps it up linearly from 0. Default: the pipeline's, else 1.5.", show_default=False),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely codes (0 = off, 1 = greedy). Default: the pipeline's, else 900 capped at the vocabulary.", show_default=False),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (0 = off). Default: the pipeline's, else 0.96.", show_default=False),
+    more_smooth: Optional[bool] = typer.Option(None, "--more-smooth/--no-more-smooth", help="Gumbel-softmax code mixing for smoother images (VAR's more_smooth).", show_default=False),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the class embedding: cond = alpha*class + beta*delta.", show_default=False),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the text delta (0 = class only; the original's slider went to 2.5).", show_default=False),
+    beta_sweep: Optional[str] = typer.Option(None, "--beta-sweep", help="START:END:N - frames of one seed and the first prompt as beta goes from START to END: a strip PNG and an animated GIF.", show_default=False),
+    seed: int = typer.Option(0, "--seed", help="Image k of each prompt uses seed+k; the same seed gives the same image on the same kind of device."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast)."),
-    out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs and the grid."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs, the grid and samples.jsonl."),
 ):
-    """Generate images with VAR. Example: popyou sample --class-id 207 --n 8 --out dogs/"""
-    from .stages.sample import SamplingOptions, sample_classes
+    """Generate images. Text: popyou sample "a wizard funko pop" --pipeline runs/adapter-text. Class: popyou sample --class-id 207."""
+    from .stages.sample import SamplingOptions, read_prompts, sample_classes, sample_text
 
-    if prompt is not None:
-        raise PopyouError("text prompts need a pipeline made by 'popyou train-adapter' (not available yet); "
-                          "use --class-id N for class-conditional sampling")
-    if class_id is None:
-        raise PopyouError("give a prompt or --class-id N (e.g. --class-id 207 for the official ImageNet models)")
-    res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size,
-                         opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth),
-                         seed=seed, device=device, dtype=dtype, out=out)
-    name = f" ({res['class_name']})" if res["class_name"] else ""
-    console.print(f"wrote {len(res['images'])} images of class {class_id}{name} to {out}/ and the grid {res['grid']}")
+    opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+    if class_id is not None:
+        if prompts or prompt_file or pipeline:
+            raise PopyouError("--class-id samples a class with --var/--vae; drop the prompt/--pipeline, or drop --class-id")
+        res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size, opts=opts,
+                             seed=seed, device=device, dtype=dtype, out=out)
+        name = f" ({res['class_name']})" if res["class_name"] else ""
+        console.print(f"wrote {len(res['images'])} images of class {class_id}{name} to {out}/ and the grid {res['grid']}")
+        typer.echo(str(res["grid"]))
+        return
+    texts = read_prompts(prompts or [], prompt_file)
+    if pipeline is None:
+        raise PopyouError("text-to-image needs a pipeline: train one with 'popyou train-adapter --stage text' (see "
+                          "the README quick-start) or download one, then pass --pipeline DIR_OR_HUB_ID "
+                          "(or set POPYOU_PIPELINE); for class-conditional sampling use --class-id N")
+    res = sample_text(pipeline=pipeline, prompts=texts, n=n, batch_size=batch_size, opts=opts, alpha=alpha, beta=beta,
+                      seed=seed, device=device, dtype=dtype, out=out, beta_sweep=beta_sweep)
+    extra = f" and the animation {res['gif']}" if "gif" in res else ""
+    console.print(f"wrote {len(res['images'])} images to {out}/, the grid {res['grid']}{extra}, and {res['records']}")
     typer.echo(str(res["grid"]))
 
 

@@ -1,0 +1,454 @@
+"""The one training loop behind `popyou finetune` and `popyou train-adapter`, on accelerate.
+
+A stage builds one nn.Module holding every part (frozen parts with requires_grad False), a dict of row tensors
+already in memory (codes, embeddings: training never touches images or the VQ-VAE encoder), and a
+`loss_fn(model, batch) -> scalar`; `train` does the rest:
+
+* AdamW with VAR's no-weight-decay groups, warm-up then linear or cosine decay, gradient accumulation and
+  clipping, mixed precision (bf16 / fp16 with a GradScaler / no), DDP under `torchrun` or `accelerate launch`.
+* Data order: epoch e is the permutation `randperm(N, seed + e)`; micro-batch m of the run takes the rows
+  [b*G, (b+1)*G) of its epoch's permutation (G = batch x processes, rank r its r-th slice, the short tail
+  dropped). The position is one integer, so resume skips consumed batches without reading them.
+* Checkpoints `run/checkpoints/step-N/`: trainable weights, optimizer, scheduler, scaler, every rank's RNG and the
+  position, written into `step-N.tmp/` and renamed, the last K kept. Frozen weights are rebuilt by the stage.
+* `metrics.jsonl` (rank 0, one line per step, truncated to the resume point), accelerate trackers, a rich
+  progress line, `samples/step-N.png` from `sample_fn`.
+* A loss that turns NaN/Inf stops the run before the optimizer step, with the last good checkpoint left intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import PopyouError
+
+# Name fragments the VAR recipe exempts from weight decay (var-spec.md section 3); 1-D params and biases too.
+NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+                 "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    batch_size: int = 4  # rows per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # optimizer steps; when None, `epochs` decides
+    epochs: float | None = None
+    warmup: float = 0.08  # < 1: a fraction of the steps; >= 1: a number of steps
+    schedule: str = "linear"  # linear | cosine | constant (after the warm-up)
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 = off
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N steps (0: only at the end; -1: never, for benchmarks)
+    keep_last: int = 2
+    sample_every: int = 0  # sample grid every N steps (0: only at the end, when sample_fn is given)
+    log_every: int = 10
+    report_to: str = "none"  # none | tensorboard | wandb
+    resume: str | None = None  # None | "latest" | a checkpoint folder
+    extra: dict = field(default_factory=dict)  # stage settings, logged with the trackers
+
+    def validate(self) -> None:
+        bad = [n for n in ("batch_size", "grad_accum", "keep_last", "log_every") if getattr(self, n) < 1]
+        if bad:
+            raise PopyouError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} must be at least 1")
+        if self.max_steps is None and self.epochs is None:
+            raise PopyouError("give --max-steps or --epochs")
+        if (self.max_steps is not None and self.max_steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise PopyouError("--max-steps and --epochs must be positive")
+        if self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
+            raise PopyouError("need --lr > 0, --warmup >= 0, --min-lr-ratio in [0, 1] and --grad-clip >= 0")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise PopyouError(f"--schedule must be linear, cosine or constant (got {self.schedule})")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise PopyouError(f"--mixed-precision must be no, bf16 or fp16 (got {self.mixed_precision})")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise PopyouError(f"--report-to must be none, tensorboard or wandb (got {self.report_to})")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # mean loss of each optimizer step run in this call
+    last_checkpoint: Path | None
+    tokens_per_s: float
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: Path):
+    """The process's Accelerator. Also checks the mixed precision and tracker choices before anything loads."""
+    import importlib.util
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cfg.validate()
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise PopyouError(f"--report-to {cfg.report_to} needs the '{cfg.report_to}' package (pip install "
+                          f"{cfg.report_to}), or use --report-to none (metrics.jsonl is always written)")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise PopyouError("--mixed-precision fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
+                          "use bf16 or no on CPU")
+    # accelerate keeps one global state per process; a second stage run in the same Python process (tests,
+    # notebooks) may ask for another precision, so the precision part is reset, the process group kept.
+    AcceleratorState._reset_state()
+    # cpu=True on a machine without CUDA: accelerate 1.15 only sets up DDP over gloo (torchrun on CPUs) with it.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                       project_dir=str(run_dir / "logs"),
+                       log_with=None if cfg.report_to == "none" else cfg.report_to)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # class_emb too (unlike VAR's from-scratch recipe): fine-tuning feeds one or two rows, and decoupled
+        # decay would shrink every unused class row, so the original classes would fade with the steps.
+        if p.ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYS + ("class_emb",)):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr for optimizer step `step` (0-based): linear warm-up, then the decay."""
+    warm = int(round(cfg.warmup * total)) if cfg.warmup < 1 else int(cfg.warmup)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    t = (step - warm) / max(1, total - warm)
+    shape = 1 - t if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def total_steps(cfg: TrainConfig, n_rows: int, world: int) -> tuple[int, int]:
+    """(optimizer steps of the run, micro-batches per epoch)."""
+    per_epoch = n_rows // (cfg.batch_size * world)
+    if per_epoch < 1:
+        raise PopyouError(f"the training set has {n_rows} rows, fewer than one batch across processes "
+                          f"({cfg.batch_size} x {world}); lower --batch-size or add data")
+    if cfg.max_steps is not None:
+        return cfg.max_steps, per_epoch
+    return max(1, int(cfg.epochs * per_epoch / cfg.grad_accum)), per_epoch
+
+
+def batch_rows(micro: int, n_rows: int, per_epoch: int, cfg: TrainConfig, rank: int, world: int) -> torch.Tensor:
+    """Row indices of this rank's part of micro-batch `micro` (see the module docstring)."""
+    epoch, b = divmod(micro, per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    G = cfg.batch_size * world
+    return perm[b * G + rank * cfg.batch_size: b * G + (rank + 1) * cfg.batch_size]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a `.tmp` folder is an unfinished write and never counts)."""
+    d = run_dir / "checkpoints"
+    found = [(int(m.group(1)), p) for p in (d.iterdir() if d.is_dir() else []) if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_last: int) -> Path:
+    """step-N.tmp/ written by every rank (its RNG) and rank 0 (the rest), then renamed by rank 0 to step-N/:
+    a kill at any moment leaves either the complete checkpoint or none. Needs a folder all ranks share."""
+    from safetensors.torch import save_file
+
+    final = run_dir / "checkpoints" / f"step-{state['step']}"
+    tmp = final.with_name(final.name + ".tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+    if acc.is_main_process:
+        sd = {k: v.detach().contiguous().cpu() for k, v in _trainable(acc.unwrap_model(model)).items()}
+        save_file(sd, str(tmp / "trainable.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        if acc.scaler is not None:
+            torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces it
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(acc, model, opt, sched, path: Path, expect: dict) -> dict:
+    """Restores what save_checkpoint wrote; refuses a checkpoint from a run with another batch layout."""
+    from safetensors.torch import load_file
+
+    st_file = path / "trainer_state.json"
+    if not st_file.is_file():
+        raise PopyouError(f"{path} is not a popyou training checkpoint (no trainer_state.json)")
+    state = json.loads(st_file.read_text())
+    for k, v in expect.items():
+        if state.get(k) != v:
+            raise PopyouError(f"cannot resume from {path}: it was made with {k}={state.get(k)}, this run has {v}; "
+                              "resume with the same batch size, accumulation and number of processes")
+    rng = path / f"rng-{acc.process_index}.pt"
+    if not rng.is_file():
+        raise PopyouError(f"{path} has no RNG state for process {acc.process_index}")
+    sd = load_file(str(path / "trainable.safetensors"))
+    own = _trainable(acc.unwrap_model(model))
+    if set(sd) != set(own):
+        raise PopyouError(f"{path} holds other trainable weights than this run "
+                          f"({len(set(sd) ^ set(own))} names differ); was it made with other LoRA/stage options?")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(sd[k].to(p.device, p.dtype))
+    opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    sched.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if acc.scaler is not None and (path / "scaler.pt").is_file():
+        acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    _set_rng_state(torch.load(rng, weights_only=False))  # our own file: python/numpy states are not tensors
+    return state
+
+
+def resolve_resume(resume: str | None, run_dir: Path, overwrite: bool = False) -> Path | None:
+    """The checkpoint to start from; refuses to silently restart over an existing run's checkpoints."""
+    found = checkpoints(run_dir)
+    if resume is None:
+        if found and not overwrite:
+            raise PopyouError(f"{run_dir} already holds checkpoints (last {found[-1].name}); pass --resume latest "
+                              "to continue, --overwrite to start over, or choose another --out")
+        return None
+    if resume == "latest":
+        return found[-1] if found else None  # nothing yet: a first run, so the same command can always be rerun
+    p = Path(resume)
+    if not (p / "trainer_state.json").is_file():
+        raise PopyouError(f"--resume {resume}: not a checkpoint folder (expected .../checkpoints/step-N)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cfg: TrainConfig, run_dir: Path, *,
+          accelerator, tokens_per_row: int = 1, sample_fn: Callable | None = None, console=None,
+          on_step: Callable[[int, float], None] | None = None, overwrite: bool = False,
+          project: str = "popyou") -> TrainResult:
+    """Trains `model` in place. rows: equal-length tensors (CPU); each batch goes to the device as a dict.
+    sample_fn(unwrapped_model, step) -> (H, W, 3) uint8 grid. on_step(step, loss) runs after every step."""
+    acc, run_dir = accelerator, Path(run_dir)
+    n_rows = len(next(iter(rows.values())))
+    total, per_epoch = total_steps(cfg, n_rows, acc.num_processes)
+    start_ckpt = resolve_resume(cfg.resume, run_dir, overwrite)
+    if acc.is_main_process:
+        if start_ckpt is None and overwrite:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PopyouError("nothing to train: every parameter is frozen")
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                            fused=acc.device.type == "cuda" or None)  # fused on CUDA, as VAR trains
+    # Not handed to accelerate.prepare: its scheduler wrapper steps once per process, which would run the
+    # schedule num_processes times too fast; here it steps once per optimizer step.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
+    model, opt = acc.prepare(model, opt)
+    layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": acc.num_processes,
+              "seed": cfg.seed, "n_rows": n_rows}
+    state = {"step": 0, "micro": 0, "total": total, **layout}
+    if start_ckpt is not None:
+        state = {**load_checkpoint(acc, model, opt, sched, start_ckpt, layout), "total": total}
+    else:  # every rank its own stream (class dropout differs per rank); the model was built before this
+        torch.manual_seed(cfg.seed * 1009 + acc.process_index)
+        random.seed(cfg.seed + acc.process_index)
+        np.random.seed(cfg.seed + acc.process_index)
+    metrics = run_dir / "metrics.jsonl"
+    if acc.is_main_process:
+        _truncate_metrics(metrics, state["step"])
+    if cfg.report_to != "none":
+        acc.init_trackers(project, config=_flat({**asdict(cfg), **cfg.extra}))
+
+    tok_per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes * tokens_per_row
+    losses, last = [], start_ckpt
+    progress = _progress(console, acc.is_main_process)
+    task = progress.add_task("train", total=total, completed=state["step"], loss=float("nan"), lr=0.0, tps=0.0)
+    t_log, s_log, tps = time.perf_counter(), state["step"], 0.0
+    t0, s0 = t_log, s_log
+    with progress:
+        while state["step"] < total:
+            model.train()
+            loss_sum = torch.zeros((), device=acc.device)
+            for k in range(cfg.grad_accum):
+                idx = batch_rows(state["micro"], n_rows, per_epoch, cfg, acc.process_index, acc.num_processes)
+                batch = {c: t[idx].to(acc.device, non_blocking=True) for c, t in rows.items()}
+                sync = k == cfg.grad_accum - 1  # DDP all-reduces gradients only on the last micro-batch
+                with contextlib.nullcontext() if sync else acc.no_sync(model):
+                    loss = loss_fn(model, batch)
+                    acc.backward(loss / cfg.grad_accum)
+                loss_sum += loss.detach().float()
+                state["micro"] += 1
+            mean_loss = acc.reduce(loss_sum / cfg.grad_accum, reduction="mean").item()  # same value on all ranks
+            if not math.isfinite(mean_loss):
+                msg = (f"stopped: the loss became {mean_loss} at step {state['step'] + 1}; nothing was updated or "
+                       f"saved after it. Last good checkpoint: {last or 'none'}. Lower --lr, raise --warmup, or "
+                       "use --mixed-precision bf16/no, then --resume latest")
+                if cfg.report_to != "none":
+                    acc.end_training()
+                raise PopyouError(msg)
+            gnorm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            step, lr = state["step"], sched.get_last_lr()[0]
+            losses.append(mean_loss)
+            if acc.is_main_process:
+                rec = {"step": step, "loss": mean_loss, "lr": lr, "epoch": state["micro"] / per_epoch}
+                if gnorm is not None:
+                    rec["grad_norm"] = float(gnorm)
+                with metrics.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                tps = tok_per_step * (step - s_log) / max(now - t_log, 1e-9)
+                t_log, s_log = now, step
+                if cfg.report_to != "none":
+                    acc.log({"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps}, step=step)
+                if console is not None and acc.is_main_process and not progress.live.is_started:
+                    console.print(f"step {step}/{total}  loss {mean_loss:.4f}  lr {lr:.3g}  {tps:,.0f} tok/s")
+            progress.update(task, completed=step, loss=mean_loss, lr=lr, tps=tps)
+            if on_step is not None:
+                on_step(step, mean_loss)
+            if cfg.save_every >= 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
+                last = save_checkpoint(acc, model, opt, sched, state, run_dir, cfg.keep_last)
+            if sample_fn is not None and ((cfg.sample_every and step % cfg.sample_every == 0) or step == total):
+                _sample(acc, model, sample_fn, step, run_dir)
+    if cfg.report_to != "none":
+        acc.end_training()
+    overall = tok_per_step * (state["step"] - s0) / max(time.perf_counter() - t0, 1e-9)  # checkpoints included
+    return TrainResult(steps=state["step"], losses=losses, last_checkpoint=last, tokens_per_s=overall)
+
+
+def _sample(acc, model, sample_fn, step: int, run_dir: Path) -> None:
+    if acc.is_main_process:
+        from .runtime import save_png
+
+        inner = acc.unwrap_model(model)  # no DDP hooks: only rank 0 runs it, the others wait below
+        was = inner.training
+        inner.eval()
+        with torch.no_grad(), acc.autocast():
+            grid = sample_fn(inner, step)
+        inner.train(was)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        save_png(grid, run_dir / "samples" / f"step-{step}.png")
+    acc.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop the lines of steps that are about to be redone, so the file is one clean curve."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []
+
+
+def _flat(d: dict) -> dict:
+    """Trackers take numbers and strings only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str) for k, v in d.items()}
+
+
+def _progress(console, main: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+                    TimeRemainingColumn(), console=console, disable=not main or console is None or
+                    not console.is_terminal)
+
+
+# ------------------------------------------------------------------------------------------ encoded data
+def load_encoded(path: Path, *, for_stage: str, columns: list[str], patch_nums, console=None) -> dict:
+    """Rows of an `encode` folder in memory: `codes` (N, L) int16, optional `codes_flip`, and `columns` (N, D)
+    float16. Rows whose `encode_error` is set are dropped (and counted). Checks the VAR's patch_nums first."""
+    from .store import load_stage, read_manifest, require_columns
+
+    ds = load_stage(path)
+    require_columns(ds, ["codes", *columns], for_stage=for_stage, path=path)
+    settings = (read_manifest(path) or {}).get("settings", {})
+    L = sum(p * p for p in patch_nums)
+    if settings.get("patch_nums") is not None and tuple(settings["patch_nums"]) != tuple(patch_nums):
+        raise PopyouError(f"{path}: codes were made for patch_nums {tuple(settings['patch_nums'])}, the VAR uses "
+                          f"{tuple(patch_nums)}; rerun 'popyou encode' with this VAR's VQ-VAE and patch_nums")
+    keep = np.ones(len(ds), dtype=bool)
+    if "encode_error" in ds.column_names:
+        keep = np.array([not e for e in ds["encode_error"]], dtype=bool)
+    skipped = int((~keep).sum())
+    if not keep.any():
+        raise PopyouError(f"{path}: all {len(ds)} rows have an encode_error; nothing to train on")
+    if skipped and console is not None:
+        console.print(f"{for_stage}: skipping {skipped} of {len(ds)} rows with an encode_error", highlight=False)
+    cols = ["codes"] + (["codes_flip"] if "codes_flip" in ds.column_names else []) + list(columns)
+    arrays = ds.select_columns(cols).with_format("numpy")[:]
+    rows = {}
+    for c in cols:
+        a = arrays[c]
+        a = np.stack(a) if a.dtype == object else a  # variable-length lists come back as arrays of arrays
+        t = torch.from_numpy(np.ascontiguousarray(a[keep]))
+        rows[c] = t.to(torch.int16) if c.startswith("codes") else t.to(torch.float16)
+    if rows["codes"].shape[1] != L:
+        raise PopyouError(f"{path}: codes have {rows['codes'].shape[1]} tokens per row, the VAR's patch_nums "
+                          f"{tuple(patch_nums)} need {L}; rerun 'popyou encode' for this VAR")
+    return {"rows": rows, "settings": settings, "skipped": skipped, "index": np.asarray(ds["index"])[keep]}
+
+
+def teacher_forcing(quantizer, batch: dict, patch_nums, hflip: bool, training: bool):
+    """(VAR input x_BLCv, target codes (B, L) int64) from stored codes; with hflip, a random half of the rows
+    use the codes of the mirrored image. Runs the quantizer's embedding + phi convs only, in fp32."""
+    codes = batch["codes"].long()
+    if hflip and training and "codes_flip" in batch:
+        flip = torch.rand(codes.shape[0], device=codes.device) < 0.5
+        codes = torch.where(flip[:, None], batch["codes_flip"].long(), codes)
+    with torch.no_grad(), torch.autocast(codes.device.type, enabled=False):
+        x = quantizer.codes_to_var_input(list(codes.split([p * p for p in patch_nums], dim=1)))
+    return x, codes
