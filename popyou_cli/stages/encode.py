@@ -31,7 +31,6 @@ from .. import runtime
 from ..errors import PopyouError
 
 STAGE = "encode"
-DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
 EMBED_DTYPES = ("float16", "float32")
 DOWNSAMPLE = 16  # VAR's VQ-VAEs (official and tiny) shrink images 16x: image size = patch_nums[-1] * 16
 PATCH_NUMS_BY_SIZE = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
@@ -187,15 +186,12 @@ def _patch_nums(patch_nums, image_size: int | None, preset_patch_nums) -> tuple[
 
 
 def _check(p: P.EncodePreset, size: int, resize: int, workers: int) -> None:
-    for flag, value in (("--batch-size", p.batch_size), ("--shard-size", p.shard_size)):
-        if value < 1:
-            raise PopyouError(f"{flag} must be at least 1 (got {value})")
+    runtime.check_at_least_1(("--batch-size", p.batch_size), ("--shard-size", p.shard_size))
     if resize < size:
         raise PopyouError(f"--resize {resize} is smaller than the {size} px crop")
     if p.embed_dtype not in EMBED_DTYPES:
         raise PopyouError(f"unknown --embed-dtype '{p.embed_dtype}' (use {', '.join(EMBED_DTYPES)})")
-    if p.dtype not in DTYPE_NAMES:
-        raise PopyouError(f"unknown --dtype '{p.dtype}' (use {', '.join(DTYPE_NAMES)})")
+    runtime.check_stage_dtype(p.dtype)
     if workers < 0:
         raise PopyouError(f"--workers must be >= 0 (got {workers})")
 
@@ -229,7 +225,7 @@ def encode(*, dataset: str | Path, out: str | Path, preset: str = "full", siglip
         raise PopyouError(f"--text-column repeats a column ({', '.join(texts)})")
     state = runtime.stage_state(device)
     dev = runtime.stage_device(device, state)
-    dtype_name = ("fp16" if dev.type == "cuda" else "fp32") if p.dtype == "auto" else p.dtype
+    dtype_name = runtime.stage_dtype(p.dtype, dev)
     siglip, preprocess, tokenizer = load_siglip(p.siglip_model, pretrained, device=dev)
     dim = _embed_dim(siglip)
     n_codes = sum(x * x for x in pn)

@@ -26,14 +26,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import images as I
 from .. import presets as P
+from .. import runtime
 from ..errors import PopyouError
 from ..prompts import PromptRow, default_scheme, iter_prompts, load_scheme, scheme_from_dict
 
 STAGE = "gen-data"
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 DEFAULT_QUALITY = {"jpeg": 95, "webp": 90}  # PNG is lossless: no quality
-DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
 SEED_RULE = "blake2b-8('popyou-image/{seed}/{i}') >> 1"  # recorded in the manifest: how the seed column is made
 
 
@@ -102,8 +103,6 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, s
     after that may still round differently for another batch shape: see batch_grid)."""
     import torch
 
-    from .. import runtime
-
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     with torch.inference_mode(), _quiet():
         images = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size,
@@ -120,47 +119,11 @@ def load_pipeline(model: str, *, device, dtype, size: int):
         return load_text_to_image(model, device=device, dtype=dtype, image_size=size)
 
 
-def _state(device: str):
-    """accelerate's view of this launch (rank, world size, device). PartialState only joins a CPU process group
-    when told it runs on CPU (AcceleratorState reads ACCELERATE_USE_CPU, PartialState does not): without cpu=True,
-    torchrun on a machine without GPUs gives every process world size 1 and each would make every shard."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
-
-
-def _resolve_device(device: str, state):
-    import torch
-
-    from .. import runtime
-
-    if device == "auto" or (device == "cuda" and state.num_processes > 1):
-        return torch.device(state.device)  # accelerate's per-process device (cuda:local_rank, or cpu)
-    return runtime.pick_device(device)
-
-
-def _dtype_name(dtype: str, dev) -> str:
-    if dtype not in DTYPE_NAMES:
-        raise PopyouError(f"unknown --dtype '{dtype}' (use {', '.join(DTYPE_NAMES)})")
-    if dtype == "auto":  # SDXL-Turbo ships fp16 weights; its VAE is upcast for decoding by diffusers
-        return "fp16" if dev.type == "cuda" else "fp32"
-    return dtype
-
-
 def _check(n: int, p: P.GenDataPreset, quality: int | None) -> None:
-    if n < 1:
-        raise PopyouError(f"--n must be at least 1 (got {n})")
-    if p.shard_size < 1:
-        raise PopyouError(f"--shard-size must be at least 1 (got {p.shard_size})")
-    if p.batch_size < 1:
-        raise PopyouError(f"--batch-size must be at least 1 (got {p.batch_size})")
+    runtime.check_at_least_1(("--n", n), ("--shard-size", p.shard_size), ("--batch-size", p.batch_size))
     if p.size < 8 or p.size % 8:
         raise PopyouError(f"--size must be a positive multiple of 8 (got {p.size})")
-    if p.steps < 1:
-        raise PopyouError(f"--steps must be at least 1 (got {p.steps})")
+    runtime.check_at_least_1(("--steps", p.steps))
     if p.guidance < 0:
         raise PopyouError(f"--guidance must be >= 0 (got {p.guidance})")
     if p.image_format not in IMAGE_FORMATS:
@@ -169,47 +132,6 @@ def _check(n: int, p: P.GenDataPreset, quality: int | None) -> None:
         raise PopyouError("--quality applies to jpeg and webp only (PNG is lossless)")
     if quality is not None and not 1 <= quality <= 100:
         raise PopyouError(f"--quality must be in 1..100 (got {quality})")
-
-
-def _open_writer(state, out: Path, settings: dict, feats, n: int, shard_size: int, overwrite: bool):
-    """The StageWriter protocol of store.py for several processes: the main process creates or checks the folder
-    first; a refusal there reaches every process (else the others would wait forever at the barrier)."""
-    from ..store import StageWriter
-
-    kw = dict(stage=STAGE, parent=None, settings=settings, features=feats, n_rows=n, shard_size=shard_size)
-    writer, error = None, None
-    if state.is_main_process:
-        try:
-            writer = StageWriter(out, overwrite=overwrite, main_process=True, **kw)
-        except PopyouError as e:
-            error = str(e)
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        error = broadcast_object_list([error])[0]
-    if error is not None:
-        raise PopyouError(error)
-    return writer or StageWriter(out, main_process=False, **kw)
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, console, total: int):
-    """Yields advance(k). A live bar only on a terminal; otherwise nothing (the caller prints a summary)."""
-    if not enabled or total == 0 or not console.is_terminal:
-        yield lambda k: None
-        return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class Rate(ProgressColumn):  # rich's own speed column is for bytes
-        def render(self, task):
-            return Text(f"{task.speed:.1f} images/s" if task.speed else "- images/s", style="cyan")
-
-    with Progress(TextColumn("gen-data"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("gen-data", total=total)
-        yield lambda k: bar.advance(task, k)
 
 
 def _attribute_rows(rows: list[PromptRow], names: list[str]) -> list[dict]:
@@ -283,9 +205,9 @@ def gen_data(*, out: str | Path, n: int, preset: str = "full", model: str | None
     _check(n, p, quality)
     workers = workers if workers and workers > 0 else max(1, min(8, (os.cpu_count() or 2) - 1))
     scheme = load_scheme(prompt_file) if prompt_file else default_scheme()
-    state = _state(device)
-    dev = _resolve_device(device, state)
-    dtype_name = _dtype_name(p.dtype, dev)
+    state = runtime.stage_state(device)
+    dev = runtime.stage_device(device, state)
+    dtype_name = runtime.stage_dtype(p.dtype, dev)  # SDXL-Turbo's VAE is upcast for decoding by diffusers
     # Everything that changes an image or a row; a folder made with other values is refused (store.py). The batch
     # size is in: it changes rounding (see batch_grid). Device and workers are out: the same kind of device is
     # the user's part (CPU and CUDA round differently), and workers change speed only.
@@ -295,7 +217,9 @@ def gen_data(*, out: str | Path, n: int, preset: str = "full", model: str | None
                 "quality": None if p.image_format == "png" else int(quality or DEFAULT_QUALITY[p.image_format]),
                 "seed_rule": SEED_RULE, "prompt_scheme": scheme_settings(scheme)}
     out = Path(out)
-    writer = _open_writer(state, out, settings, features(scheme), n, p.shard_size, overwrite)
+    writer = runtime.open_stage_writer(state, out, stage=STAGE, parent=None, settings=settings,
+                                       features=features(scheme), n_rows=n, shard_size=p.shard_size,
+                                       overwrite=overwrite)
     specs = writer.pending_shards(state.process_index, state.num_processes)
     todo = sum(len(s.rows) for s in specs)
     if console is None:
@@ -306,21 +230,13 @@ def gen_data(*, out: str | Path, n: int, preset: str = "full", model: str | None
     if specs:  # a finished folder does not even load the model
         pipe = load_pipeline(p.model, device=dev, dtype=dtype_name, size=p.size)
         t0 = time.perf_counter()
-        with _progress_bar(progress and state.is_main_process, console, todo) as advance:
+        with runtime.progress_bar(progress and state.is_main_process, console, todo, STAGE) as advance:
             _produce(writer, specs, pipe, scheme, seed, p, settings["quality"], workers, advance)
         seconds = time.perf_counter() - t0
-    generated = todo
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        generated = sum(gather_object([todo]))  # also a barrier: every shard is written after it
-    if state.is_main_process and not writer.is_complete():
-        writer.finalize()
-    state.wait_for_everyone()  # nobody returns (and reads the folder) before finalize
-    return {"out": str(out), "n": n, "generated": generated, "seconds": seconds,
-            "images_per_s": todo / seconds if seconds else None, "process_generated": todo,
-            "world_size": state.num_processes, "is_main_process": state.is_main_process,
-            "device": str(dev), "dtype": dtype_name, "model": p.model}
+    res = I.finish_stage(state, writer, out, todo, seconds, error_column=None)
+    return {"out": res["out"], "n": n, "generated": res["done"], "seconds": seconds,
+            "images_per_s": res["images_per_s"], "process_generated": todo, "world_size": res["world_size"],
+            "is_main_process": res["is_main_process"], "device": str(dev), "dtype": dtype_name, "model": p.model}
 
 
 def remake_image(folder: str | Path, i: int, *, device: str = "auto", exact: bool = True):
@@ -330,7 +246,6 @@ def remake_image(folder: str | Path, i: int, *, device: str = "auto", exact: boo
     the rounding of a few pixel values."""
     from PIL import Image
 
-    from .. import runtime
     from ..store import read_manifest
 
     manifest = read_manifest(folder)

@@ -15,7 +15,8 @@ import torch
 
 from .. import runtime
 from ..errors import PopyouError
-from ..models.checkpoints import load_var, load_vqvae
+from ..models.checkpoints import load_vqvae
+from ..pipeline import load_var_lora
 
 
 @dataclass
@@ -72,7 +73,7 @@ def sample_classes(*, var: str, vae: str, class_id: int, n: int, batch_size: int
     opts.resolve({}, vocab_size=1 << 30)  # option errors before the (slow) model load
     dev = runtime.pick_device(device)
     amp = runtime.pick_dtype(dtype, dev)
-    model, meta = load_var(var, device=dev)
+    model, meta = load_var_lora(var, device=dev)  # a finetune folder may keep its LoRA separate
     vqvae = load_vqvae(vae, patch_nums=model.config.patch_nums, device=dev)
     if vqvae.config.vocab_size != model.config.vocab_size or vqvae.config.z_channels != model.config.z_channels:
         raise PopyouError(f"the VQ-VAE ({vqvae.config.vocab_size} codes x {vqvae.config.z_channels}) does not fit "

@@ -193,7 +193,7 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
                       lora_save=lora_save, vqvae=vae_spec, adapter=inner.adapter.cpu(),
                       adapter_extra={"trained_on": column, "class_id": cid}, encoder=encoder, sampling=sampling,
                       train={"stage": stage, "data": str(data), "steps": res.steps, "init": init, "lora": lora,
-                             "eval": result["eval"], "preset": preset})
+                             "eval": result["eval"], "preset": preset, "val_fraction": p.val_fraction})
         if push:
             result["pushed"] = push_to_hub(out / "pipeline", push)
     acc.wait_for_everyone()
