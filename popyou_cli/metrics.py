@@ -63,7 +63,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     with warnings.catch_warnings():  # with fewer images than dimensions the product is singular: handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+        covmean = linalg.sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():  # singular product (few samples): regularise as pytorch-fid does
         eps = np.eye(s_a.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))

@@ -32,3 +32,18 @@ def _one_thread():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """Runs examples/quickstart.sh once (the whole tiny chain, as a user would, with the installed command);
+    tests of sample and eval reuse its pipeline. Returns (work dir, completed process)."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("quickstart") / "qs"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "COLUMNS": "200"}
+    proc = subprocess.run(["bash", str(HERE.parent / "examples" / "quickstart.sh"), str(work)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    return work, proc
