@@ -64,6 +64,20 @@ class TrainConfig:
     resume: str | None = None  # None | "latest" | a checkpoint folder
     extra: dict = field(default_factory=dict)  # stage settings, logged with the trackers
 
+    @classmethod
+    def from_preset(cls, p, overrides: dict) -> "TrainConfig":
+        """The loop's settings from a stage preset (already merged with the user's options) plus the options that
+        belong to the run rather than the preset: --epochs, --seed, --report-to, --resume."""
+        if overrides.get("epochs") and overrides.get("max_steps"):
+            raise PopyouError("give --max-steps or --epochs, not both")
+        return cls(lr=p.lr, batch_size=p.batch_size, grad_accum=p.grad_accum,
+                   max_steps=None if overrides.get("epochs") else p.max_steps, epochs=overrides.get("epochs"),
+                   warmup=p.warmup, schedule=p.schedule, min_lr_ratio=p.min_lr_ratio, weight_decay=p.weight_decay,
+                   grad_clip=p.grad_clip, mixed_precision=p.mixed_precision, seed=overrides.get("seed") or 0,
+                   save_every=p.save_every, keep_last=p.keep_last, sample_every=p.sample_every,
+                   log_every=p.log_every, report_to=overrides.get("report_to") or "none",
+                   resume=overrides.get("resume"))
+
     def validate(self) -> None:
         bad = [n for n in ("batch_size", "grad_accum", "keep_last", "log_every") if getattr(self, n) < 1]
         if bad:

@@ -88,17 +88,9 @@ def finetune(*, data: Path, out: Path, preset: str = "full", var: str | None = N
     p = resolve(get_preset(FINETUNE_PRESETS, preset, stage="finetune"),
                 **{k: v for k, v in overrides.items() if k not in ("epochs", "report_to", "resume", "seed")},
                 var=var)
-    if overrides.get("epochs") and overrides.get("max_steps"):
-        raise PopyouError("give --max-steps or --epochs, not both")
     if lora_save not in ("merged", "separate"):
         raise PopyouError(f"--lora-save must be merged or separate (got {lora_save})")
-    cfg = TrainConfig(lr=p.lr, batch_size=p.batch_size, grad_accum=p.grad_accum,
-                      max_steps=None if overrides.get("epochs") else p.max_steps, epochs=overrides.get("epochs"),
-                      warmup=p.warmup, schedule=p.schedule, min_lr_ratio=p.min_lr_ratio, weight_decay=p.weight_decay,
-                      grad_clip=p.grad_clip, mixed_precision=p.mixed_precision, seed=overrides.get("seed") or 0,
-                      save_every=p.save_every, keep_last=p.keep_last, sample_every=p.sample_every,
-                      log_every=p.log_every, report_to=overrides.get("report_to") or "none",
-                      resume=overrides.get("resume"))
+    cfg = TrainConfig.from_preset(p, overrides)
     if not 0 <= p.label_smoothing < 1 or not 0 <= p.cond_drop < 1:
         raise PopyouError("--label-smoothing and --cond-drop must be in [0, 1)")
     out = runtime.ensure_writable_dir(Path(out))

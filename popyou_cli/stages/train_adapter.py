@@ -85,15 +85,7 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
             lora_save not in ("merged", "separate"):
         raise PopyouError("--stage must be image or text, --text-field prompt or caption, "
                           "--lora-save merged or separate")
-    if overrides.get("epochs") and overrides.get("max_steps"):
-        raise PopyouError("give --max-steps or --epochs, not both")
-    cfg = TrainConfig(lr=p.lr, batch_size=p.batch_size, grad_accum=p.grad_accum,
-                      max_steps=None if overrides.get("epochs") else p.max_steps, epochs=overrides.get("epochs"),
-                      warmup=p.warmup, schedule=p.schedule, min_lr_ratio=p.min_lr_ratio, weight_decay=p.weight_decay,
-                      grad_clip=p.grad_clip, mixed_precision=p.mixed_precision, seed=overrides.get("seed") or 0,
-                      save_every=p.save_every, keep_last=p.keep_last, sample_every=p.sample_every,
-                      log_every=p.log_every, report_to=overrides.get("report_to") or "none",
-                      resume=overrides.get("resume"))
+    cfg = TrainConfig.from_preset(p, overrides)
     if not 0 <= p.cond_drop < 1 or not 0 <= p.val_fraction < 1:
         raise PopyouError("--cond-drop and --val-fraction must be in [0, 1)")
     out = runtime.ensure_writable_dir(Path(out))
