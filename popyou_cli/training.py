@@ -186,15 +186,22 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG as tensors, lists and numbers, so the file loads with torch.load(weights_only=True)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    st = {"python": [py_version, list(py_state), py_gauss],
+          "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    py_version, py_state, py_gauss = st["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = st["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -257,7 +264,7 @@ def load_checkpoint(acc, model, opt, sched, path: Path, expect: dict) -> dict:
     sched.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if acc.scaler is not None and (path / "scaler.pt").is_file():
         acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    _set_rng_state(torch.load(rng, weights_only=False))  # our own file: python/numpy states are not tensors
+    _set_rng_state(torch.load(rng, weights_only=True))
     return state
 
 
