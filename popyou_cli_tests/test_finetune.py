@@ -76,6 +76,15 @@ def test_lora_merged_and_separate_give_the_same_model(tmp_path):
     start = build_tiny_var().state_dict()
     assert torch.equal(trained["blocks.0.attn.mat_qkv.weight"], start["blocks.0.attn.mat_qkv.weight"])  # no LoRA there
     assert not torch.equal(trained["blocks.0.ffn.fc1.weight"], start["blocks.0.ffn.fc1.weight"])
+    # popyou sample --var merges a separate LoRA back in: the same images as the merged folder
+    for mode in ("merged", "separate"):
+        res = invoke("sample", "--var", tmp_path / mode / "model", "--vae", "tiny", "--class-id", 10, "--n", 2,
+                     "--top-k", 4, "--out", tmp_path / f"s-{mode}")
+        assert res.exit_code == 0, res.output
+    for k in (0, 1):
+        a = np.asarray(Image.open(tmp_path / "s-merged" / f"class10_seed{k}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "s-separate" / f"class10_seed{k}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
 
 
 def test_lora_on_a_weight_used_without_its_module_is_refused():
