@@ -24,6 +24,22 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"popyou {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """popyou: a text-to-image generator built on VAR, specialised by synthetic data."""
+
+
 DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
 DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
 

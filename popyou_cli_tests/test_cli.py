@@ -15,7 +15,7 @@ def test_installed_command_lists_subcommands():
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr
-    for cmd in ("sample", "bench"):
+    for cmd in ("gen-data", "caption", "encode", "finetune", "train-adapter", "sample", "eval", "materialize", "bench"):
         assert cmd in res.stdout
 
 
@@ -24,3 +24,10 @@ def test_sample_help_teaches_the_options():
     assert res.exit_code == 0
     for opt in ("--class-id", "--var", "--vae", "--cfg", "--top-k", "--top-p", "--more-smooth", "--seed", "--out"):
         assert opt in res.output
+
+
+def test_version():
+    from popyou_cli import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"popyou {__version__}"
