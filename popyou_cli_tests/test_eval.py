@@ -31,6 +31,7 @@ def test_eval_with_prompt_file(work, tmp_path):
     for key in ("siglip_score", "fid", "kid", "fid_siglip", "images_per_s"):
         assert np.isfinite(m[key]), key
     assert m["images_per_s"] > 0 and m["fid"] >= 0
+    assert "siglip_score_dataset" not in m  # the dataset's images do not pair with prompts from a file
     nll = m["heldout_nll"]
     assert 0 < nll["right"] < 10 and 0 < nll["shuffled"] < 10 and nll["rows"] > 0
     report = (out / "report.md").read_text()

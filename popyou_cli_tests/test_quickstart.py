@@ -32,5 +32,6 @@ def test_quickstart_runs_every_stage(quickstart):
     m = json.loads((work / "eval" / "metrics.json").read_text())
     assert m["n_prompts"] == 8 and -1 <= m["siglip_score"] <= 1 and np.isfinite(m["fid"]) and m["fid"] >= 0
     assert set(m["heldout_nll"]) >= {"right", "shuffled", "class_only"}
+    assert -1 <= m["siglip_score_dataset"] <= 1  # held-out prompts: their own dataset images are the reference
     report = (work / "eval" / "report.html").read_text()
     assert report.count("<img ") == 8

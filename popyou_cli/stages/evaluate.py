@@ -91,6 +91,7 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
         raise PopyouError(f"the training data '{data}' is not there; pass --data ENCODE_FOLDER")
     runtime.ensure_writable_dir(out)
     val_rows, val_index, train_index, ds, column = _held_out(pipe, data, val_fraction, console)
+    from_dataset = prompts is None  # only then do the dataset's own images pair with the prompts
     if prompts is None:
         if "prompt" not in ds.column_names:
             raise PopyouError(f"{data} has no 'prompt' column (made by 'popyou gen-data'); pass --prompts FILE")
@@ -118,7 +119,7 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     # --- reference images and features
     ref_rows = train_index[:max_reference]
     ref = _dataset_images(ds, ref_rows, image_size)
-    paired = _dataset_images(ds, val_index[:len(prompts)], image_size) if prompts is not None else None
+    paired = _dataset_images(ds, val_index[:len(prompts)], image_size) if from_dataset else None
     net = metrics.load_inception(inception, str(dev))
     f_gen, f_ref = metrics.inception_features(gen, net, dev), metrics.inception_features(ref, net, dev)
     kid_size = min(len(f_gen), len(f_ref), 1000)
