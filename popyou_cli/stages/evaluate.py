@@ -107,12 +107,12 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
         text_emb = encode_texts(enc_model, tokenizer, prompts).float()
         delta = pipe.adapter(text_emb.to(dev))
     s = pipe.sampling
+    class_id = int(s.get("class_id", pipe.var.config.num_classes - 1))
     gen, t0 = [], time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
-        gen.append(_generate(pipe.var, pipe.vqvae, int(s.get("class_id", pipe.var.config.num_classes - 1)),
-                             [seed + i for i in idx], opts, dev, amp, cond_delta=delta[idx],
-                             alpha=s.get("alpha", 1.0), beta=s.get("beta", 1.0)))
+        gen.append(_generate(pipe.var, pipe.vqvae, class_id, [seed + i for i in idx], opts, dev, amp,
+                             cond_delta=delta[idx], alpha=s.get("alpha", 1.0), beta=s.get("beta", 1.0)))
     gen = torch.cat(gen)
     images_per_s = len(gen) / (time.perf_counter() - t0)
 
@@ -136,7 +136,7 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
         result["siglip_score_dataset"] = metrics.mean_cosine(_siglip_image_embeddings(enc_model, preprocess, paired, dev), text_emb.cpu())
     if siglip_fid:
         result["fid_siglip"] = metrics.frechet_distance(sig_gen.double(), _siglip_image_embeddings(enc_model, preprocess, ref, dev).double())
-    trainer = AdapterTrainer(pipe.var, pipe.adapter, pipe.vqvae.quantize, int(s.get("class_id", 0)), column,
+    trainer = AdapterTrainer(pipe.var, pipe.adapter, pipe.vqvae.quantize, class_id, column,
                              s.get("alpha", 1.0), s.get("beta", 1.0), hflip=False)
     result["heldout_nll"] = conditioning_eval(trainer, val_rows, dev)
     _write_report(out, result, prompts, gen)
