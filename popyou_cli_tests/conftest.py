@@ -47,3 +47,12 @@ def quickstart(tmp_path_factory):
     proc = subprocess.run(["bash", str(HERE.parent / "examples" / "quickstart.sh"), str(work)], env=env,
                           capture_output=True, text=True, timeout=900)
     return work, proc
+
+
+def gif_duration_ms(path) -> int:
+    """Total play time of a GIF. Pillow merges identical consecutive frames into one longer frame, so the frame
+    count depends on the pictures; the total duration does not."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        return sum(frame.info.get("duration", 0) for frame in ImageSequence.Iterator(gif))

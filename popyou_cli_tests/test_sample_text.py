@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import gif_duration_ms
 from popyou_cli.cli import app
 
 
@@ -48,7 +49,7 @@ def test_beta_sweep_strip_and_gif(pipe, tmp_path):
     assert res.exit_code == 0, res.output
     frames = [_png(tmp_path / f"beta_{i:03d}.png") for i in range(4)]
     assert _png(tmp_path / "beta_strip.png").shape[1] > 4 * 64
-    assert Image.open(tmp_path / "beta_sweep.gif").n_frames == 6  # forth and back
+    assert gif_duration_ms(tmp_path / "beta_sweep.gif") == (4 + 2) * 120  # 4 frames forth, 2 back, 120 ms each
     betas = [json.loads(x)["beta"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert betas == pytest.approx([0, 2 / 3, 4 / 3, 2])
     assert any(not np.array_equal(frames[0], f) for f in frames[1:])
