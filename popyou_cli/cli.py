@@ -44,6 +44,13 @@ DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
 DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
 
 
+# Options shared by the data stages (gen-data, caption, encode).
+_D_SHARD = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes. Default: full 1000, tiny 16.")
+_D_IMAGE_COL = typer.Option("image", "--image-column", help="Column holding the images (datasets Image, bytes or file paths).")
+_D_DEVICE = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N.")
+_D_NO_PROGRESS = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line).")
+
+
 @app.command("gen-data")
 @user_errors
 def gen_data_cmd(
@@ -60,11 +67,11 @@ def gen_data_cmd(
     image_format: Optional[str] = typer.Option(None, "--format", help="png (lossless), jpeg or webp (default: png)."),
     quality: Optional[int] = typer.Option(None, "--quality", help="jpeg/webp quality 1-100 (default: jpeg 95, webp 90)."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="YAML/JSON attribute file changing the prompt scheme (see popyou_cli/prompts.py)."),
-    device: str = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N."),
+    device: str = _D_DEVICE,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (preset: auto)."),
     workers: int = typer.Option(0, "--workers", help="Threads encoding images while the next batch generates (0 = CPU count - 1, at most 8)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder that holds a different gen-data run."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line)."),
+    no_progress: bool = _D_NO_PROGRESS,
 ):
     """Generate the synthetic Funko Pop! data set. Resumable; spread over GPUs with
     `accelerate launch --num_processes 8 -- $(which popyou) gen-data ...` (note the --). Example:
@@ -90,13 +97,13 @@ def caption_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest caption in tokens. Default: full 30, tiny 8."),
     num_beams: Optional[int] = typer.Option(None, "--num-beams", help="1 = greedy search; N > 1 = beam search with N beams. Default: 1."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate call. Default: full 32, tiny 8."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes. Default: full 1000, tiny 16."),
-    image_column: str = typer.Option("image", "--image-column", help="Column holding the images (datasets Image, bytes or file paths)."),
-    device: str = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N."),
+    shard_size: Optional[int] = _D_SHARD,
+    image_column: str = _D_IMAGE_COL,
+    device: str = _D_DEVICE,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding and preprocessing images (0 = in the main process). Default: min(4, CPUs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder that holds a different caption run."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line)."),
+    no_progress: bool = _D_NO_PROGRESS,
 ):
     """Caption every image with BLIP-2. Unreadable images keep their row (caption "", reason in caption_error).
     Resumable; several GPUs with `accelerate launch --num_processes 8 -m popyou_cli caption ...`. Example:
@@ -128,13 +135,13 @@ def encode_cmd(
     flip: bool = typer.Option(False, "--flip", help="Also store codes_flip: the codes of the horizontally flipped crop (augmentation)."),
     embed_dtype: Optional[str] = typer.Option(None, "--embed-dtype", help="float16 or float32 storage of the embeddings. Default: float16."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per model call. Default: full 64, tiny 8."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes. Default: full 1000, tiny 16."),
-    image_column: str = typer.Option("image", "--image-column", help="Column holding the images (datasets Image, bytes or file paths)."),
-    device: str = typer.Option("auto", "--device", help="auto (accelerate's per-process device: cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N."),
+    shard_size: Optional[int] = _D_SHARD,
+    image_column: str = _D_IMAGE_COL,
+    device: str = _D_DEVICE,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="SigLIP autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. The VQ-VAE always runs in fp32."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding, resizing and tokenising (0 = in the main process). Default: min(4, CPUs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder that holds a different encode run."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (only the final summary line)."),
+    no_progress: bool = _D_NO_PROGRESS,
 ):
     """VAR codes (VQ-VAE) and SigLIP image/text embeddings of every row, computed once for training. Unreadable
     images keep their row (placeholders, reason in encode_error). Resumable; several GPUs with

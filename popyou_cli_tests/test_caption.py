@@ -9,9 +9,8 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from popyou_cli.cli import app
+from helpers import invoke as run_cli, one_line_error
 from popyou_cli.encoders import load_captioner
 from popyou_cli.images import open_rgb
 from popyou_cli.stages.caption import Collate, generate
@@ -19,16 +18,6 @@ from popyou_cli.store import load_stage, read_manifest
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
 N = 16
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res) -> str:
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
 
 
 def encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -15,9 +14,8 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from popyou_cli.cli import app
+from helpers import invoke as run_cli, kill_after_first_shard, one_line_error
 from popyou_cli.encoders import encode_images, encode_texts, load_siglip
 from popyou_cli.images import resize_center_crop, to_pm1
 from popyou_cli.models.checkpoints import load_vqvae
@@ -28,16 +26,6 @@ N, BAD_ROW = 24, 5
 TINY = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
 CAPTION = ["--shard-size", "4", "--batch-size", "4", "--workers", "0", *TINY]
 ENCODE = ["--shard-size", "2", "--batch-size", "2", "--workers", "0", "--flip", *TINY]  # 12 shards
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res) -> str:
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
 
 
 def shards(folder: Path) -> dict[str, bytes]:
@@ -131,21 +119,7 @@ def test_sigkill_and_rerun_equal_the_uninterrupted_run(chain, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "popyou_cli", "encode", str(chain["cap"]), "--out", str(out), *ENCODE]
     env = {**os.environ, "POPYOU_TEST_BATCH_PAUSE_S": "0.5"}  # keeps the tiny run alive until the kill lands
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("shard-*.arrow")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no shard written within 120 s"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_first_shard(cmd, out, REPO, env) == -signal.SIGKILL
     left = shards(out)
     assert 1 <= len(left) < N // 2 and not (out / "state.json").exists()
     res = run_cli("encode", chain["cap"], "--out", out, *ENCODE)

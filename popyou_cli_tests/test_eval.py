@@ -4,13 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from popyou_cli.cli import app
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from popyou_cli.cli import app
+import helpers
+from helpers import invoke as run_cli, kill_after_first_shard
 from popyou_cli.prompts import default_scheme, make_prompt
 from popyou_cli.stages.gen_data import gen_data, image_seed, remake_image
 from popyou_cli.store import load_stage, read_manifest
@@ -36,10 +35,6 @@ COMMON = opts()
 N_REF = 96  # enough shards (24) that a killed run is still mid-way when the test's SIGKILL lands
 
 
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def shard_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.arrow"))}
 
@@ -54,10 +49,7 @@ def raw_images(folder: Path) -> list[bytes]:
 
 
 def one_line_error(res) -> str:
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert res.exit_code != 0, res.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
+    return helpers.one_line_error(res, exit_code=None)  # any failure status
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,21 +114,7 @@ def test_rerun_of_finished_folder_does_nothing(ref):
 def test_resume_after_sigkill(ref, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "popyou_cli", "gen-data", "--n", str(N_REF), "--out", str(out), *COMMON]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("shard-*.arrow")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no shard written within 120 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_first_shard(cmd, out, REPO) == -signal.SIGKILL
     left = shard_files(out)
     assert 1 <= len(left) < N_REF // 4, "the kill should land mid-run"
     assert not (out / "state.json").exists()

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from popyou_cli.models.checkpoints import load_var, load_vqvae

@@ -4,16 +4,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from popyou_cli.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
+from helpers import invoke
 
 @pytest.fixture(scope="module")
 def tiny(golden):

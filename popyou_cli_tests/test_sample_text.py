@@ -6,14 +6,9 @@ from collections import namedtuple
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import gif_duration_ms
-from popyou_cli.cli import app
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from helpers import invoke, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +55,8 @@ def test_beta_sweep_strip_and_gif(pipe, tmp_path):
 
 
 def _one_line_error(res, text):
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
-    assert text in lines[0], lines[0]
+    line = one_line_error(res)
+    assert text in line, line
 
 
 def test_bad_input(pipe, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from popyou_cli.errors import PopyouError
-from popyou_cli.store import (MANIFEST, StageWriter, check_not_same, check_writable, load_stage, materialize,
+from popyou_cli.store import (StageWriter, check_not_same, check_writable, load_stage, materialize,
                               read_manifest, require_columns)
 
 GEN_FEATURES = datasets.Features({

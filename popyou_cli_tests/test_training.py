@@ -16,21 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from popyou_cli.cli import app
+from helpers import invoke  # noqa: F401 - test_finetune and test_train_adapter import it from here
 from popyou_cli.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, load_vqvae
 from popyou_cli.store import StageWriter
 from popyou_cli.training import (TrainConfig, batch_rows, lr_factor, make_accelerator, param_groups, read_metrics,
                                  train)
 
-runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @functools.lru_cache(maxsize=None)
