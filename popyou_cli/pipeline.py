@@ -1,195 +1,264 @@
-"""VAR with an optional peft LoRA, and the pipeline folder that `train-adapter` writes and `sample` reads.
+"""The inference API: load a pipeline once, call it for images.
 
-Pipeline folder (architecture.md)::
+    from popyou_cli import Pipeline
+    pipe = Pipeline.from_pretrained("runs/txt/pipeline")          # or a Hub id; None: the default model
+    pipe("a wizard funko pop", seed=1)[0].save("wizard.png")
 
-    pipeline.json          parts and sampling defaults (cfg, top_k, top_p, alpha, beta, class_id)
-    var/                   popyou model folder (config.json + model.safetensors, LoRA merged), or with the
-                           LoRA kept separate (peft's adapter_model.safetensors + adapter_config.json beside
-                           the base). Absent when pipeline.json names a Hub VAR (or "tiny") used unchanged.
-    adapter.safetensors    the embedding -> cond_delta adapter
-    adapter.json
+A text pipeline is VAR + VQ-VAE + adapter + text encoder: prompt -> text embedding -> adapter -> cond_delta ->
+VAR with classifier-free guidance -> VQ-VAE decode. A plain VAR model folder (or `Pipeline.from_model`) gives a
+class-conditional pipeline with no text.
 
-Nothing in it points outside itself except Hub ids, so the folder can be pushed to the Hub as it is.
+Seeds: image k of each prompt uses seed + k, drawn from its own generator, so an image depends only on its own
+seed (not on the batch it was made in); for a single image `seed=S` means what the original PopYOU demo's
+`g_seed=S` meant. Every returned image carries `img.info["seed"]` (and "prompt", "beta").
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from . import devices
 from .errors import PopyouError
-from .models.adapter import CondAdapter, load_adapter, save_adapter
-from .models.checkpoints import load_var, load_vqvae, save_model
+from .models.checkpoints import DEFAULT_VAE, load_vqvae
+from .models.lora import load_var_lora
 from .models.var import VAR
+from .models.vqvae import VQVAE
+from .pipeline_folder import read_pipeline_json
+from .sampling import SamplingOptions, check_seed
 
-PIPELINE_JSON = "pipeline.json"
-LORA_CONFIG = "adapter_config.json"  # peft's file name: its presence marks a separate LoRA
-
-
-# ------------------------------------------------------------------------------------------ LoRA
-def apply_lora(var: VAR, *, rank: int, alpha: float, dropout: float, targets: str | list[str],
-               train_modules: tuple[str, ...] = (), seed: int = 0) -> nn.Module:
-    """VAR wrapped by peft with LoRA on `targets` (module-name suffixes); `train_modules` are trained in full
-    (e.g. class_emb, so that a new class row can still move). Refuses targets that would train nothing.
-    The LoRA init draws from `seed`, not from the global RNG, so the same command gives the same run."""
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
-        raise PopyouError(f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1) (got {rank}, {alpha}, {dropout})")
-    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    names = [n for n, m in var.named_modules() if isinstance(m, nn.Linear)]
-    for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in names):
-            raise PopyouError(f"--lora-targets: no Linear layer of this VAR is called '{t}' "
-                              "(try proj, fc1, fc2, ada_lin.1, word_embed, head)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = get_peft_model(var, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                               target_modules=targets, modules_to_save=list(train_modules) or None))
-    # A LoRA layer whose module is never called (VAR's attention reads mat_qkv.weight directly with F.linear)
-    # would train nothing and then change the weights when merged: find those with one dummy forward.
-    called, hooks = set(), []
-    for n, m in model.named_modules():
-        if isinstance(m, LoraLayer):
-            hooks.append(m.register_forward_hook(lambda mod, i, o, n=n: called.add(n)))
-    cfg = var.config
-    with torch.no_grad():
-        model(torch.zeros(1, dtype=torch.long), torch.zeros(1, cfg.L - cfg.patch_nums[0] ** 2, cfg.z_channels))
-    for h in hooks:
-        h.remove()
-    unused = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)
-                     and n not in called})
-    if unused:
-        raise PopyouError(f"--lora-targets: {', '.join(unused)} is not called as a module in VAR's forward (its "
-                          "weight is used directly), so LoRA there would have no effect; leave it out")
-    return model
+DEFAULT_PIPELINE = "AmitIsraeli/VARpop"  # the original PopYOU model, imported on first use
+PIPELINE_ENV = "POPYOU_PIPELINE"
 
 
-def base_var(model: nn.Module) -> VAR:
-    """The VAR inside a peft wrapper (LoRA layers still injected), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def default_pipeline() -> str:
+    return os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE
 
 
-def save_var(model: nn.Module, folder: Path, extra: dict, lora_save: str = "merged") -> Path:
-    """A popyou model folder. A peft model is merged (default) or kept separate (peft files beside the base
-    weights). Consumes the peft wrapper: call it last."""
-    if not hasattr(model, "get_base_model"):
-        return save_model(model, folder, extra)
-    if lora_save == "separate":
-        model.save_pretrained(str(folder))
-        return save_model(model.unload(), folder, {**extra, "lora": LORA_CONFIG})
-    return save_model(model.merge_and_unload(), folder, extra)
-
-
-def load_var_lora(spec: str, device: str | torch.device = "cpu") -> tuple[VAR, dict]:
-    """load_var, plus a separate LoRA in a local model folder merged in (load_var alone ignores it)."""
-    model, meta = load_var(spec, device="cpu")
-    folder = Path(spec).expanduser()
-    if folder.is_dir() and (folder / LORA_CONFIG).is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    return model.to(device).eval(), meta
-
-
-# ------------------------------------------------------------------------------------------ pipeline folder
 @dataclass
 class Pipeline:
     var: VAR
-    vqvae: nn.Module
-    adapter: CondAdapter
-    encoder_model: str  # open_clip model name ("tiny" for the stand-in)
-    encoder_pretrained: str | None
-    embedding: str  # "image" or "text": what the adapter was trained on
-    sampling: dict  # cfg, top_k, top_p, alpha, beta, class_id, more_smooth
-    config: dict = field(default_factory=dict)  # pipeline.json as read
+    vqvae: VQVAE
+    adapter: nn.Module | None = None  # embedding -> cond_delta; None for a class-conditional pipeline
+    text_encoder: object | None = None  # prompts -> (P, dim) unit-norm embeddings (encoders/text.py)
+    defaults: dict = field(default_factory=dict)  # pipeline.json "sampling": cfg, top_k, ..., class_id
+    config: dict = field(default_factory=dict)  # pipeline.json as read ({} for a plain VAR model)
+    source: str = ""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # autocast dtype of sampling
 
-    def load_encoder(self, device="cpu"):
-        """(model, preprocess, tokenizer) of the SigLIP encoder the adapter expects."""
-        from .encoders import load_siglip
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, spec: str | None = None, *, device="auto", dtype="auto", vae: str | None = None,
+                        quantize: str | None = None) -> "Pipeline":
+        """A pipeline folder, a Hub id (a popyou pipeline repo, or an original PopYOU checkpoint imported once into
+        popyou's cache), or a VAR model folder (class-conditional). None: $POPYOU_PIPELINE or the original model."""
+        spec = spec or default_pipeline()
+        folder = Path(spec).expanduser()
+        if folder.is_dir() and not (folder / "pipeline.json").is_file() and (folder / "config.json").is_file():
+            return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize)
+        if not folder.is_dir():
+            if _looks_like_model_spec(spec):
+                return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize)
+            from .original import resolve_pipeline
 
-        return load_siglip(self.encoder_model, self.encoder_pretrained, device=device)
+            folder = resolve_pipeline(spec)
+        return cls._load_folder(folder, spec, device, dtype, vae, quantize)
+
+    @classmethod
+    def from_model(cls, var: str, vae: str | None = None, *, device="auto", dtype="auto",
+                   quantize: str | None = None) -> "Pipeline":
+        """Class-conditional sampling from a VAR (model folder, Hub file, official .pth or "tiny"). The VQ-VAE is
+        `vae`, else the one the model folder records, else the official one."""
+        dev = devices.resolve_device(device)
+        model, meta = load_var_lora(var, device=dev)  # a finetune folder may keep its LoRA separate
+        vqvae = _load_vqvae_for(model, vae or _recorded_vqvae(var, meta), dev)
+        pipe = cls(var=model, vqvae=vqvae, source=var, device=dev,
+                   dtype=devices.resolve_dtype(dtype, dev, "sample"), config={"class_names": meta.get("class_names")})
+        return pipe._quantized(quantize)
+
+    @classmethod
+    def _load_folder(cls, folder: Path, shown: str, device, dtype, vae, quantize) -> "Pipeline":
+        from .encoders.text import load_text_encoder
+        from .models.adapter import load_adapter
+
+        cfg = read_pipeline_json(folder, shown)
+        dev = devices.resolve_device(device)
+        local = lambda ref: str(folder / ref) if (folder / ref).is_dir() else ref  # noqa: E731
+        var, _ = load_var_lora(local(cfg["var"]), device=dev)
+        vqvae = _load_vqvae_for(var, vae or local(cfg["vqvae"]), dev, resize=cfg.get("vqvae_resize"))
+        adapter, _ = load_adapter(folder, device=dev)
+        if adapter.config.var_dim != var.config.embed_dim:
+            raise PopyouError(f"{shown}: the adapter outputs {adapter.config.var_dim} values, the VAR is "
+                              f"{var.config.embed_dim} wide")
+        encoder = load_text_encoder(cfg["encoder"], folder, device=dev)
+        if encoder.dim != adapter.config.embed_dim:
+            raise PopyouError(f"{shown}: the text encoder gives {encoder.dim} values, the adapter takes "
+                              f"{adapter.config.embed_dim}")
+        pipe = cls(var=var, vqvae=vqvae, adapter=adapter, text_encoder=encoder, defaults=cfg.get("sampling", {}),
+                   config=cfg, source=shown, device=dev, dtype=devices.resolve_dtype(dtype, dev, "sample"))
+        return pipe._quantized(quantize)
+
+    def _quantized(self, mode: str | None) -> "Pipeline":
+        if mode:
+            from .models.fast import quantize_var
+
+            self.var = quantize_var(self.var, mode, self.device)
+        return self
+
+    def to(self, device) -> "Pipeline":
+        self.device = devices.resolve_device(device)
+        for part in (self.var, self.vqvae, self.adapter, self.text_encoder):
+            if part is not None:
+                part.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------------------------------ facts
+    @property
+    def has_text(self) -> bool:
+        return self.adapter is not None
+
+    @property
+    def image_size(self) -> int:
+        return self.vqvae.config.image_size
+
+    @property
+    def class_id(self) -> int:
+        """The class that text pipelines condition on (the finetuned "funko" row, or the original's 578)."""
+        return int(self.defaults.get("class_id", self.var.config.num_classes - 1))
+
+    @property
+    def description(self) -> str:
+        """One line for people: what this pipeline is and where it came from."""
+        prov = self.config.get("provenance") or {}
+        if prov.get("kind"):
+            rev = f"@{prov['revision']}" if prov.get("revision") else ""
+            return f"{prov['kind']} ({prov.get('source', self.source)}{rev})"
+        kind = "text-to-image pipeline" if self.has_text else "class-conditional VAR"
+        return f"{kind} {self.source}"
+
+    def options(self, **given) -> SamplingOptions:
+        """The sampling options for one call: given values, else the pipeline's defaults, else VAR's; checked."""
+        return SamplingOptions(**given).resolve(self.defaults, self.var.config.vocab_size)
+
+    # ------------------------------------------------------------------------------------------ generation
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """cond_delta (P, C) for prompts: text encoder -> adapter (unit norm)."""
+        if not self.has_text:
+            raise PopyouError(f"{self.source} is a class-conditional model with no text encoder; use a pipeline "
+                              "folder (popyou train-adapter / popyou import) for prompts")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise PopyouError(f"prompt {i + 1} is empty; give some text, e.g. \"a wizard funko pop\"")
+        with torch.no_grad():
+            emb = self.text_encoder(list(prompts)).to(self.device)
+            return self.adapter(emb).float()
+
+    def generate_u8(self, cond_delta: torch.Tensor | None, seeds: Sequence[int], opts: SamplingOptions,
+                    class_id: int | None = None) -> torch.Tensor:
+        """One batch: images (B, H, W, 3) uint8 on CPU. cond_delta rows already carry their beta (or None)."""
+        from .images import to_uint8
+
+        gens = [devices.generator(self.device, s) for s in seeds]
+        label = self.class_id if class_id is None else class_id
+        kw = {"cfg_scales": opts.cfg_scales} if opts.cfg_scales is not None else {}
+        with devices.autocast(self.device, self.dtype):
+            img = self.var.generate(self.vqvae, len(seeds), label, cfg=opts.cfg, top_k=opts.top_k, top_p=opts.top_p,
+                                    more_smooth=opts.more_smooth, generator=gens, cond_delta=cond_delta,
+                                    alpha=opts.alpha, beta=1.0, **kw)
+        return to_uint8(img)
+
+    def __call__(self, prompts: str | Sequence[str] | None = None, *, n: int = 1, seed: int | None = None,
+                 beta: float | None = None, alpha: float | None = None, cfg: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, more_smooth: bool | None = None,
+                 class_id: int | None = None, cfg_scales: int | None = None, batch_size: int = 8,
+                 on_image: Callable[[int, int], None] | None = None) -> list:
+        """n images per prompt (prompts None: n class-conditional images of `class_id`), as PIL images."""
+        from PIL import Image
+
+        from .sampling import check_counts
+
+        check_counts(n, batch_size)
+        seed = check_seed(seed)
+        opts = self.options(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta,
+                            cfg_scales=cfg_scales)
+        if prompts is None:
+            texts, delta = [None], None
+            if class_id is None and self.has_text:
+                raise PopyouError("give a prompt: this is a text-to-image pipeline")
+            self._check_class(class_id)
+        else:
+            texts = [prompts] if isinstance(prompts, str) else list(prompts)
+            delta = self.encode_prompts(texts) * opts.beta
+        jobs = [(p, k) for p in range(len(texts)) for k in range(n)]  # prompts are batched together
+        images = []
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            rows = delta[[p for p, _ in chunk]] if delta is not None else None
+            u8 = self.generate_u8(rows, [seed + k for _, k in chunk], opts, class_id)
+            for (p, k), arr in zip(chunk, u8):
+                img = Image.fromarray(arr.numpy())
+                img.info.update(seed=seed + k, prompt=texts[p], prompt_index=p, beta=opts.beta)
+                images.append(img)
+                if on_image is not None:
+                    on_image(len(images), len(jobs))
+        return images
+
+    def beta_sweep(self, prompt: str, betas: Sequence[float], *, seed: int | None = None, batch_size: int = 8,
+                   on_frame: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                   **options) -> list:
+        """One prompt, one seed, one image per beta: frame i is pipe(prompt, seed=seed, beta=betas[i])[0] (the same
+        tokens; batched frames may differ from a single image by one level of decoder rounding)."""
+        from PIL import Image
+
+        seed = check_seed(seed)
+        opts = self.options(**options)
+        delta = self.encode_prompts([prompt])
+        frames = []
+        for start in range(0, len(betas), batch_size):
+            if should_stop is not None and should_stop():
+                break
+            chunk = list(betas[start:start + batch_size])
+            scaled = delta.expand(len(chunk), -1) * torch.tensor(chunk, device=self.device).unsqueeze(1)
+            for b, arr in zip(chunk, self.generate_u8(scaled, [seed] * len(chunk), opts)):
+                img = Image.fromarray(arr.numpy())
+                img.info.update(seed=seed, prompt=prompt, beta=float(b))
+                frames.append(img)
+                if on_frame is not None:
+                    on_frame(len(frames), len(betas))
+        return frames
+
+    def _check_class(self, class_id: int | None) -> None:
+        if class_id is None:
+            raise PopyouError("class-conditional sampling needs a class id (--class-id N)")
+        if not 0 <= class_id < self.var.config.num_classes:
+            raise PopyouError(f"--class-id {class_id} is out of range: this model has classes "
+                              f"0..{self.var.config.num_classes - 1}")
 
 
-def is_local(spec: str) -> bool:
-    return Path(spec).expanduser().exists()
+def _looks_like_model_spec(spec: str) -> bool:
+    """"tiny", an official weights file, or a Hub file path (owner/repo/file.pth): a VAR, not a pipeline repo."""
+    return spec == "tiny" or Path(spec).suffix in {".pth", ".pt", ".safetensors", ".bin"} or spec.count("/") >= 2
 
 
-def save_pipeline(folder: Path, *, var: nn.Module, var_spec: str, var_changed: bool, var_extra: dict,
-                  lora_save: str, vqvae: str, adapter: CondAdapter, adapter_extra: dict, encoder: dict,
-                  sampling: dict, train: dict) -> Path:
-    """Writes the folder: the adapter, the VAR (copied unless it is an unchanged Hub / tiny VAR), then
-    pipeline.json last, so a folder with pipeline.json is complete."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PIPELINE_JSON).unlink(missing_ok=True)
-    save_adapter(adapter, folder, adapter_extra)
-    if var_changed or is_local(var_spec):
-        save_var(var, folder / "var", var_extra, lora_save)
-        var_ref = "var"
-    else:
-        var_ref = var_spec
-    cfg = {"popyou_type": "pipeline", "version": 1, "var": var_ref, "vqvae": vqvae, "encoder": encoder,
-           "adapter": {"weights": "adapter.safetensors", "config": "adapter.json"}, "sampling": sampling,
-           "train": train}
-    tmp = folder / f".{PIPELINE_JSON}.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2, default=str))
-    os.replace(tmp, folder / PIPELINE_JSON)
-    return folder
+def _recorded_vqvae(var_spec: str, meta: dict) -> str:
+    """The VQ-VAE a model folder's config.json records (relative to the folder when local), else the official."""
+    ref = meta.get("vqvae")
+    if not ref:
+        return DEFAULT_VAE
+    local = Path(var_spec).expanduser() / ref
+    return str(local) if local.exists() else ref
 
 
-def load_pipeline(path: str, device: str | torch.device = "cpu") -> Pipeline:
-    """The parts of a pipeline folder (a local path or a Hub repo id): VAR (LoRA merged), VQ-VAE, adapter,
-    encoder name and tag, sampling defaults. The SigLIP encoder itself loads on demand (Pipeline.load_encoder)."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        folder = _hub_snapshot(path)
-    pj = folder / PIPELINE_JSON
-    if not pj.is_file():
-        raise PopyouError(f"{path} is not a popyou pipeline folder (no {PIPELINE_JSON}); "
-                          "make one with 'popyou train-adapter'")
-    try:
-        cfg = json.loads(pj.read_text())
-        var_ref, enc = cfg["var"], cfg["encoder"]
-    except (ValueError, KeyError) as e:
-        raise PopyouError(f"{pj} is not a valid pipeline.json ({e})") from None
-    var_spec = str(folder / var_ref) if (folder / var_ref).is_dir() else var_ref
-    var, _ = load_var_lora(var_spec, device=device)
-    vqvae = load_vqvae(cfg["vqvae"], patch_nums=var.config.patch_nums, device=device)
-    adapter, _ = load_adapter(folder, device=device)
-    if adapter.config.var_dim != var.config.embed_dim:
-        raise PopyouError(f"{path}: the adapter outputs {adapter.config.var_dim} values, the VAR is "
-                          f"{var.config.embed_dim} wide")
-    return Pipeline(var=var, vqvae=vqvae, adapter=adapter, encoder_model=enc["model"],
-                    encoder_pretrained=enc.get("pretrained"), embedding=enc.get("embedding", "image"),
-                    sampling=cfg.get("sampling", {}), config=cfg)
-
-
-def _hub_snapshot(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo))
-    except Exception as e:  # offline, missing, private: one line
-        raise PopyouError(f"{repo}: not a local folder, and the Hub repo cannot be fetched "
-                          f"({type(e).__name__}); pass a local pipeline folder") from None
-
-
-def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
-    """Uploads exactly the pipeline folder (standard Hugging Face login; no token is stored by popyou)."""
-    import huggingface_hub as hf
-
-    try:
-        hf.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        info = hf.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
-                                commit_message="popyou train-adapter pipeline")
-    except Exception as e:
-        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PopyouError(f"--push-to-hub {repo} failed: {line[:200]} (log in with `hf auth login`); the "
-                          f"pipeline is saved locally in {folder}") from None
-    return str(getattr(info, "commit_url", info))
+def _load_vqvae_for(var: VAR, spec: str, dev: torch.device, resize: str | None = None) -> VQVAE:
+    """The VQ-VAE, checked to fit the VAR; `resize` overrides its quantizer's resize mode (imported original
+    models resize with bilinear, see models/vqvae.py)."""
+    vqvae = load_vqvae(spec, patch_nums=var.config.patch_nums, device=dev, resize=resize)
+    if vqvae.config.vocab_size != var.config.vocab_size or vqvae.config.z_channels != var.config.z_channels:
+        raise PopyouError(f"the VQ-VAE {spec} ({vqvae.config.vocab_size} codes x {vqvae.config.z_channels}) does not "
+                          f"fit the VAR ({var.config.vocab_size} x {var.config.z_channels})")
+    return vqvae

@@ -1,8 +1,8 @@
 """Named settings per stage: "full" (real Hub models and sizes, for a GPU) and "tiny" (seeded random stand-ins
 built in code: offline, seconds on CPU, for tests and smoke runs).
 
-Each stage has its own frozen dataclass and a dict of presets; CLI options default to None and fall back to the
-chosen preset field by field (see `resolve`). Other stages add their dataclasses here the same way.
+Each data stage has its own frozen dataclass and a dict of presets; the two training stages share one,
+`TrainPreset`. CLI options default to None and fall back to the chosen preset field by field (see `resolve`).
 """
 from __future__ import annotations
 
@@ -57,93 +57,117 @@ def resolve(preset: T, **overrides: Any) -> T:
 
 
 @dataclass(frozen=True)
-class FinetunePreset:
-    """Settings of `popyou finetune` (stage 1: VAR learns the new class from the encoded data)."""
-    var: str  # starting VAR: Hub id/file, local checkpoint, popyou model folder or "tiny"
-    lr: float
-    batch_size: int  # rows per process per micro-batch
-    grad_accum: int
-    max_steps: int
-    warmup: float  # < 1: fraction of the steps; >= 1: steps
-    schedule: str  # linear | cosine | constant after the warm-up
-    min_lr_ratio: float
-    weight_decay: float
-    grad_clip: float
-    mixed_precision: str  # no | bf16 | fp16
-    label_smoothing: float
-    cond_drop: float  # class dropout for classifier-free guidance
-    save_every: int
-    keep_last: int
-    sample_every: int
-    log_every: int
+class TrainPreset:
+    """Every option of `popyou finetune` and `popyou train-adapter`, and the only place they are defined: a new
+    option is one field here plus its CLI flag (cli.py passes every command parameter named like a field).
+    Defaults are the training loop's; the presets below set what differs. A stage ignores the fields it has no
+    use for (finetune: val_fraction, hidden_dim, alpha, beta; train-adapter: scale_weights)."""
+    # --- the model
+    var: str | None = None  # starting VAR (finetune) / the VAR to steer (train-adapter; default: --init's)
+    lora: bool = False  # a peft LoRA instead of full training (finetune) / on top of the frozen VAR (adapter)
     lora_rank: int = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: str = "proj,fc1,fc2,ada_lin.1,word_embed,head"  # every Linear VAR calls as a module
-    n_samples: int = 8  # images in each sample grid
+    lora_save: str = "merged"  # merged into the saved weights, or separate (peft files beside the base)
+    hidden_dim: int = 0  # adapter hidden width; 0 = the VAR's width (the original's 1024 for d16)
+    adapter_init_gain: float = 1e-3  # xavier gain of the adapter's Linear layers (the original's 1e-3)
+    alpha: float = 1.0  # cond = alpha * class_emb[class_id] + beta * adapter(embedding)
+    beta: float = 1.0
+    # --- the loss
+    label_smoothing: float = 0.0
+    scale_weights: tuple[float, ...] | None = None  # loss weight per scale; None: every token counts the same
+    cond_drop: float = 0.1  # a row trains with the null class (and no delta): classifier-free guidance
+    hflip: bool = True  # the mirrored image's codes for a random half of the rows, when the data has them
+    val_fraction: float = 0.0  # rows held out for the right-vs-shuffled conditioning check (adapter)
+    # --- the optimisation
+    lr: float = 3e-4
+    batch_size: int = 4  # rows per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # optimizer steps; when None, `epochs` decides
+    epochs: float | None = None
+    warmup: float = 0.08  # < 1: a fraction of the steps; >= 1: a number of steps
+    schedule: str = "linear"  # linear | cosine | constant (after the warm-up)
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 = off
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0  # data order, dropout, LoRA and new-row init
+    # --- the run
+    save_every: int = 0  # checkpoint every N steps (0: only at the end; -1: never, for benchmarks)
+    keep_last: int = 2
+    log_every: int = 10
+    report_to: str = "none"  # none | tensorboard | wandb
+    resume: str | None = None  # None | "latest" | a checkpoint folder
+    sample_every: int = 0  # sample grid every N steps (0: only at the end, when n_samples > 0)
+    n_samples: int = 8  # images in each sample grid (0: none)
     sample_cfg: float = 4.0
     sample_top_k: int = 900
     sample_top_p: float = 0.95
 
+    def check(self) -> None:
+        """One-line errors for values no run can use, before anything loads."""
+        bad = [n for n in ("batch_size", "grad_accum", "keep_last", "log_every") if getattr(self, n) < 1]
+        if bad:
+            raise PopyouError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} must be at least 1")
+        if self.max_steps is None and self.epochs is None:
+            raise PopyouError("give --max-steps or --epochs")
+        if (self.max_steps is not None and self.max_steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise PopyouError("--max-steps and --epochs must be positive")
+        if self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
+            raise PopyouError("need --lr > 0, --warmup >= 0, --min-lr-ratio in [0, 1] and --grad-clip >= 0")
+        for flag, value, allowed in (("--schedule", self.schedule, ("linear", "cosine", "constant")),
+                                     ("--mixed-precision", self.mixed_precision, ("no", "bf16", "fp16")),
+                                     ("--report-to", self.report_to, ("none", "tensorboard", "wandb")),
+                                     ("--lora-save", self.lora_save, ("merged", "separate"))):
+            if value not in allowed:
+                raise PopyouError(f"{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {value})")
+        for flag, value in (("--label-smoothing", self.label_smoothing), ("--cond-drop", self.cond_drop),
+                            ("--val-fraction", self.val_fraction)):
+            if not 0 <= value < 1:
+                raise PopyouError(f"{flag} must be in [0, 1) (got {value})")
 
-FINETUNE_PRESETS: dict[str, FinetunePreset] = {
+
+def train_preset(presets: Mapping[str, TrainPreset], name: str, *, stage: str, **overrides: Any) -> TrainPreset:
+    """The preset `name` with the user's options applied (None = the preset's) and checked. --epochs replaces
+    the preset's --max-steps; giving both is an error."""
+    if overrides.get("epochs") is not None and overrides.get("max_steps") is not None:
+        raise PopyouError("give --max-steps or --epochs, not both")
+    p = resolve(get_preset(presets, name, stage=stage), **overrides)
+    if overrides.get("epochs") is not None:
+        p = replace(p, max_steps=None)
+    if isinstance(p.scale_weights, list):
+        p = replace(p, scale_weights=tuple(p.scale_weights))
+    p.check()
+    return p
+
+
+FINETUNE_PRESETS: dict[str, TrainPreset] = {
     # The original stage 1: VAR-d16, lr 3e-4, batch 4 x accumulation 2, label smoothing 0.1, 8% warm-up then
     # linear decay, grad clip 1, fp16 (plus VAR's AdamW betas/decay groups); "tens of thousands of steps".
-    "full": FinetunePreset(var="FoundationVision/var/var_d16.pth", lr=3e-4, batch_size=4, grad_accum=2,
-                           max_steps=30000, warmup=0.08, schedule="linear", min_lr_ratio=0.0, weight_decay=0.05,
-                           grad_clip=1.0, mixed_precision="fp16", label_smoothing=0.1, cond_drop=0.1,
-                           save_every=1000, keep_last=3, sample_every=1000, log_every=20),
+    "full": TrainPreset(var="FoundationVision/var/var_d16.pth", lr=3e-4, batch_size=4, grad_accum=2,
+                        max_steps=30000, warmup=0.08, mixed_precision="fp16", label_smoothing=0.1, cond_drop=0.1,
+                        save_every=1000, keep_last=3, sample_every=1000, log_every=20),
     # Seconds on a CPU: the tiny VAR, a few steps, a checkpoint and a grid mid-way.
-    "tiny": FinetunePreset(var="tiny", lr=3e-3, batch_size=8, grad_accum=1, max_steps=20, warmup=0.1,
-                           schedule="linear", min_lr_ratio=0.0, weight_decay=0.05, grad_clip=1.0,
-                           mixed_precision="no", label_smoothing=0.0, cond_drop=0.1, save_every=10, keep_last=2,
-                           sample_every=10, log_every=5, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                           n_samples=4, sample_cfg=1.5, sample_top_k=16, sample_top_p=0.0),
+    "tiny": TrainPreset(var="tiny", lr=3e-3, batch_size=8, max_steps=20, warmup=0.1, cond_drop=0.1, save_every=10,
+                        keep_last=2, sample_every=10, log_every=5, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
+                        n_samples=4, sample_cfg=1.5, sample_top_k=16, sample_top_p=0.0),
 }
 
-
-@dataclass(frozen=True)
-class AdapterPreset:
-    """Settings of `popyou train-adapter` (stages 2 and 3: SigLIP embedding -> adapter -> VAR)."""
-    lr: float
-    batch_size: int
-    grad_accum: int
-    max_steps: int
-    warmup: float
-    schedule: str
-    min_lr_ratio: float
-    weight_decay: float
-    grad_clip: float
-    mixed_precision: str
-    label_smoothing: float
-    cond_drop: float  # conditioning dropout: null class and zero delta together
-    save_every: int
-    keep_last: int
-    sample_every: int
-    log_every: int
-    val_fraction: float  # rows held out for the right-vs-shuffled conditioning check
-    hidden_dim: int = 0  # adapter hidden width; 0 = the VAR's width (the original's 1024 for d16)
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "proj,fc1,fc2,ada_lin.1,word_embed,head"
-    n_samples: int = 8
-    sample_cfg: float = 1.5  # the original's sampling defaults: cfg 1.5, top-k 0, top-p 0.9
-    sample_top_k: int = 0
-    sample_top_p: float = 0.9
-
-
-ADAPTER_PRESETS: dict[str, AdapterPreset] = {
-    # The original stages 2/3: lr 1e-4, batch 4, 20k steps, CE without smoothing, optional LoRA r8/a32/d0.05.
-    "full": AdapterPreset(lr=1e-4, batch_size=4, grad_accum=1, max_steps=20000, warmup=0.02, schedule="linear",
-                          min_lr_ratio=0.0, weight_decay=0.05, grad_clip=1.0, mixed_precision="fp16",
-                          label_smoothing=0.0, cond_drop=0.1, save_every=1000, keep_last=3, sample_every=1000,
-                          log_every=20, val_fraction=0.02),
-    "tiny": AdapterPreset(lr=3e-3, batch_size=8, grad_accum=1, max_steps=20, warmup=0.1, schedule="linear",
-                          min_lr_ratio=0.0, weight_decay=0.0, grad_clip=1.0, mixed_precision="no",
-                          label_smoothing=0.0, cond_drop=0.1, save_every=10, keep_last=2, sample_every=10,
-                          log_every=5, val_fraction=0.2, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                          n_samples=4, sample_top_k=16, sample_top_p=0.0),
+ADAPTER_PRESETS: dict[str, TrainPreset] = {
+    # The original stages 2/3: lr 1e-4, batch 4, 20k steps, CE without smoothing, optional LoRA r8/a32/d0.05;
+    # sampling as the original's defaults: cfg 1.5, top-k 0, top-p 0.9.
+    "full": TrainPreset(lr=1e-4, batch_size=4, max_steps=20000, warmup=0.02, mixed_precision="fp16",
+                        cond_drop=0.1, save_every=1000, keep_last=3, sample_every=1000, log_every=20,
+                        val_fraction=0.02, sample_cfg=1.5, sample_top_k=0, sample_top_p=0.9),
+    # adapter_init_gain 1: with the original's 1e-3, 20 steps teach the tiny adapter little but its biases, so
+    # every prompt would give one cond_delta and the quick-start's pictures would not show the text at all.
+    "tiny": TrainPreset(lr=3e-3, batch_size=8, max_steps=20, warmup=0.1, weight_decay=0.0, cond_drop=0.1,
+                        adapter_init_gain=1.0,
+                        save_every=10, keep_last=2, sample_every=10, log_every=5, val_fraction=0.2, lora_rank=4,
+                        lora_alpha=8.0, lora_dropout=0.0, n_samples=4, sample_cfg=1.5, sample_top_k=16,
+                        sample_top_p=0.0),
 }
 
 

@@ -6,13 +6,13 @@ already in memory (codes, embeddings: training never touches images or the VQ-VA
 
 * AdamW with VAR's no-weight-decay groups, warm-up then linear or cosine decay, gradient accumulation and
   clipping, mixed precision (bf16 / fp16 with a GradScaler / no), DDP under `torchrun` or `accelerate launch`.
-* Data order: epoch e is the permutation `randperm(N, seed + e)`; micro-batch m of the run takes the rows
-  [b*G, (b+1)*G) of its epoch's permutation (G = batch x processes, rank r its r-th slice, the short tail
+* Data order: epoch e is the permutation `randperm(N)` seeded by (seed, e); micro-batch m of the run takes the
+  rows [b*G, (b+1)*G) of its epoch's permutation (G = batch x processes, rank r its r-th slice, the short tail
   dropped). The position is one integer, so resume skips consumed batches without reading them.
 * Checkpoints `run/checkpoints/step-N/`: trainable weights, optimizer, scheduler, scaler, every rank's RNG and the
   position, written into `step-N.tmp/` and renamed, the last K kept. Frozen weights are rebuilt by the stage.
-* `metrics.jsonl` (rank 0, one line per step, truncated to the resume point), accelerate trackers, a rich
-  progress line, `samples/step-N.png` from `sample_fn`.
+* `metrics.jsonl` (rank 0, one line per step, truncated to the resume point), accelerate trackers, progress
+  (progress.py: a bar on a terminal, else timestamped lines with an ETA), `samples/step-N.png` from `sample_fn`.
 * A loss that turns NaN/Inf stops the run before the optimizer step, with the last good checkpoint left intact.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,66 +34,18 @@ import torch
 from torch import nn
 
 from .errors import PopyouError
+from .files import atomic_write, atomic_write_json, committing, fsync_dir
+from .presets import TrainPreset
+from .progress import Progress
 
 # Name fragments the VAR recipe exempts from weight decay (var-spec.md section 3); 1-D params and biases too.
 NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
                  "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 3e-4
-    batch_size: int = 4  # rows per process per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int | None = None  # optimizer steps; when None, `epochs` decides
-    epochs: float | None = None
-    warmup: float = 0.08  # < 1: a fraction of the steps; >= 1: a number of steps
-    schedule: str = "linear"  # linear | cosine | constant (after the warm-up)
-    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # 0 = off
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    seed: int = 0
-    save_every: int = 0  # checkpoint every N steps (0: only at the end; -1: never, for benchmarks)
-    keep_last: int = 2
-    sample_every: int = 0  # sample grid every N steps (0: only at the end, when sample_fn is given)
-    log_every: int = 10
-    report_to: str = "none"  # none | tensorboard | wandb
-    resume: str | None = None  # None | "latest" | a checkpoint folder
-    extra: dict = field(default_factory=dict)  # stage settings, logged with the trackers
-
-    @classmethod
-    def from_preset(cls, p, overrides: dict) -> "TrainConfig":
-        """The loop's settings from a stage preset (already merged with the user's options) plus the options that
-        belong to the run rather than the preset: --epochs, --seed, --report-to, --resume."""
-        if overrides.get("epochs") and overrides.get("max_steps"):
-            raise PopyouError("give --max-steps or --epochs, not both")
-        return cls(lr=p.lr, batch_size=p.batch_size, grad_accum=p.grad_accum,
-                   max_steps=None if overrides.get("epochs") else p.max_steps, epochs=overrides.get("epochs"),
-                   warmup=p.warmup, schedule=p.schedule, min_lr_ratio=p.min_lr_ratio, weight_decay=p.weight_decay,
-                   grad_clip=p.grad_clip, mixed_precision=p.mixed_precision, seed=overrides.get("seed") or 0,
-                   save_every=p.save_every, keep_last=p.keep_last, sample_every=p.sample_every,
-                   log_every=p.log_every, report_to=overrides.get("report_to") or "none",
-                   resume=overrides.get("resume"))
-
-    def validate(self) -> None:
-        bad = [n for n in ("batch_size", "grad_accum", "keep_last", "log_every") if getattr(self, n) < 1]
-        if bad:
-            raise PopyouError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} must be at least 1")
-        if self.max_steps is None and self.epochs is None:
-            raise PopyouError("give --max-steps or --epochs")
-        if (self.max_steps is not None and self.max_steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise PopyouError("--max-steps and --epochs must be positive")
-        if self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
-            raise PopyouError("need --lr > 0, --warmup >= 0, --min-lr-ratio in [0, 1] and --grad-clip >= 0")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise PopyouError(f"--schedule must be linear, cosine or constant (got {self.schedule})")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise PopyouError(f"--mixed-precision must be no, bf16 or fp16 (got {self.mixed_precision})")
-        if self.report_to not in ("none", "tensorboard", "wandb"):
-            raise PopyouError(f"--report-to must be none, tensorboard or wandb (got {self.report_to})")
+# Seed mixers, primes larger than any epoch or process count: the permutation of (seed, epoch) and the RNG stream
+# of (seed, rank) never coincide with those of a neighbouring seed. Changing them changes every run's data order.
+EPOCH_SEED_STRIDE = 100003
+RANK_SEED_STRIDE = 1009
 
 
 @dataclass
@@ -104,14 +56,14 @@ class TrainResult:
     tokens_per_s: float
 
 
-def make_accelerator(cfg: TrainConfig, run_dir: Path):
+def make_accelerator(cfg: TrainPreset, run_dir: Path):
     """The process's Accelerator. Also checks the mixed precision and tracker choices before anything loads."""
     import importlib.util
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    cfg.validate()
+    cfg.check()
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise PopyouError(f"--report-to {cfg.report_to} needs the '{cfg.report_to}' package (pip install "
                           f"{cfg.report_to}), or use --report-to none (metrics.jsonl is always written)")
@@ -142,7 +94,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, total: int, cfg: TrainPreset) -> float:
     """Multiplier of cfg.lr for optimizer step `step` (0-based): linear warm-up, then the decay."""
     warm = int(round(cfg.warmup * total)) if cfg.warmup < 1 else int(cfg.warmup)
     if step < warm:
@@ -154,7 +106,7 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def total_steps(cfg: TrainConfig, n_rows: int, world: int) -> tuple[int, int]:
+def total_steps(cfg: TrainPreset, n_rows: int, world: int) -> tuple[int, int]:
     """(optimizer steps of the run, micro-batches per epoch)."""
     per_epoch = n_rows // (cfg.batch_size * world)
     if per_epoch < 1:
@@ -165,10 +117,10 @@ def total_steps(cfg: TrainConfig, n_rows: int, world: int) -> tuple[int, int]:
     return max(1, int(cfg.epochs * per_epoch / cfg.grad_accum)), per_epoch
 
 
-def batch_rows(micro: int, n_rows: int, per_epoch: int, cfg: TrainConfig, rank: int, world: int) -> torch.Tensor:
+def batch_rows(micro: int, n_rows: int, per_epoch: int, cfg: TrainPreset, rank: int, world: int) -> torch.Tensor:
     """Row indices of this rank's part of micro-batch `micro` (see the module docstring)."""
     epoch, b = divmod(micro, per_epoch)
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * EPOCH_SEED_STRIDE + epoch))
     G = cfg.batch_size * world
     return perm[b * G + rank * cfg.batch_size: b * G + (rank + 1) * cfg.batch_size]
 
@@ -209,8 +161,12 @@ def _set_rng_state(st: dict) -> None:
 
 def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_last: int) -> Path:
     """step-N.tmp/ written by every rank (its RNG) and rank 0 (the rest), then renamed by rank 0 to step-N/:
-    a kill at any moment leaves either the complete checkpoint or none. Needs a folder all ranks share."""
+    a kill at any moment leaves either the complete checkpoint or none. Needs a folder all ranks share. Each
+    file is fsynced (files.atomic_write) before the rename, so the rename never publishes unwritten data."""
     from safetensors.torch import save_file
+
+    def torch_file(path: Path, obj) -> None:
+        atomic_write(path, lambda f: torch.save(obj, f))
 
     final = run_dir / "checkpoints" / f"step-{state['step']}"
     tmp = final.with_name(final.name + ".tmp")
@@ -218,19 +174,21 @@ def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_las
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+    torch_file(tmp / f"rng-{acc.process_index}.pt", _rng_state())
     if acc.is_main_process:
         sd = {k: v.detach().contiguous().cpu() for k, v in _trainable(acc.unwrap_model(model)).items()}
-        save_file(sd, str(tmp / "trainable.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        with committing(tmp / "trainable.safetensors") as path:
+            save_file(sd, str(path))
+        torch_file(tmp / "optimizer.pt", opt.state_dict())
+        torch_file(tmp / "scheduler.pt", sched.state_dict())
         if acc.scaler is not None:
-            torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            torch_file(tmp / "scaler.pt", acc.scaler.state_dict())
+        atomic_write_json(tmp / "trainer_state.json", state)
     acc.wait_for_everyone()
     if acc.is_main_process:
         shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces it
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         for old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
@@ -285,12 +243,13 @@ def resolve_resume(resume: str | None, run_dir: Path, overwrite: bool = False) -
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cfg: TrainConfig, run_dir: Path, *,
+def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cfg: TrainPreset, run_dir: Path, *,
           accelerator, tokens_per_row: int = 1, sample_fn: Callable | None = None, console=None,
           on_step: Callable[[int, float], None] | None = None, overwrite: bool = False,
-          project: str = "popyou") -> TrainResult:
+          project: str = "popyou", tracker_config: dict | None = None) -> TrainResult:
     """Trains `model` in place. rows: equal-length tensors (CPU); each batch goes to the device as a dict.
-    sample_fn(unwrapped_model, step) -> (H, W, 3) uint8 grid. on_step(step, loss) runs after every step."""
+    sample_fn(unwrapped_model, step) -> (H, W, 3) uint8 grid. on_step(step, loss) runs after every step.
+    tracker_config: the stage's settings, logged with the trackers beside cfg."""
     acc, run_dir = accelerator, Path(run_dir)
     n_rows = len(next(iter(rows.values())))
     total, per_epoch = total_steps(cfg, n_rows, acc.num_processes)
@@ -316,19 +275,19 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
     if start_ckpt is not None:
         state = {**load_checkpoint(acc, model, opt, sched, start_ckpt, layout), "total": total}
     else:  # every rank its own stream (class dropout differs per rank); the model was built before this
-        torch.manual_seed(cfg.seed * 1009 + acc.process_index)
+        torch.manual_seed(cfg.seed * RANK_SEED_STRIDE + acc.process_index)
         random.seed(cfg.seed + acc.process_index)
         np.random.seed(cfg.seed + acc.process_index)
     metrics = run_dir / "metrics.jsonl"
     if acc.is_main_process:
         _truncate_metrics(metrics, state["step"])
     if cfg.report_to != "none":
-        acc.init_trackers(project, config=_flat({**asdict(cfg), **cfg.extra}))
+        acc.init_trackers(project, config=_flat({**asdict(cfg), **(tracker_config or {})}))
 
     tok_per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes * tokens_per_row
     losses, last = [], start_ckpt
-    progress = _progress(console, acc.is_main_process)
-    task = progress.add_task("train", total=total, completed=state["step"], loss=float("nan"), lr=0.0, tps=0.0)
+    progress = Progress(project.removeprefix("popyou-"), total, console=console, unit="steps", start=state["step"],
+                        enabled=acc.is_main_process, fmt=_train_fields)
     t_log, s_log, tps = time.perf_counter(), state["step"], 0.0
     t0, s0 = t_log, s_log
     with progress:
@@ -371,9 +330,8 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
                 t_log, s_log = now, step
                 if cfg.report_to != "none":
                     acc.log({"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps}, step=step)
-                if console is not None and acc.is_main_process and not progress.live.is_started:
-                    console.print(f"step {step}/{total}  loss {mean_loss:.4f}  lr {lr:.3g}  {tps:,.0f} tok/s")
-            progress.update(task, completed=step, loss=mean_loss, lr=lr, tps=tps)
+            # In a log file: a line every --log-every steps besides the one every --progress-every seconds.
+            progress.update(step, log=step % cfg.log_every == 0, loss=mean_loss, lr=lr, tps=tps)
             if on_step is not None:
                 on_step(step, mean_loss)
             if cfg.save_every >= 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
@@ -388,7 +346,7 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
 
 def _sample(acc, model, sample_fn, step: int, run_dir: Path) -> None:
     if acc.is_main_process:
-        from .runtime import save_png
+        from .images import save_png
 
         inner = acc.unwrap_model(model)  # no DDP hooks: only rank 0 runs it, the others wait below
         was = inner.training
@@ -406,7 +364,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -419,57 +377,5 @@ def _flat(d: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str) for k, v in d.items()}
 
 
-def _progress(console, main: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-                    TimeRemainingColumn(), console=console, disable=not main or console is None or
-                    not console.is_terminal)
-
-
-# ------------------------------------------------------------------------------------------ encoded data
-def load_encoded(path: Path, *, for_stage: str, columns: list[str], patch_nums, console=None) -> dict:
-    """Rows of an `encode` folder in memory: `codes` (N, L) int16, optional `codes_flip`, and `columns` (N, D)
-    float16. Rows whose `encode_error` is set are dropped (and counted). Checks the VAR's patch_nums first."""
-    from .store import load_stage, read_manifest, require_columns
-
-    ds = load_stage(path)
-    require_columns(ds, ["codes", *columns], for_stage=for_stage, path=path)
-    settings = (read_manifest(path) or {}).get("settings", {})
-    L = sum(p * p for p in patch_nums)
-    if settings.get("patch_nums") is not None and tuple(settings["patch_nums"]) != tuple(patch_nums):
-        raise PopyouError(f"{path}: codes were made for patch_nums {tuple(settings['patch_nums'])}, the VAR uses "
-                          f"{tuple(patch_nums)}; rerun 'popyou encode' with this VAR's VQ-VAE and patch_nums")
-    keep = np.ones(len(ds), dtype=bool)
-    if "encode_error" in ds.column_names:
-        keep = np.array([not e for e in ds["encode_error"]], dtype=bool)
-    skipped = int((~keep).sum())
-    if not keep.any():
-        raise PopyouError(f"{path}: all {len(ds)} rows have an encode_error; nothing to train on")
-    if skipped and console is not None:
-        console.print(f"{for_stage}: skipping {skipped} of {len(ds)} rows with an encode_error", highlight=False)
-    cols = ["codes"] + (["codes_flip"] if "codes_flip" in ds.column_names else []) + list(columns)
-    arrays = ds.select_columns(cols).with_format("numpy")[:]
-    rows = {}
-    for c in cols:
-        a = arrays[c]
-        a = np.stack(a) if a.dtype == object else a  # variable-length lists come back as arrays of arrays
-        t = torch.from_numpy(np.ascontiguousarray(a[keep]))
-        rows[c] = t.to(torch.int16) if c.startswith("codes") else t.to(torch.float16)
-    if rows["codes"].shape[1] != L:
-        raise PopyouError(f"{path}: codes have {rows['codes'].shape[1]} tokens per row, the VAR's patch_nums "
-                          f"{tuple(patch_nums)} need {L}; rerun 'popyou encode' for this VAR")
-    return {"rows": rows, "settings": settings, "skipped": skipped, "index": np.asarray(ds["index"])[keep]}
-
-
-def teacher_forcing(quantizer, batch: dict, patch_nums, hflip: bool, training: bool):
-    """(VAR input x_BLCv, target codes (B, L) int64) from stored codes; with hflip, a random half of the rows
-    use the codes of the mirrored image. Runs the quantizer's embedding + phi convs only, in fp32."""
-    codes = batch["codes"].long()
-    if hflip and training and "codes_flip" in batch:
-        flip = torch.rand(codes.shape[0], device=codes.device) < 0.5
-        codes = torch.where(flip[:, None], batch["codes_flip"].long(), codes)
-    with torch.no_grad(), torch.autocast(codes.device.type, enabled=False):
-        x = quantizer.codes_to_var_input(list(codes.split([p * p for p in patch_nums], dim=1)))
-    return x, codes
+def _train_fields(fields: dict) -> str:
+    return f"loss {fields['loss']:.4f}, lr {fields['lr']:.2e}, {fields['tps']:,.0f} tokens/s"

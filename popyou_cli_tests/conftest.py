@@ -49,10 +49,46 @@ def quickstart(tmp_path_factory):
     return work, proc
 
 
-def gif_duration_ms(path) -> int:
-    """Total play time of a GIF. Pillow merges identical consecutive frames into one longer frame, so the frame
-    count depends on the pictures; the total duration does not."""
-    from PIL import Image, ImageSequence
+@pytest.fixture(scope="module")
+def demo_server(quickstart, tmp_path_factory):
+    """`popyou demo` on the quick-start's tiny text pipeline, on 127.0.0.1 and a free port, in its own process.
+    Yields (url, pipeline folder); the server is stopped when the test module ends, pass or fail."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    with Image.open(path) as gif:
-        return sum(frame.info.get("duration", 0) for frame in ImageSequence.Iterator(gif))
+    work, proc = quickstart
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pipe = work / "txt" / "pipeline"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("demo") / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "popyou_cli", "demo", "--pipeline", str(pipe), "--host",
+                                   "127.0.0.1", "--port", str(port), "--device", "cpu"], stdout=out,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"popyou demo exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"popyou demo not answering after 300 s:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield url, pipe
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    with socket.socket() as s:  # stopped means the port is free again
+        assert s.connect_ex(("127.0.0.1", port)) != 0, f"the demo server still answers on port {port}"

@@ -193,5 +193,5 @@ def test_progress_bar_shows_images_per_second(gen, tmp_path):
     buf = _io.StringIO()
     res = caption(dataset=gen, out=tmp_path / "bar", preset="tiny", device="cpu", workers=0, shard_size=8,
                   console=Console(file=buf, force_terminal=True, width=120))
-    assert res["done"] == N and res["errors"] == 0 and res["world_size"] == 1
+    assert res.done == N and res.errors == 0 and res.world_size == 1
     assert "caption" in buf.getvalue() and "images/s" in buf.getvalue() and "ETA" in buf.getvalue()

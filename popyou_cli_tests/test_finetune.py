@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from popyou_cli.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, load_var
-from popyou_cli.pipeline import apply_lora, load_var_lora
+from popyou_cli.models.lora import apply_lora, load_var_lora
 from popyou_cli.stages.finetune import add_class
 from popyou_cli.training import read_metrics
-from test_training import encoded_stage, invoke
+from helpers import encoded_stage, invoke
 
 TINY = ["--preset", "tiny"]
 

@@ -171,7 +171,7 @@ def test_formats_progress_and_long_prompts(tmp_path):
     res = gen_data(out=tmp_path / "webp", n=5, preset="tiny", size=32, shard_size=4, batch_size=4,
                    image_format="webp", quality=80, prompt_file=scheme, device="cpu",
                    console=Console(file=buf, force_terminal=True, width=120))
-    assert res["generated"] == 5 and "images/s" in buf.getvalue() and "ETA" in buf.getvalue()
+    assert res.done == 5 and "images/s" in buf.getvalue() and "ETA" in buf.getvalue()
     ds = datasets.load_from_disk(str(tmp_path / "webp"))
     assert ds[4]["image"].format == "WEBP" and ds[4]["prompt"].endswith("Very detailed.")
     settings = read_manifest(tmp_path / "webp")["settings"]
@@ -223,3 +223,15 @@ def test_materialize_and_bench(ref, tmp_path):
     modes = [r["mode"] for r in json.loads((tmp_path / "bench.json").read_text())["results"]]
     assert len(modes) == 3 and all(r["images_per_s"] > 0
                                    for r in json.loads((tmp_path / "bench.json").read_text())["results"])
+
+
+def test_dtype_aliases_are_accepted_and_recorded_by_their_short_name(tmp_path):
+    # --dtype float16 names the same dtype as fp16: accepted, and the manifest keeps one spelling, so a rerun
+    # with either spelling continues the same folder.
+    res = run_cli("gen-data", "--n", 2, "--out", tmp_path / "half", *opts(dtype="float16"))
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "half")["settings"]["dtype"] == "fp16"
+    res = run_cli("gen-data", "--n", 2, "--out", tmp_path / "half", *opts(dtype="fp16"))
+    assert res.exit_code == 0 and "nothing to do" in res.output, res.output
+    assert "unknown dtype 'int8'" in helpers.one_line_error(
+        run_cli("gen-data", "--n", 2, "--out", tmp_path / "bad", *opts(dtype="int8")))

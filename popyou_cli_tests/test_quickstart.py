@@ -5,7 +5,7 @@ import numpy as np
 from datasets import load_from_disk
 from PIL import Image
 
-from conftest import gif_duration_ms
+from popyou_cli.video import read_mp4
 
 
 def test_quickstart_runs_every_stage(quickstart):
@@ -28,7 +28,7 @@ def test_quickstart_runs_every_stage(quickstart):
     assert [(r["prompt_index"], r["seed"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for r in records:
         assert np.asarray(Image.open(work / "samples" / r["path"])).shape == (64, 64, 3)
-    assert gif_duration_ms(work / "sweep" / "beta_sweep.gif") == (6 + 4) * 120  # 6 frames forth, 4 back
+    assert len(read_mp4(work / "sweep" / "beta_sweep.mp4")) == 6  # --beta-sweep 0:2.5:6
     # eval: metrics and a report a person can read
     m = json.loads((work / "eval" / "metrics.json").read_text())
     assert m["n_prompts"] == 8 and -1 <= m["siglip_score"] <= 1 and np.isfinite(m["fid"]) and m["fid"] >= 0

@@ -55,11 +55,13 @@ def test_seed_reproducible_and_independent_of_the_batch(tiny, tmp_path):
     assert ia["class2_grid.png"].shape[0] > 64 and ia["class2_grid.png"].shape[1] > 64
 
 
-def test_more_smooth_runs(tiny, tmp_path):
-    res = invoke("sample", "--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 0, "--n", 2, "--more-smooth",
-                 "--top-k", 8, "--out", tmp_path)
-    assert res.exit_code == 0, res.output
-    assert len(list(tmp_path.glob("class0_seed*.png"))) == 2
+def test_more_smooth_changes_the_image_of_a_seed(tiny, tmp_path):
+    args = ["sample", "--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 0, "--n", 2, "--top-k", 8]
+    assert invoke(*args, "--more-smooth", "--out", tmp_path / "smooth").exit_code == 0
+    assert invoke(*args, "--out", tmp_path / "plain").exit_code == 0
+    smooth, plain = _images(tmp_path / "smooth"), _images(tmp_path / "plain")
+    assert sorted(smooth) == sorted(plain) == ["class0_grid.png", "class0_seed0.png", "class0_seed1.png"]
+    assert all(not np.array_equal(smooth[k], plain[k]) for k in ("class0_seed0.png", "class0_seed1.png"))
 
 
 def _bad_cases(tiny, tmp_path):

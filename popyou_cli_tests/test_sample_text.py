@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import gif_duration_ms
 from helpers import invoke, one_line_error
 
 
@@ -39,12 +38,16 @@ def test_prompts_batched_named_and_reproducible(pipe, tmp_path):
     assert not np.array_equal(_png(a / "p0000_seed5.png"), _png(a / "p0000_seed6.png"))  # the seed matters
 
 
-def test_beta_sweep_strip_and_gif(pipe, tmp_path):
+def test_beta_sweep_strip_and_mp4(pipe, tmp_path):
+    from popyou_cli.video import read_mp4
+
     res = invoke("sample", "a wizard funko pop", "--pipeline", pipe, "--beta-sweep", "0:2:4", "--out", tmp_path)
     assert res.exit_code == 0, res.output
     frames = [_png(tmp_path / f"beta_{i:03d}.png") for i in range(4)]
     assert _png(tmp_path / "beta_strip.png").shape[1] > 4 * 64
-    assert gif_duration_ms(tmp_path / "beta_sweep.gif") == (4 + 2) * 120  # 4 frames forth, 2 back, 120 ms each
+    video = read_mp4(tmp_path / "beta_sweep.mp4")
+    assert len(video) == 4 and video[0].size == (64, 64)
+    assert any(not np.array_equal(np.asarray(video[0]), np.asarray(v)) for v in video[1:])
     betas = [json.loads(x)["beta"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert betas == pytest.approx([0, 2 / 3, 4 / 3, 2])
     assert any(not np.array_equal(frames[0], f) for f in frames[1:])
@@ -65,7 +68,7 @@ def test_bad_input(pipe, tmp_path, monkeypatch):
     blank = tmp_path / "blank.txt"
     blank.write_text("a wizard\n\na knight\n")
     _one_line_error(invoke("sample", "--prompts", blank, "--pipeline", pipe, "--out", out), "line 2 is blank")
-    _one_line_error(invoke("sample", "a wizard", "--out", out), "train-adapter")
+    _one_line_error(invoke("sample", "a wizard", "--out", out), "popyou import")  # offline, nothing cached
     broken = tmp_path / "broken"
     shutil.copytree(pipe, broken)
     (broken / "adapter.safetensors").unlink()
@@ -77,6 +80,6 @@ def test_bad_input(pipe, tmp_path, monkeypatch):
     (wrong / "adapter.json").write_text(json.dumps(cfg))
     _one_line_error(invoke("sample", "a wizard", "--pipeline", wrong, "--out", out), "adapter")
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr("popyou_cli.stages.sample.shutil.disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr("popyou_cli.sampling.shutil.disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
     _one_line_error(invoke("sample", "a wizard", "--pipeline", pipe, "--n", 100, "--out", out), "GiB free")
     assert not any(out.glob("*.png")) and not (out / "samples.jsonl").exists()

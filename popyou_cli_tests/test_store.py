@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from popyou_cli.errors import PopyouError
-from popyou_cli.store import (StageWriter, check_not_same, check_writable, load_stage, materialize,
-                              read_manifest, require_columns)
+from popyou_cli.files import ensure_writable_dir
+from popyou_cli.store import (StageWriter, check_not_same, load_stage, materialize, read_manifest,
+                              require_columns)
 
 GEN_FEATURES = datasets.Features({
     "prompt": datasets.Value("string"),
@@ -290,7 +291,7 @@ def test_unwritable_or_overlapping_output_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PopyouError, match="cannot write"):
-        check_writable(blocker / "out")
+        ensure_writable_dir(blocker / "out")
     with pytest.raises(PopyouError, match="is a file"):
         gen_writer(blocker)
     if os.geteuid() != 0:  # root ignores permission bits

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from popyou_cli import pipeline as P
 from popyou_cli.models.adapter import AdapterConfig, CondAdapter
 from popyou_cli.stages.finetune import finetune
-from test_training import encoded_stage, invoke
+from helpers import encoded_stage, invoke
 
 TINY = ["--preset", "tiny"]
 
@@ -47,9 +47,9 @@ def test_pipeline_folder_loads_with_its_parts(image_stage):
     assert cfg["var"] == "var" and cfg["vqvae"] == "tiny"  # LoRA merged into a copy of the finetuned VAR
     assert cfg["encoder"] == {"model": "tiny", "pretrained": None, "embedding": "image", "text_field": None, "dim": 32}
     assert cfg["sampling"]["class_id"] == 10 and cfg["sampling"]["beta"] == 1.0
-    pipe = P.load_pipeline(str(folder))
+    pipe = P.Pipeline.from_pretrained(str(folder), device="cpu")
     assert pipe.adapter.config == AdapterConfig(embed_dim=32, var_dim=64, hidden_dim=64)
-    assert pipe.var.num_classes == 11 and pipe.encoder_model == "tiny" and pipe.embedding == "image"
+    assert pipe.var.num_classes == 11 and pipe.class_id == 10
     emb = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
     delta = pipe.adapter(emb)
     assert torch.allclose(delta.norm(dim=-1), torch.ones(2), atol=1e-5)

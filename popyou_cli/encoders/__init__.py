@@ -19,9 +19,9 @@ Hub is off or unreachable) raises :class:`~popyou_cli.errors.PopyouError` with a
 Heavy libraries (torch, diffusers, transformers, open_clip) are imported inside the functions so that importing
 this module, and therefore ``popyou --help``, stays fast.
 
-The loaders live in one module per family (``sdxl``, ``blip2``, ``siglip``) over ``common`` (device and dtype,
-seeded weights, the offline errors, the CLIP tokenizer); this package re-exports their public names, so import
-them from ``popyou_cli.encoders``. Tiny stand-ins use one seed per family (``TINY_*_SEED``), so that they do not
+The loaders live in one module per family (``sdxl``, ``blip2``, ``siglip``) over ``common`` (seeded weights, the offline
+errors, the CLIP tokenizer); this package re-exports their public names, so import them from
+``popyou_cli.encoders``. Devices and dtypes are resolved by ``popyou_cli.devices`` (purpose "data"). Tiny stand-ins use one seed per family (``TINY_*_SEED``), so that they do not
 share weights by accident.
 """
 
@@ -40,8 +40,6 @@ from .common import (
     hub_offline,
     is_tiny,
     open_clip_bpe_path,
-    resolve_device,
-    resolve_dtype,
     seeded,
 )
 from .sdxl import (
@@ -99,8 +97,6 @@ __all__ = [
     "load_text_to_image",
     "open_clip_bpe_path",
     "register_tiny_siglip",
-    "resolve_device",
-    "resolve_dtype",
     "seeded",
     "tiny_siglip_config",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from .common import _load_or_explain, _version_at_least, is_tiny, resolve_device, resolve_dtype, seeded
+from .common import _load_or_explain, _version_at_least, cached_json, is_tiny, missing_from_cache, seeded
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -29,8 +29,10 @@ def load_captioner(
     ``processor.batch_decode(ids, skip_special_tokens=True)``. The tokenizer pads on the left, as batched
     generation with a decoder-only language model needs. The model is in eval mode.
     """
+    from ..devices import resolve_device, resolve_dtype  # torch: imported on use (see the package docstring)
+
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, "data")
     if is_tiny(model):
         return _tiny_captioner(dev, dt)
 
@@ -43,9 +45,92 @@ def load_captioner(
         net = Blip2ForConditionalGeneration.from_pretrained(model, **dtype_kw)
         return net, processor
 
-    net, processor = _load_or_explain("captioning model", model, load)
+    net, processor = _load_or_explain("captioning model", model, load, stage="caption",
+                                      missing=lambda: missing_from_cache(model, captioner_files(model)))
+    return _ready(net, processor, dev, model)
+
+
+def _ready(net, processor, device, source: str):
+    """What every captioner goes through after it is built or loaded: the query-token check, left padding,
+    the device, eval mode."""
+    match_query_tokens(net, processor, source)
     processor.tokenizer.padding_side = "left"
-    return net.to(dev).eval(), processor
+    return net.to(device).eval(), processor
+
+
+def match_query_tokens(net, processor, source: str) -> None:
+    """Make sure BLIP-2 sees the picture: its processor must put as many image placeholders in front of the text
+    as the model has query tokens, with the model's image token id. transformers 5 inserts none when the
+    processor's ``num_query_tokens`` is missing, and every caption is then a guess from the text alone, with no
+    error. Missing: taken from the model. Different: a PopyouError (a mismatched processor or model)."""
+    from ..errors import PopyouError
+
+    want = int(net.config.num_query_tokens)
+    have = getattr(processor, "num_query_tokens", None)
+    if have is None:
+        processor.num_query_tokens = want
+    elif int(have) != want:
+        raise PopyouError(f"captioning model {source!r}: its processor puts {have} image tokens before the text but "
+                          f"the model has {want} query tokens; the processor and the model do not belong together "
+                          f"(fix num_query_tokens in processor_config.json)")
+    model_token = getattr(net.config, "image_token_id", None)
+    if model_token is None:
+        model_token = getattr(net.config, "image_token_index", None)
+    processor_token = processor.tokenizer.convert_tokens_to_ids(str(processor.image_token))
+    if model_token is None or int(model_token) != int(processor_token):
+        raise PopyouError(f"captioning model {source!r}: the model's image token id ({model_token}) is not the "
+                          f"processor's ({processor.image_token} = {processor_token}); its files predate the "
+                          f"image-token format of transformers 5: fetch them again (`popyou download --stages "
+                          f"caption`)")
+
+
+def captioner_files(model: str) -> list[str | tuple[str, ...]]:
+    """The files a BLIP-2 load reads, as far as the cache tells (the shards of a sharded checkpoint once its
+    index is cached): what a "not in the cache" error names."""
+    wanted: list[str | tuple[str, ...]] = [
+        "config.json",
+        ("processor_config.json", "preprocessor_config.json"),
+        "tokenizer_config.json",
+        ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ]
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = cached_json(model, index_name)
+        if index is not None:
+            wanted += sorted(set(index.get("weight_map", {}).values()))
+            break
+    return wanted
+
+
+def captioner_from_config(config, processor, *, device: Any = "cpu", dtype: Any = None, seed: int = 0):
+    """``(model, processor)`` like :func:`load_captioner`, with random weights built from ``config`` (a
+    ``Blip2Config``): no files. Each part gets the dtype a real load gives it: ``from_pretrained`` keeps the
+    class's ``_keep_in_fp32_modules`` (BLIP-2's Q-Former and query tokens) in float32 when asked for float16, and
+    so does this. Built directly on ``device`` in its dtype (no float32 copy of 3.7B weights first)."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from ..devices import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, "data")
+    with torch.device(dev), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        net = Blip2ForConditionalGeneration._from_config(config, dtype=dt)
+    keep_fp32_parts(net, dt)
+    return _ready(net, processor, dev, "random weights")
+
+
+def keep_fp32_parts(net, dtype) -> None:
+    """Cast the modules a transformers class keeps in float32 under float16 (``_keep_in_fp32_modules``) back to
+    float32, as ``from_pretrained`` does for a float16 load."""
+    import torch
+
+    if dtype != torch.float16:
+        return
+    keep = set(getattr(net, "_keep_in_fp32_modules", None) or ())
+    for name, param in net.named_parameters():
+        if any(part in keep for part in name.split(".")):
+            param.data = param.data.float()
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,4 +1,4 @@
-"""What the model loaders share: device and dtype choice, seeded tiny weights, the Hub-offline errors, and the
+"""What the model loaders share: seeded tiny weights, the Hub-offline errors, and the
 CLIP tokenizer built offline from open_clip's bundled BPE vocabulary (used by the tiny SDXL pipeline).
 
 Heavy libraries are imported inside the functions (see the package docstring).
@@ -11,9 +11,9 @@ import functools
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from ..errors import PopyouError
+from ..errors import PopyouError, short_error
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -33,39 +33,6 @@ _CLIP_BPE_MERGES = 49152 - 256 - 2  # number of merges in CLIP's vocabulary (494
 def is_tiny(model: str | None) -> bool:
     """True when ``model`` names the built-in tiny stand-in."""
     return isinstance(model, str) and model.strip().lower() == TINY
-
-
-def resolve_device(device: Any = None) -> "torch.device":
-    """A :class:`torch.device` from a string, a device or None (None: CUDA when available, else CPU)."""
-    import torch
-
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-_DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32", "float": "float32", "32": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16", "16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
-
-
-def resolve_dtype(dtype: Any, device: Any = None) -> "torch.dtype":
-    """A :class:`torch.dtype` from a dtype, a name ("fp16", "bfloat16", ...) or None.
-
-    None (or "auto") means float16 on CUDA and float32 elsewhere.
-    """
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float16 if resolve_device(device).type == "cuda" else torch.float32
-    name = _DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
-    if name is None:
-        raise PopyouError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
-    return getattr(torch, name)
 
 
 @contextlib.contextmanager
@@ -119,17 +86,45 @@ def _is_unavailable_error(err: BaseException) -> bool:
     return False
 
 
-def _one_line(err: BaseException, limit: int = 240) -> str:
-    """``"ErrorType: message"`` on one line, shortened to about ``limit`` characters."""
-    detail = " ".join(str(err).split())
-    if len(detail) > limit:
-        detail = detail[: limit - 3] + "..."
-    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+def fetch_hint(stage: str) -> str:
+    """How to get a stage's files: the one command every loader error names."""
+    return f"fetch it with `popyou download --stages {stage}`"
 
 
-def _unavailable(what: str, model: str, err: BaseException, hint: str = "") -> PopyouError:
-    """The one-line user-facing error for a model that is neither local nor in the Hugging Face cache."""
-    detail = _one_line(err)
+def missing_from_cache(repo: str, wanted: Sequence[str | tuple[str, ...]]) -> str:
+    """What of the Hub repo `repo` the Hugging Face cache lacks, for an error message: "REPO/FILE is not in the
+    Hugging Face cache" for the first missing entry of `wanted` (a tuple: any one of these files will do), or
+    "nothing of REPO is in the Hugging Face cache". Looks at the cache only (no network)."""
+    from .. import hub
+
+    snapshot = hub.cached_snapshot(repo)
+    if snapshot is None:
+        return f"nothing of {repo} is in the Hugging Face cache"
+    for entry in wanted:
+        names = (entry,) if isinstance(entry, str) else tuple(entry)
+        if not any((snapshot / name).is_file() for name in names):
+            return f"{repo}/{' or '.join(names)} is not in the Hugging Face cache"
+    return f"{repo} is only partly in the Hugging Face cache"
+
+
+def cached_json(repo: str, filename: str) -> dict | None:
+    """A JSON file of a Hub repo read from the Hugging Face cache (no network), or None when it is not there."""
+    import json
+
+    from .. import hub
+
+    snapshot = hub.cached_snapshot(repo)
+    path = snapshot / filename if snapshot is not None else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _unavailable(what: str, model: str, err: BaseException, hint: str = "", stage: str | None = None,
+                 missing: Callable[[], str] | None = None) -> PopyouError:
+    """The one-line user-facing error for a model that is neither local nor in the Hugging Face cache: it names
+    the file that is missing (`missing()`) and the command that fetches it (`popyou download --stages STAGE`)."""
+    detail = short_error(err, 240, with_type=True)
     if hub_offline():
         why = "is not available offline: it is not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE=1)"
     else:
@@ -137,7 +132,10 @@ def _unavailable(what: str, model: str, err: BaseException, hint: str = "") -> P
             "could not be loaded: it is not a local folder, not in the Hugging Face cache, and the Hub did not "
             "provide it"
         )
-    fix = hint or f"download it first (`hf download {model}`) or use the tiny preset (--preset tiny)"
+    if missing is not None:
+        why = f"{why}: {missing()}"
+    fetch = fetch_hint(stage) if stage else f"download it first (`hf download {model}`)"
+    fix = hint or f"{fetch} or use the tiny preset (--preset tiny)"
     return PopyouError(f"{what} {model!r} {why}; {fix} [{detail}]")
 
 
@@ -155,12 +153,14 @@ _SAME_AS_MODEL = object()
 
 
 def _load_or_explain(
-    what: str, model: str, load: Callable[[], Any], hint: str = "", path: Any = _SAME_AS_MODEL
+    what: str, model: str, load: Callable[[], Any], hint: str = "", path: Any = _SAME_AS_MODEL,
+    stage: str | None = None, missing: Callable[[], str] | None = None,
 ) -> Any:
     """Run ``load()``; turn "not local, not cached, not downloadable" errors into a one-line PopyouError.
 
     ``model`` names the model in messages; ``path`` is what may be a local file or folder (by default ``model``;
-    None when nothing is).
+    None when nothing is). ``stage`` names the `popyou download --stages` that fetches it, ``missing()`` says
+    which file of it the cache lacks (asked only on failure).
     """
     import warnings
 
@@ -168,8 +168,9 @@ def _load_or_explain(
     local = path is not None and Path(path).expanduser().exists()
     if path is not None and _looks_like_path(path) and not local:
         raise PopyouError(f"{what} {model!r}: {path!r} does not exist (and it is not a Hugging Face Hub id)")
+    filter_known_warnings()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_loading():
             # diffusers passes huggingface_hub an argument that it has deprecated: not the user's business
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
             return load()
@@ -177,10 +178,60 @@ def _load_or_explain(
         raise
     except Exception as err:  # noqa: BLE001 - narrowed by _is_unavailable_error
         if local and isinstance(err, OSError):
-            raise PopyouError(f"{what} {model!r} could not be loaded from {path!r}: {_one_line(err)}") from err
+            raise PopyouError(f"{what} {model!r} could not be loaded from {path!r}: "
+                              f"{short_error(err, 240, with_type=True)}") from err
         if _is_unavailable_error(err):
-            raise _unavailable(what, model, err, hint) from err
+            raise _unavailable(what, model, err, hint, stage, missing) from err
         raise
+
+
+@functools.lru_cache(maxsize=None)
+def filter_known_warnings() -> None:
+    """Install, once per process, filters for library warnings that say nothing to a popyou user.
+
+    diffusers' SDXL pipeline calls its own deprecated ``upcast_vae()`` on every fp16 batch whose VAE asks for an
+    fp32 decode (SDXL's does): a FutureWarning per batch about diffusers' internals, with nothing to change here.
+    Importing diffusers' auto-pipelines runs modules that still decorate with ``torch.jit.script``: a
+    FutureWarning from torch about a library's code, on the first load. The Euler-ancestral scheduler hands
+    numpy a tensor: a DeprecationWarning from numpy 2 each time one is built.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*`upcast_vae` is deprecated.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*`torch\.jit\.script` is deprecated.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
+                            category=DeprecationWarning)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """While a model loads: no progress bars of transformers ("Loading weights"), huggingface_hub ("Fetching N
+    files") or diffusers ("Loading pipeline components"), restored afterwards. popyou's own progress is the one
+    the user watches; `popyou download` shows the download bars, where they say something."""
+    import sys
+
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    hub_was_on = not hub_utils.are_progress_bars_disabled()
+    hf_was_on = hf_logging.is_progress_bar_enabled()
+    diffusers_logging = None
+    if "diffusers" in sys.modules:  # only when a loader already imported it (an import costs a second)
+        from diffusers.utils import logging as diffusers_logging
+    diffusers_was_on = diffusers_logging is not None and diffusers_logging.is_progress_bar_enabled()
+    hub_utils.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    if diffusers_logging is not None:
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hub_was_on:
+            hub_utils.enable_progress_bars()
+        if hf_was_on:
+            hf_logging.enable_progress_bar()
+        if diffusers_was_on:
+            diffusers_logging.enable_progress_bar()
 
 
 def _version_at_least(module: Any, version: str) -> bool:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PopyouError
-from .common import (CLIP_CONTEXT_LENGTH, _load_or_explain, clip_tokenizer, is_tiny, resolve_device, resolve_dtype,
-                     seeded)
+from .common import (
+    CLIP_CONTEXT_LENGTH,
+    _load_or_explain,
+    _looks_like_path,
+    cached_json,
+    clip_tokenizer,
+    filter_known_warnings,
+    is_tiny,
+    missing_from_cache,
+    seeded,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -28,16 +38,23 @@ def load_text_to_image(
 
     Call it as SDXL-Turbo is called: ``pipe(prompts, num_inference_steps=1, guidance_scale=0.0,
     generator=...)``. ``image_size`` only applies to ``"tiny"`` (the default height and width of its images; a
-    multiple of 8). For real models the fp16 weight variant is used on CUDA in float16 when the repo has one.
-    The progress bar is disabled (the stages show their own).
+    multiple of 8). For real models in float16 the repo's fp16 weight variant is used when it has one (see
+    :func:`text_to_image_variant`; `popyou download` fetches the same files). The progress bars are disabled (the
+    stages show their own).
     """
+    from ..devices import resolve_device, resolve_dtype  # torch: imported on use (see the package docstring)
+
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, "data")
+    filter_known_warnings()  # the fp16 VAE upcast's FutureWarning, tiny or real
     if is_tiny(model):
         return _tiny_text_to_image(int(image_size), dev, dt)
 
+    import diffusers  # noqa: F401 - before quiet_loading (in _load_or_explain), so its bars go too
+
+    variant = text_to_image_variant(model, dt)
+
     def load():
-        import torch
         from diffusers import AutoPipelineForText2Image
 
         try:
@@ -45,17 +62,69 @@ def load_text_to_image(
             dtype_kw = {"dtype": dt}
         except ImportError:
             dtype_kw = {"torch_dtype": dt}
-        if dev.type == "cuda" and dt == torch.float16:
-            try:
-                return AutoPipelineForText2Image.from_pretrained(model, variant="fp16", **dtype_kw)
-            except Exception:  # noqa: BLE001 - no fp16 variant (or not cached): try the plain weights
-                pass
-        return AutoPipelineForText2Image.from_pretrained(model, **dtype_kw)
+        return AutoPipelineForText2Image.from_pretrained(model, variant=variant, **dtype_kw)
 
-    pipe = _load_or_explain("text-to-image model", model, load)
+    pipe = _load_or_explain("text-to-image model", model, load, stage="gen-data",
+                            missing=lambda: missing_from_cache(model, text_to_image_files(model, variant)))
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+FP16_VARIANT = "fp16"
+
+
+def text_to_image_variant(model: str, dtype: "torch.dtype") -> str | None:
+    """The weight variant a diffusers pipeline loads in ``dtype``: "fp16" in float16 when the model has fp16
+    weights (SDXL-Turbo does: half the download and no fp32 copy in memory), else None (the plain weights).
+
+    Where the files are is where we look: a local folder, else the Hub's file list, else (offline) the Hugging
+    Face cache. No load is tried and caught: a broken fp16 file is an error, not a silent switch to fp32.
+    """
+    import torch
+
+    if dtype != torch.float16:
+        return None
+    files = _model_files(model)
+    return FP16_VARIANT if any(f".{FP16_VARIANT}." in Path(f).name for f in files) else None
+
+
+def _model_files(model: str) -> list[str]:
+    """Paths inside a diffusers model: of a local folder, of the Hub repo, or of its cached snapshot."""
+    from .. import hub
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return [str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()]
+    if _looks_like_path(model):
+        return []  # not there: the load says so
+    try:
+        return hub.list_files(model).files
+    except hub.HubOffline:
+        snapshot = hub.cached_snapshot(model)
+        return [str(f.relative_to(snapshot)) for f in snapshot.rglob("*") if f.is_file()] if snapshot else []
+
+
+def text_to_image_files(model: str, variant: str | None) -> list[str | tuple[str, ...]]:
+    """The files a diffusers pipeline needs, as far as the cache tells (model_index.json first, then per
+    component its config and weights): what a "not in the cache" error names."""
+    wanted: list[str | tuple[str, ...]] = ["model_index.json"]
+    index = cached_json(model, "model_index.json") or {}
+    infix = f".{variant}" if variant else ""
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[-1] is None:
+            continue
+        cls = str(spec[-1])
+        if "Tokenizer" in cls:
+            wanted.append(f"{name}/tokenizer_config.json")
+        elif "Scheduler" in cls:
+            wanted.append(f"{name}/scheduler_config.json")
+        else:
+            wanted.append(f"{name}/config.json")
+            wanted.append(tuple(f"{name}/{stem}{infix}.safetensors" if not index_file else
+                                f"{name}/{stem}.safetensors.index{infix}.json"
+                                for stem in ("diffusion_pytorch_model", "model") for index_file in (False, True)))
+    return wanted
 
 
 @functools.lru_cache(maxsize=8)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import PopyouError
-from .common import _load_or_explain, _looks_like_path, is_tiny, resolve_device, seeded
+from .common import _load_or_explain, _looks_like_path, fetch_hint, is_tiny, missing_from_cache, seeded
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -116,6 +116,8 @@ def load_siglip(
     pretrained tag is used; random weights are never returned silently. ``preprocess`` maps a PIL image to a
     (3, H, W) tensor; ``tokenizer(list_of_str)`` gives a LongTensor of token ids.
     """
+    from ..devices import resolve_device  # torch: imported on use (see the package docstring)
+
     dev = resolve_device(device)
     if is_tiny(model) or model == TINY_SIGLIP_NAME:
         return _tiny_siglip(dev)
@@ -149,14 +151,13 @@ def load_siglip(
         # require_pretrained: fail rather than return random weights when the checkpoint cannot be loaded
         extra = {"require_pretrained": True} if _accepts_require_pretrained() else {}
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=tag, device=dev, **extra)
-        tokenizer = open_clip.get_tokenizer(model)
-        return net, preprocess, tokenizer
+        return net, preprocess, open_clip_tokenizer(model)
 
     label = model
     if pretrained is not None and not model.startswith(("hf-hub:", "local-dir:")):
         label = f"{model} pretrained={pretrained}"
     repo = _open_clip_hub_repo(model, pretrained)
-    fetch = f" (`hf download {repo}`)" if repo else ""
+    fetch = f" ({fetch_hint('encode')})" if repo else ""
     if model.startswith("local-dir:"):
         path = model[len("local-dir:") :]
     elif not model.startswith("hf-hub:") and pretrained is not None and _looks_like_path(pretrained):
@@ -173,8 +174,116 @@ def load_siglip(
                 f"download its weights and tokenizer first{fetch}, pass a checkpoint file as the pretrained tag, "
                 "or use the tiny preset (--preset tiny)"
             ),
+            missing=(lambda: missing_from_cache(repo, open_clip_weight_files(model, pretrained)[1])) if repo else None,
         )
     return net.eval(), preprocess, tokenizer
+
+
+#: The files of a Hugging Face tokenizer (whichever of them its repo has); never its model weights.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model",
+    "sentencepiece.bpe.model", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+)
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip tries them in order
+_OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+def open_clip_text_config(model: str) -> dict:
+    """The ``text_cfg`` of an open_clip model: built in, or the ``open_clip_config.json`` of an ``hf-hub:`` repo
+    (read through the Hugging Face cache; `create_model` has fetched it already)."""
+    import json
+
+    import open_clip
+
+    if model.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model[len("hf-hub:") :], _OPEN_CLIP_CONFIG)
+        return json.loads(Path(path).read_text()).get("model_cfg", {}).get("text_cfg", {})
+    return (open_clip.get_model_config(model) or {}).get("text_cfg", {})
+
+
+def open_clip_tokenizer(model: str):
+    """open_clip's tokenizer for ``model``, with its Hugging Face tokenizer (ViT-B-16-SigLIP's is
+    ``timm/ViT-B-16-SigLIP``) read from a local folder: :func:`hf_tokenizer_folder`.
+
+    open_clip would hand the repo id to ``AutoTokenizer``, which in transformers 5 first asks for the repo's
+    ``config.json``; the SigLIP tokenizer repos have none, and offline a file that the cache has not recorded as
+    missing is an error, even after the whole repo was downloaded. A folder has no such lookup.
+    """
+    import open_clip
+
+    if model.startswith("local-dir:"):
+        return open_clip.get_tokenizer(model)  # the tokenizer files sit in that folder
+    text_cfg = open_clip_text_config(model)
+    repo = text_cfg.get("hf_tokenizer_name")
+    if not repo:
+        return open_clip.get_tokenizer(model)  # open_clip's bundled tokenizers: nothing to fetch
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
+
+    return HFTokenizer(
+        str(hf_tokenizer_folder(repo)),
+        context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
+        tokenizer_mode=text_cfg.get("tokenizer_mode"),
+        **text_cfg.get("tokenizer_kwargs", {}),
+    )
+
+
+def hf_tokenizer_folder(repo: str) -> Path:
+    """A local folder holding the Hugging Face tokenizer ``repo``: the folder itself, else its snapshot in the
+    Hugging Face cache, else (online) its tokenizer files fetched into that cache. Offline and not cached: a
+    PopyouError naming the missing file and `popyou download --stages encode`."""
+    from .. import hub
+
+    local = Path(repo).expanduser()
+    if local.is_dir():
+        return local
+    snapshot = hub.cached_snapshot(repo)
+    if snapshot is not None and _has_tokenizer(snapshot):
+        return snapshot
+    if not hub.offline_mode():
+        try:
+            names = tokenizer_files(hub.list_files(repo).files)
+        except hub.HubOffline:
+            names = []
+        if names:
+            paths = [hub.download_file(repo, name) for name in names]  # top-level files: one snapshot folder
+            return Path(paths[0]).parent
+    missing = missing_from_cache(repo, [("tokenizer_config.json", "tokenizer.json")])
+    raise PopyouError(f"the tokenizer {repo!r} of the SigLIP model is not available: {missing}; "
+                      f"{fetch_hint('encode')}")
+
+
+def tokenizer_files(files: list[str]) -> list[str]:
+    """The tokenizer files among a repo's files (top level only)."""
+    return sorted(f for f in files if f in HF_TOKENIZER_FILES)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def open_clip_weight_files(model: str, pretrained: str | None) -> tuple[str | None, list]:
+    """(Hub repo, files) holding an open_clip model's weights, as open_clip fetches them: the config of an
+    ``hf-hub:`` model first, then the weights (a tuple: open_clip takes the first of them that exists). The repo
+    is None for local models and for tags that are not on the Hub."""
+    repo = _open_clip_hub_repo(model, pretrained)
+    if repo is None:
+        return None, []
+    files: list = [_OPEN_CLIP_CONFIG] if model.startswith("hf-hub:") else []
+    named = ""
+    if not model.startswith("hf-hub:"):
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        tag = pretrained if pretrained is not None else (tags[0] if len(tags) == 1 else None)
+        hf_hub = (open_clip.get_pretrained_cfg(model, tag) or {}).get("hf_hub", "") if tag in tags else ""
+        named = "/".join(hf_hub.strip("/").split("/")[2:])  # "org/repo/" or "org/repo/file.bin"
+    if named and named not in _OPEN_CLIP_WEIGHTS:
+        files.append(named)
+    else:
+        files.append(_OPEN_CLIP_WEIGHTS)
+    return repo, files
 
 
 def _open_clip_hub_repo(model: str, pretrained: str | None) -> str | None:

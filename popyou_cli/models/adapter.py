@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PopyouError
+from ..errors import PopyouError, short_error
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
 
@@ -46,7 +46,7 @@ class AdapterConfig:
 
 
 class CondAdapter(nn.Module):
-    def __init__(self, cfg: AdapterConfig):
+    def __init__(self, cfg: AdapterConfig, init_gain: float = 1e-3):
         super().__init__()
         self.config = cfg
         self.norm_in = nn.LayerNorm(cfg.embed_dim)
@@ -54,7 +54,7 @@ class CondAdapter(nn.Module):
         self.fc2 = nn.Linear(cfg.hidden_dim, cfg.var_dim)
         self.norm_out = nn.LayerNorm(cfg.var_dim)
         for lin in (self.fc1, self.fc2):
-            nn.init.xavier_uniform_(lin.weight, gain=1e-3)
+            nn.init.xavier_uniform_(lin.weight, gain=init_gain)
             nn.init.zeros_(lin.bias)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
@@ -68,20 +68,17 @@ class CondAdapter(nn.Module):
 
 
 def save_adapter(adapter: CondAdapter, folder: str | Path, extra: dict | None = None) -> Path:
-    """adapter.safetensors + adapter.json in `folder` (temporary names, then rename)."""
-    import os
-
+    """adapter.safetensors + adapter.json in `folder`, each committed atomically (files.atomic_write)."""
     from safetensors.torch import save_file
+
+    from ..files import atomic_write_json, committing
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu().float() for k, v in adapter.state_dict().items()}
-    tmp_w, tmp_c = folder / f".{WEIGHTS}.tmp", folder / f".{CONFIG}.tmp"
-    save_file(sd, str(tmp_w), metadata={"format": "pt", "popyou_type": "adapter"})
-    tmp_c.write_text(json.dumps({"popyou_type": "adapter", "config": adapter.config.to_dict(), **(extra or {})},
-                                indent=2))
-    os.replace(tmp_w, folder / WEIGHTS)
-    os.replace(tmp_c, folder / CONFIG)
+    with committing(folder / WEIGHTS) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "popyou_type": "adapter"})
+    atomic_write_json(folder / CONFIG, {"popyou_type": "adapter", "config": adapter.config.to_dict(), **(extra or {})})
     return folder
 
 
@@ -98,6 +95,5 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu") -> tupl
         model = CondAdapter(AdapterConfig.from_dict(meta["config"]))
         model.load_state_dict(load_file(str(w)), strict=True)
     except (ValueError, KeyError, RuntimeError) as e:
-        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PopyouError(f"{folder}: the adapter files do not fit together ({line[:200]})") from None
+        raise PopyouError(f"{folder}: the adapter files do not fit together ({short_error(e)})") from None
     return model.to(device).eval(), meta

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PopyouError
+from ..errors import PopyouError, short_error
 from .var import VAR, VARConfig
 from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE, VQVAEConfig
 
@@ -68,8 +68,9 @@ def _hub_file(repo: str, filename: str) -> str:
             why = "no such repo or file on the Hub"
         else:
             why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
-        raise PopyouError(f"cannot get '{filename}' from the Hub repo '{repo}': {why}; download it once with network "
-                          "access (log in with `hf auth login` for private repos) or pass a local path") from None
+        raise PopyouError(f"cannot get '{filename}' from the Hub repo '{repo}': {why}; fetch it once with network "
+                          "access (`popyou download` fetches every stage's files; log in with `hf auth login` for "
+                          "private repos) or pass a local path") from None
 
 
 def _model_folder(folder: Path) -> tuple[Path, dict]:
@@ -97,8 +98,7 @@ def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
                     raise
                 sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PopyouError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+        raise PopyouError(f"{path} is not a readable checkpoint ({short_error(e)})") from None
     sd = _unnest(sd, kind)
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise PopyouError(f"{path} does not hold a {kind} state dict")
@@ -188,13 +188,15 @@ def build_tiny_vqvae(patch_nums=TINY_PATCH_NUMS) -> VQVAE:
 
 
 def build_tiny_var(num_classes: int = 10, patch_nums=TINY_PATCH_NUMS) -> VAR:
-    """Seeded random VAR of depth 2, width 64, matching build_tiny_vqvae."""
+    """Seeded random VAR of depth 2, width 64, matching build_tiny_vqvae. Initialised like the golden `tiny`
+    (strong AdaLN, head and embeddings): with VAR's default init the AdaLN gammas are ~1e-5, so a random model all
+    but ignores its condition, and class, text and beta would not show in the pictures that tests compare."""
     cfg = VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=num_classes, vocab_size=64, z_channels=8,
                     patch_nums=tuple(patch_nums))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(35)
         var = VAR(cfg)
-        var.init_weights(init_adaln_gamma=1e-3)
+        var.init_weights(init_adaln=1.0, init_adaln_gamma=1.0, init_head=1.0, init_std=0.2)
     return var.eval()
 
 
@@ -232,14 +234,22 @@ def load_var(spec: str, device: str | torch.device = "cpu") -> tuple[VAR, dict]:
     return model.to(device).eval(), (meta or {})
 
 
-def load_vqvae(spec: str, patch_nums=None, device: str | torch.device = "cpu") -> VQVAE:
+def load_vqvae(spec: str, patch_nums=None, device: str | torch.device = "cpu", resize: str | None = None) -> VQVAE:
+    """resize: the quantizer's resize mode (VQVAEConfig.resize); None keeps the folder's config.json value
+    ("reference" for files without one)."""
     if spec == TINY:
-        return build_tiny_vqvae(patch_nums or TINY_PATCH_NUMS).to(device)
+        vae = build_tiny_vqvae(patch_nums or TINY_PATCH_NUMS)
+        if resize is not None:
+            vae.quantize.set_resize(resize)
+            vae.config.resize = resize
+        return vae.to(device)
     path, meta = resolve(spec, "vqvae")
     sd = read_state_dict(path, "vqvae")
     cfg = VQVAEConfig.from_dict(meta["config"]) if meta else infer_vqvae_config(sd, patch_nums)
     if patch_nums is not None:
         cfg.patch_nums = tuple(patch_nums)
+    if resize is not None:
+        cfg = VQVAEConfig.from_dict({**cfg.to_dict(), "resize": resize})
     with torch.device("meta"):
         model = VQVAE(cfg)
     # ema_vocab_hit_SV is a training statistic sized by the number of scales; the reference silently replaces
@@ -252,16 +262,16 @@ def load_vqvae(spec: str, patch_nums=None, device: str | torch.device = "cpu") -
 
 
 def save_model(model: VAR | VQVAE, folder: str | Path, extra: dict | None = None) -> Path:
-    """Writes model.safetensors + config.json (atomically: temporary names, then rename)."""
+    """Writes model.safetensors + config.json, each committed atomically (files.atomic_write)."""
     from safetensors.torch import save_file
+
+    from ..files import atomic_write_json, committing
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kind = "var" if isinstance(model, VAR) else "vqvae"
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_w, tmp_c = folder / ".model.safetensors.tmp", folder / ".config.json.tmp"
-    save_file(sd, str(tmp_w), metadata={"format": "pt", "popyou_type": kind})
-    tmp_c.write_text(json.dumps({"popyou_type": kind, "config": model.config.to_dict(), **(extra or {})}, indent=2))
-    os.replace(tmp_w, folder / "model.safetensors")
-    os.replace(tmp_c, folder / "config.json")
+    with committing(folder / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "popyou_type": kind})
+    atomic_write_json(folder / "config.json", {"popyou_type": kind, "config": model.config.to_dict(), **(extra or {})})
     return folder

@@ -19,6 +19,8 @@ from torch import nn
 
 from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE
 
+__all__ = ["VAR", "VARConfig", "KVCache", "next_scale_loss", "sample_top_k_top_p_", "gumbel_softmax"]
+
 
 @dataclass
 class VARConfig:
@@ -55,18 +57,31 @@ class VARConfig:
 
 
 class KVCache:
-    """Preallocated keys/values for one attention layer; scales are appended in order. Allocated on the first
-    append so that it takes the dtype attention runs in (fp32, or bf16/fp16 under autocast)."""
+    """Preallocated keys/values for one attention layer; scales are written in order at `len`. Allocated on the
+    first append so that it takes the dtype attention runs in (fp32, or bf16/fp16 under autocast). The sampler
+    may keep it across calls (static buffers for CUDA graphs): reset() starts a call, keep_rows() drops the
+    unconditional half when guidance stops."""
 
     def __init__(self, max_len: int):
         self.max_len, self.len = max_len, 0
         self.k = self.v = None
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset(self) -> "KVCache":
+        self.len = 0
+        if self._full is not None:
+            self.k, self.v = self._full
+        return self
+
+    def keep_rows(self, n: int) -> None:
+        self.k, self.v = self.k[:n], self.v[:n]  # views: the first rows are contiguous, nothing is copied
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None:
             B, H, _, hd = k.shape
             self.k = k.new_empty(B, H, self.max_len, hd)
             self.v = v.new_empty(B, H, self.max_len, hd)
+            self._full = (self.k, self.v)
         end = self.len + k.shape[2]
         self.k[:, :, self.len:end] = k
         self.v[:, :, self.len:end] = v
@@ -94,7 +109,11 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
+        if isinstance(self.mat_qkv, nn.Linear):  # the reference reads the weight directly (so LoRA cannot wrap it)
+            qkv = F.linear(x, self.mat_qkv.weight, bias)
+        else:  # an inference-only replacement from models/fast.py takes the q|0|v bias as an argument
+            qkv = self.mat_qkv(x, bias)
+        qkv = qkv.view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if self.l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
@@ -263,69 +282,25 @@ class VAR(nn.Module):
         return self.logits(x, cond)
 
     # ---------------------------------------------------------------- sampling
-    @torch.no_grad()
     def generate(self, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None, *, cfg: float = 1.5,
                  top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  cond_delta: torch.Tensor | None = None,
                  alpha: float = 1.0, beta: float = 1.0,
                  on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-                 return_fhat: bool = False) -> torch.Tensor:
+                 return_fhat: bool = False, cfg_scales: int | None = None) -> torch.Tensor:
         """Next-scale sampling with the reference CFG ramp (t = cfg * si / (S-1)). Returns images in [0, 1].
         labels: tensor (B,), an int for all, None for uniformly random classes; negative means the null class.
         generator: one generator for the batch (the reference's draws, bit for bit), or a list of B generators,
         one per image, so that an image depends on its own seed and not on the rest of its batch.
-        on_step(si, guided_logits_before_masking, tokens, f_hat) is for tests and debugging."""
-        B, dev = batch_size, self.pos_1LC.device
-        pns, S = self.config.patch_nums, len(self.config.patch_nums)
-        if labels is None:
-            g = generator[0] if isinstance(generator, (list, tuple)) else generator
-            uniform = torch.ones(self.num_classes, device=g.device if g is not None else dev)
-            labels = torch.multinomial(uniform, B, replacement=True, generator=g).to(dev)
-        elif isinstance(labels, int):
-            labels = torch.full((B,), labels, device=dev)
-        labels = torch.where(labels < 0, self.num_classes, labels.to(dev))
-        null = torch.full_like(labels, self.num_classes)
-        with torch.autocast(dev.type, enabled=False):
-            cond = torch.cat((self.condition(labels, cond_delta, alpha, beta), self.condition(null, None, alpha)))
-            lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-            nxt = (cond.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1)
-                   + lvl_pos[:, :self.first_l])
-        mods = self._block_modulations(cond)  # computed once: the condition never changes during sampling
-        f_hat = torch.zeros(B, self.config.z_channels, pns[-1], pns[-1], device=dev)
-        for b in self.blocks:
-            b.attn.kv_cache = KVCache(self.config.L)
-        try:
-            cur = 0
-            for si, pn in enumerate(pns):
-                ratio = si / (S - 1)
-                cur += pn * pn
-                x = nxt
-                for b, ada in zip(self.blocks, mods):
-                    x = b(x, ada)
-                logits = self.logits(x, cond)
-                t = cfg * ratio
-                logits = (1 + t) * logits[:B] - t * logits[B:]
-                raw = logits.clone() if on_step is not None else None
-                idx = sample_top_k_top_p_(logits, top_k, top_p, generator)
-                if more_smooth:
-                    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                    h = gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ vae.quantize.embedding.weight.unsqueeze(0)
-                else:
-                    h = vae.quantize.embedding(idx)
-                h = h.transpose(1, 2).reshape(B, -1, pn, pn)
-                f_hat, nxt_map = vae.quantize.next_ar_input(si, f_hat, h)
-                if on_step is not None:
-                    on_step(si, raw, idx, f_hat.clone())
-                if si != S - 1:
-                    nxt = self.word_embed(nxt_map.view(B, nxt_map.shape[1], -1).transpose(1, 2))
-                    nxt = (nxt + lvl_pos[:, cur:cur + pns[si + 1] ** 2]).repeat(2, 1, 1)
-        finally:
-            for b in self.blocks:
-                b.attn.kv_cache = None
-        if return_fhat:
-            return f_hat
-        return vae.decode_fhat(f_hat).add_(1).mul_(0.5)
+        cfg_scales: guidance only on the first K scales, then only the conditional half runs (None: all scales,
+        the reference). on_step(si, guided_logits_before_masking, tokens, f_hat) is for tests and debugging.
+        The loop is models/sampler.py."""
+        from .sampler import generate
+
+        return generate(self, vae, batch_size, labels, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                        generator=generator, cond_delta=cond_delta, alpha=alpha, beta=beta, on_step=on_step,
+                        return_fhat=return_fhat, cfg_scales=cfg_scales)
 
 
 def next_scale_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
@@ -338,27 +313,4 @@ def next_scale_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing:
     return (ce.view(B, L) * w).sum(-1).mean()
 
 
-def sample_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """Masks logits (B, l, V) IN PLACE as the reference does, then draws one token per position."""
-    B, l, V = logits.shape
-    if top_k > 0:
-        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)  # ties with the k-th value survive
-    if top_p > 0:
-        srt, order = logits.sort(dim=-1, descending=False)
-        remove = srt.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False  # the most likely token always stays
-        logits.masked_fill_(remove.scatter(order.ndim - 1, order, remove), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, V)
-    if isinstance(generator, (list, tuple)):  # one generator per image: an image's draws ignore its batch
-        return torch.cat([torch.multinomial(p, 1, replacement=True, generator=g)
-                          for p, g in zip(probs.view(B, l, V), generator)]).view(B, l)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
-
-
-def gumbel_softmax(logits: torch.Tensor, tau: float, generator) -> torch.Tensor:
-    if isinstance(generator, (list, tuple)):
-        noise = torch.stack([torch.empty_like(row).exponential_(generator=g) for row, g in zip(logits, generator)])
-    else:
-        noise = torch.empty_like(logits).exponential_(generator=generator)
-    return ((logits - noise.log()) / tau).softmax(dim=-1)
+from .sampler import gumbel_softmax, sample_top_k_top_p_  # noqa: E402 - moved there; kept importable here

@@ -3,6 +3,9 @@
 Parameter and buffer names match the official `vae_ch160v4096z32.pth` so it loads strictly.
 Images go in as [-1, 1]; `decode_fhat` returns [-1, 1] (clamped). A "code list" is a list of
 S int64 tensors, one per scale, each (B, pn*pn) in row-major order.
+
+`VQVAEConfig.resize` picks how the quantizer moves maps between scales: "reference" (area down, bicubic up, as
+the reference VAR) or "bilinear" (bilinear both ways, as the original PopYOU model was fine-tuned and sampled).
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import PopyouError
+
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+RESIZE_MODES = ("reference", "bilinear")
 
 
 @dataclass
@@ -27,6 +33,11 @@ class VQVAEConfig:
     share_quant_resi: int = 4  # 4 = four convs shared across scales; 1 = one; 0 = one per scale
     quant_resi: float = 0.5
     patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
+    resize: str = "reference"  # one of RESIZE_MODES: how the quantizer resizes between scales
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise PopyouError(f"unknown VQ-VAE resize mode {self.resize!r} (use one of {', '.join(RESIZE_MODES)})")
 
     @property
     def downsample(self) -> int:
@@ -213,6 +224,7 @@ class MultiScaleQuantizer(nn.Module):
         super().__init__()
         V, Cv, S = cfg.vocab_size, cfg.z_channels, len(cfg.patch_nums)
         self.patch_nums = tuple(cfg.patch_nums)
+        self.set_resize(cfg.resize)
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(S, V))  # training statistic kept for strict loading
         k = cfg.share_quant_resi
         if k == 1:
@@ -231,6 +243,20 @@ class MultiScaleQuantizer(nn.Module):
     def phi(self, si: int, h: torch.Tensor) -> torch.Tensor:
         return self._phi_convs[self.phi_index[si]](h)
 
+    def set_resize(self, mode: str) -> None:
+        """One of RESIZE_MODES; the original PopYOU quantizer replaced area (down) and bicubic (up) with bilinear."""
+        if mode not in RESIZE_MODES:
+            raise PopyouError(f"unknown VQ-VAE resize mode {mode!r} (use one of {', '.join(RESIZE_MODES)})")
+        self.down_mode, self.up_mode = ("bilinear", "bilinear") if mode == "bilinear" else ("area", "bicubic")
+
+    def down(self, x: torch.Tensor, pn: int) -> torch.Tensor:
+        """x resized to a coarser pn x pn scale (area, or bilinear for the original's quantizer)."""
+        return F.interpolate(x, size=(pn, pn), mode=self.down_mode)
+
+    def up(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """x resized to the finest size x size map (bicubic, or bilinear for the original's quantizer)."""
+        return F.interpolate(x, size=(size, size), mode=self.up_mode)
+
     def lookup(self, z_NC: torch.Tensor) -> torch.Tensor:
         """Nearest code by squared L2 (first index wins ties), same op order as the reference."""
         E = self.embedding.weight
@@ -247,10 +273,10 @@ class MultiScaleQuantizer(nn.Module):
         f_rest, f_hat, out = f.clone(), torch.zeros_like(f), []
         for si, pn in enumerate(self.patch_nums):
             last = si == S - 1
-            z = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            z = f_rest if last else self.down(f_rest, pn)
             idx = self.lookup(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
             h = self.embedding(idx).permute(0, 3, 1, 2)
-            h = h.contiguous() if last else F.interpolate(h, size=(H, W), mode="bicubic").contiguous()
+            h = h.contiguous() if last else F.interpolate(h, size=(H, W), mode=self.up_mode).contiguous()
             h = self.phi(si, h)
             f_hat.add_(h)
             f_rest.sub_(h)
@@ -262,34 +288,34 @@ class MultiScaleQuantizer(nn.Module):
         return [self.embedding(c).transpose(1, 2).reshape(B, Cv, pn, pn) for c, pn in zip(codes, self.patch_nums)]
 
     def codes_to_fhat(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Sum over scales of phi(bicubic_up(code map)); the reference's all_to_max_scale path."""
+        """Sum over scales of phi(up(code map)); the reference's all_to_max_scale path."""
         maps = self.codes_to_maps(codes)
         H = self.patch_nums[-1]
         f_hat = maps[0].new_zeros(maps[0].shape[0], maps[0].shape[1], H, H)
         for si, h in enumerate(maps):  # a prefix of the scales gives the partial image after that scale
             if h.shape[-1] != H:
-                h = F.interpolate(h, size=(H, H), mode="bicubic")
+                h = self.up(h, H)
             f_hat.add_(self.phi(si, h))
         return f_hat
 
     def codes_to_var_input(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Teacher-forcing input (B, L - first_l, Cv): the cumulative f_hat area-downsampled to each next scale."""
+        """Teacher-forcing input (B, L - first_l, Cv): the cumulative f_hat downsampled to each next scale."""
         pns, H = self.patch_nums, self.patch_nums[-1]
         B, Cv = codes[0].shape[0], self.embedding.embedding_dim
         f_hat = torch.zeros(B, Cv, H, H, device=codes[0].device, dtype=torch.float32)
         nxt = []
         for si in range(len(pns) - 1):
             h = self.embedding(codes[si]).transpose(1, 2).reshape(B, Cv, pns[si], pns[si])
-            f_hat.add_(self.phi(si, F.interpolate(h, size=(H, H), mode="bicubic")))
-            nxt.append(F.interpolate(f_hat, size=(pns[si + 1],) * 2, mode="area").view(B, Cv, -1).transpose(1, 2))
+            f_hat.add_(self.phi(si, self.up(h, H)))
+            nxt.append(self.down(f_hat, pns[si + 1]).view(B, Cv, -1).transpose(1, 2))
         return torch.cat(nxt, dim=1)
 
     def next_ar_input(self, si: int, f_hat: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference step: add scale si's code map h (B, Cv, pn, pn) into f_hat IN PLACE; return the next scale's input map."""
         pns, H = self.patch_nums, self.patch_nums[-1]
         if si != len(pns) - 1:
-            f_hat.add_(self.phi(si, F.interpolate(h, size=(H, H), mode="bicubic")))
-            return f_hat, F.interpolate(f_hat, size=(pns[si + 1],) * 2, mode="area")
+            f_hat.add_(self.phi(si, self.up(h, H)))
+            return f_hat, self.down(f_hat, pns[si + 1])
         f_hat.add_(self.phi(si, h))
         return f_hat, f_hat
 

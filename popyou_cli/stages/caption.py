@@ -16,14 +16,14 @@ kind of device and dtype, with the same batch size: batched fp16 kernels may rou
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
-from .. import images as I
 from .. import presets as P
-from .. import runtime
-from ..errors import PopyouError
+from ..bounds import MAX_BATCH, check_int
+from ..datastage import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
+                         open_input, shard_batches, undecoded)
+from ..errors import short_error
+from ..images import open_rgb
 
 STAGE = "caption"
 EMPTY = "the model generated an empty caption"
@@ -44,7 +44,7 @@ class Prepare:
         self.column = column
 
     def __call__(self, row: int, cells: dict):
-        image, error = I.open_rgb(cells[self.column])
+        image, error = open_rgb(cells[self.column])
         return row, image, error
 
 
@@ -70,7 +70,7 @@ class Collate:
                 try:
                     self._inputs([items[k][1]])
                 except Exception as e:  # noqa: BLE001
-                    errors[k] = f"the captioner's image processor failed ({type(e).__name__}: {I.short_error(e)})"
+                    errors[k] = f"the captioner's image processor failed ({short_error(e, 120, with_type=True)})"
                     good.remove(k)
             inputs = self._inputs([items[k][1] for k in good]) if good else None
         return rows, errors, good, inputs
@@ -108,59 +108,43 @@ def caption_batches(batches, net, processor, **gen):
 
 
 def _check(p: P.CaptionPreset, workers: int) -> None:
-    runtime.check_at_least_1(("--max-new-tokens", p.max_new_tokens), ("--num-beams", p.num_beams),
-                             ("--batch-size", p.batch_size), ("--shard-size", p.shard_size))
-    if workers < 0:
-        raise PopyouError(f"--workers must be >= 0 (got {workers})")
+    check_at_least_1(("--max-new-tokens", p.max_new_tokens), ("--num-beams", p.num_beams),
+                     ("--batch-size", p.batch_size), ("--shard-size", p.shard_size))
+    check_int("--batch-size", p.batch_size, 1, MAX_BATCH)
+    check_int("--max-new-tokens", p.max_new_tokens, 1, 4096)
+    check_int("--num-beams", p.num_beams, 1, 64)
+    check_workers(workers)
 
 
 def caption(*, dataset: str | Path, out: str | Path, preset: str = "full", model: str | None = None,
             prompt: str | None = None, max_new_tokens: int | None = None, num_beams: int | None = None,
             batch_size: int | None = None, shard_size: int | None = None, image_column: str = "image",
             device: str = "auto", dtype: str | None = None, workers: int | None = None, overwrite: bool = False,
-            progress: bool = True, console=None) -> dict:
+            progress: bool = True, console=None) -> DataStageResult:
     """Caption every row of `dataset` into the folder `out` (made, finished or grown). Options left as None come
-    from the preset. Run it in every process of a launch; each captions its share of the shards. Returns a
-    summary: n, done (rows made now, all processes), this process's seconds and images/s, errors and
-    first_error (whole folder), world_size, is_main_process."""
+    from the preset. Run it in every process of a launch; each captions its share of the shards. The result
+    counts the rows with an error in the whole folder (first_error: the first of them)."""
     from ..encoders import load_captioner
 
     p = P.resolve(P.get_preset(P.CAPTION_PRESETS, preset, stage=STAGE), model=model, prompt=prompt,
                   max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,
                   shard_size=shard_size, dtype=dtype)
-    workers = I.default_workers() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     _check(p, workers)
-    ds = I.open_input(dataset, out, stage=STAGE, image_column=image_column)
-    state = runtime.stage_state(device)
-    dev = runtime.stage_device(device, state)
-    dtype_name = runtime.stage_dtype(p.dtype, dev)
-    torch_dtype = runtime.DTYPES[dtype_name]
+    ds = open_input(dataset, out, stage=STAGE, image_column=image_column)
+    run = DataStage(STAGE, device, p.dtype)
     # What changes a caption; batch size, device, workers only change speed and are left out (store.py refuses
     # to continue a folder made with other settings).
     settings = {"model": p.model, "prompt": p.prompt or "", "max_new_tokens": p.max_new_tokens,
-                "num_beams": p.num_beams, "dtype": dtype_name, "image_column": image_column}
-    writer = runtime.open_stage_writer(state, Path(out), stage=STAGE, parent=dataset, settings=settings,
-                                       features=features(), n_rows=len(ds), shard_size=p.shard_size,
-                                       overwrite=overwrite)
-    specs = writer.pending_shards(state.process_index, state.num_processes)
-    todo = sum(len(s.rows) for s in specs)
-    seconds = 0.0
+                "num_beams": p.num_beams, "dtype": run.dtype_name, "image_column": image_column}
+    specs = run.open(out, parent=dataset, settings=settings, features=features(), n_rows=len(ds),
+                     shard_size=p.shard_size, overwrite=overwrite)
     if specs:  # a finished folder does not even load the model
-        net, processor = load_captioner(p.model, device=dev, dtype=torch_dtype)
-        batches = I.loader(I.undecoded(ds.select_columns([image_column]), image_column), Prepare(image_column),
-                           Collate(processor, p.prompt), I.shard_batches(specs, p.batch_size), workers,
-                           pin_memory=dev.type == "cuda")
-        t0 = time.perf_counter()
-        with runtime.progress_bar(progress and state.is_main_process, console, todo, STAGE) as advance:
-            I.write_in_shards(writer, specs, caption_batches(batches, net, processor,
-                                                             max_new_tokens=p.max_new_tokens,
-                                                             num_beams=p.num_beams, device=dev,
-                                                             dtype=torch_dtype), advance)
-        seconds = time.perf_counter() - t0
-    res = I.finish_stage(state, writer, Path(out), todo, seconds, "caption_error")
-    return {**res, "n": len(ds), "model": p.model, "device": str(dev), "dtype": dtype_name}
-
-
-def summary(res: dict[str, Any]) -> str:
-    """The line the CLI prints at the end."""
-    return I.summary(STAGE, res, "captioned", res["model"])
+        net, processor = load_captioner(p.model, device=run.device, dtype=run.dtype)
+        batches = loader(undecoded(ds.select_columns([image_column]), image_column), Prepare(image_column),
+                         Collate(processor, p.prompt), shard_batches(specs, p.batch_size), workers,
+                         pin_memory=run.device.type == "cuda")
+        with run.running(progress, console) as advance:
+            run.write_in_shards(caption_batches(batches, net, processor, max_new_tokens=p.max_new_tokens,
+                                                num_beams=p.num_beams, device=run.device, dtype=run.dtype), advance)
+    return run.finish("caption_error", what="captioned", details=p.model)

