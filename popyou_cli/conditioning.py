@@ -122,12 +122,16 @@ def load_encoded(path: Path, *, for_stage: str, columns: list[str], patch_nums, 
     return {"rows": rows, "settings": settings, "skipped": skipped, "index": np.asarray(ds["index"])[keep]}
 
 
-def load_matching_vqvae(vae: str | None, var, codes: torch.Tensor, *, data: Path, settings: dict, meta: dict):
-    """(VQ-VAE, its spec): --vae, else the one the encode folder's manifest names, else the VAR folder's; checked
-    against the VAR's codebook and the stored codes, with a one-line error naming the fix."""
+def load_matching_vqvae(vae: str | None, var, codes: torch.Tensor, *, data: Path, settings: dict, meta: dict,
+                        var_spec: str | None = None):
+    """(VQ-VAE, its spec): --vae, else the one the encode folder's manifest names, else the VAR folder's (a local
+    path recorded there is relative to that folder); checked against the VAR's codebook and the stored codes,
+    with a one-line error naming the fix."""
+    from .files import resolve_recorded
     from .models.checkpoints import load_vqvae
 
-    spec = vae or settings.get("vqvae") or meta.get("vqvae")
+    spec = (vae or resolve_recorded(settings.get("vqvae"), data)
+            or (resolve_recorded(meta.get("vqvae"), var_spec) if var_spec else meta.get("vqvae")))
     if not spec:
         raise PopyouError(f"{data} does not name its VQ-VAE (no 'vqvae' in its manifest); pass --vae")
     vqvae = load_vqvae(spec, patch_nums=var.config.patch_nums)

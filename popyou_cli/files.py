@@ -104,3 +104,11 @@ def resolve_recorded(spec: str | None, folder: str | os.PathLike) -> str | None:
         return spec
     candidate = Path(folder) / spec
     return str(candidate) if candidate.exists() else spec
+
+
+def portable_spec(spec: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
+    """A model or data spec as a record in `folder`: a local path made portable (portable_path); a Hub id,
+    "tiny" or None as it is."""
+    if spec is None or str(spec) == "tiny" or not os.path.exists(os.path.expanduser(str(spec))):
+        return None if spec is None else str(spec)
+    return portable_path(spec, folder)

@@ -130,3 +130,20 @@ def file_sizes(repo: str, revision: str | None = None) -> dict[str, int | None]:
     except Exception as e:  # noqa: BLE001 - mapped to one line
         raise _explain(e, repo, revision, "list the files of") from None
     return {s.rfilename: getattr(s, "size", None) for s in (info.siblings or [])}
+
+
+def push_folder(folder: Path, repo: str, *, private: bool = False, message: str = "popyou upload") -> str:
+    """Uploads exactly `folder` to the model repo `repo` (created when missing; `private` only applies then), with
+    the standard Hugging Face login (popyou stores no token). Returns the commit URL."""
+    import huggingface_hub
+
+    try:
+        huggingface_hub.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        info = huggingface_hub.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                                             commit_message=message)
+    except Exception as e:  # noqa: BLE001 - one line, and the local result stays where it is
+        from .errors import short_error
+
+        raise PopyouError(f"--push-to-hub {repo} failed: {short_error(e, 200)} (log in with `hf auth login`); the "
+                          f"result is saved locally in {folder}") from None
+    return str(getattr(info, "commit_url", info))

@@ -347,7 +347,9 @@ def resolve_pipeline(spec: str | None = None) -> Path:
                           f"reached: run once online to download and import it, or `popyou import FILE --out DIR` "
                           f"a local copy and pass --pipeline DIR") from None
     if filename is None and (PIPELINE_JSON in listing.files or {"config.json", "model.safetensors"} <= set(listing.files)):
-        return hub.download_snapshot(repo, listing.commit)  # already popyou's format
+        # already popyou's format; by the name asked for (not the commit), so that the Hugging Face cache records
+        # the ref and the same spec resolves offline later
+        return hub.download_snapshot(repo, revision or None)
     key = listing.commit + ("--" + _safe_name(filename) if filename else "")
     folder = repo_dir / key
     if not (folder / PIPELINE_JSON).is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import PopyouError, short_error
+from .errors import PopyouError
 from .files import atomic_write_json
 from .models.adapter import CondAdapter, save_adapter
 from .models.lora import save_var
@@ -33,6 +33,9 @@ def read_pipeline_json(folder: Path, shown: str) -> dict:
         hint = ""
         if (folder / "pipeline" / PIPELINE_JSON).is_file():
             hint = f"; did you mean {Path(shown) / 'pipeline'}?"
+        elif (folder / "model" / "config.json").is_file():
+            hint = (f"; it is a finetune run folder: sample its class with --var {Path(shown) / 'model'} --class-id N, "
+                    "or train a pipeline with popyou train-adapter")
         raise PopyouError(f"{shown} is not a popyou pipeline folder (no {PIPELINE_JSON}){hint or '; make one with popyou train-adapter or popyou import'}")
     try:
         cfg = json.loads(pj.read_text())
@@ -68,14 +71,7 @@ def save_pipeline(folder: Path, *, var: nn.Module, var_spec: str, var_changed: b
 
 
 def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
-    """Uploads exactly the pipeline folder (standard Hugging Face login; no token is stored by popyou)."""
-    import huggingface_hub as hf
+    """Uploads exactly the pipeline folder (hub.push_folder: standard Hugging Face login, no token stored)."""
+    from .hub import push_folder
 
-    try:
-        hf.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        info = hf.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
-                                commit_message="popyou train-adapter pipeline")
-    except Exception as e:
-        raise PopyouError(f"--push-to-hub {repo} failed: {short_error(e, 200)} (log in with `hf auth login`); the "
-                          f"pipeline is saved locally in {folder}") from None
-    return str(getattr(info, "commit_url", info))
+    return push_folder(folder, repo, private=private, message="popyou train-adapter pipeline")

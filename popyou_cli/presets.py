@@ -99,7 +99,8 @@ class TrainPreset:
     keep_last: int = 2
     log_every: int = 10
     report_to: str = "none"  # none | tensorboard | wandb
-    resume: str | None = None  # None | "latest" | a checkpoint folder
+    resume: str | None = "auto"  # auto | never | latest | a checkpoint folder (resume.py)
+    resume_with_changes: bool = False  # continue another run's checkpoint with these settings (recorded)
     sample_every: int = 0  # sample grid every N steps (0: only at the end, when n_samples > 0)
     n_samples: int = 8  # images in each sample grid (0: none)
     sample_cfg: float = 4.0
@@ -108,6 +109,16 @@ class TrainPreset:
 
     def check(self) -> None:
         """One-line errors for values no run can use, before anything loads."""
+        from .bounds import MAX_BATCH, check_finite, check_int, check_seed
+
+        check_finite(**{f.name: getattr(self, f.name) for f in fields(self)
+                        if isinstance(getattr(self, f.name), float)})
+        for name in ("scale_weights", "betas"):
+            for value in getattr(self, name) or ():
+                check_finite(**{name: value})
+        check_seed("--seed", self.seed)
+        check_int("--batch-size", self.batch_size, 1, MAX_BATCH)
+        check_int("--grad-accum", self.grad_accum, 1, MAX_BATCH)
         bad = [n for n in ("batch_size", "grad_accum", "keep_last", "log_every") if getattr(self, n) < 1]
         if bad:
             raise PopyouError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} must be at least 1")

@@ -77,6 +77,7 @@ class Progress:
         self.every = progress_every() if every is None else every
         self._bar = self._task = None
         self._t0 = self._last_line = time.monotonic()
+        self._done_in_line = None  # the count the last log line showed
 
     # ------------------------------------------------------------------------------------------ use
     def __enter__(self) -> "Progress":
@@ -91,8 +92,8 @@ class Progress:
         if self._bar is not None:
             self._bar.__exit__(exc_type, exc, tb)
             self._bar = None
-        elif self.enabled and exc_type is None and self.done > self.start:
-            self.line()  # the last state, in a log file
+        elif self.enabled and exc_type is None and self.done > self.start and self.done != self._done_in_line:
+            self.line()  # the last state, in a log file, unless the last line already said it
 
     def advance(self, k: int = 1, **fields) -> None:
         self.update(self.done + k, **fields)
@@ -131,7 +132,7 @@ class Progress:
 
     def line(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._last_line = now
+        self._last_line, self._done_in_line = now, self.done
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         # markup off: the line is plain text (rich would eat square brackets and turn :x: into emoji).
         self.console.print(f"{stamp} {self.text(now)}", highlight=False, markup=False, emoji=False, soft_wrap=True)

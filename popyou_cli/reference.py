@@ -2,8 +2,8 @@
 
 A reference set is a data set's images (a popyou stage folder or any datasets.save_to_disk folder, column
 `image`) or a folder of image files, each resized and centre-cropped to the generated images' size as encode
-does. Its Inception features are cached next to it, `FOLDER/.popyou-fid-stats-<key>.npz` (features, mean,
-covariance), keyed by everything that changes them: the feature network, the image size, which images, and the
+does. Its Inception features are cached next to it, `FOLDER/.popyou-fid-stats-<key>.npz` (features and their
+mean), keyed by everything that changes them: the feature network, the image size, which images, and the
 data set's manifest (or the files' names, sizes and times). A later eval with the same reference reads the file
 instead of decoding and featurising thousands of images again; a read-only folder is simply not cached.
 """
@@ -137,8 +137,8 @@ def _save(path: Path, key: str, features: torch.Tensor, console) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), features=f64.astype(np.float32), mu=f64.mean(0),
-                     sigma=np.cov(f64, rowvar=False))
+            # The features (KID needs them; FID's mean and covariance follow from them), not the 2048^2 covariance.
+            np.savez(f, key=np.array(key), features=f64.astype(np.float32), mu=f64.mean(0))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

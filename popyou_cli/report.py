@@ -67,9 +67,7 @@ def verdicts(r: dict) -> list[str]:
         s = r["siglip_score"]
         if "siglip_score_dataset" in r:
             d = r["siglip_score_dataset"]
-            how = "about as well as" if s >= d - 0.01 else ("better than" if s > d else "less well than")
-            if s > d + 0.01:
-                how = "better than"
+            how = "better than" if s > d + 0.01 else "about as well as" if s >= d - 0.01 else "less well than"
             lines.append(f"prompt agreement: generated images match their prompts {how} the data set's own images "
                          f"(SigLIP {_f(s)} vs {_f(d)})")
         else:

@@ -20,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,14 +32,15 @@ import torch
 from torch import nn
 
 from .errors import PopyouError
-from .files import atomic_write, atomic_write_json, committing, fsync_dir
+from .files import atomic_write
 from .presets import TrainPreset
+from .resume import (check_resume, load_checkpoint, remove_unfinished, resolve_resume, run_definition,
+                     save_checkpoint)
 from .progress import Progress
 
 # Name fragments the VAR recipe exempts from weight decay (var-spec.md section 3); 1-D params and biases too.
 NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
                  "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 # Seed mixers, primes larger than any epoch or process count: the permutation of (seed, epoch) and the RNG stream
 # of (seed, rank) never coincide with those of a neighbouring seed. Changing them changes every run's data order.
 EPOCH_SEED_STRIDE = 100003
@@ -54,6 +53,8 @@ class TrainResult:
     losses: list[float]  # mean loss of each optimizer step run in this call
     last_checkpoint: Path | None
     tokens_per_s: float
+    resumed_from: Path | None = None  # the checkpoint this call started from
+    history: list = field(default_factory=list)  # settings changed by --resume-with-changes: [{step, changed}]
 
 
 def make_accelerator(cfg: TrainPreset, run_dir: Path):
@@ -68,8 +69,8 @@ def make_accelerator(cfg: TrainPreset, run_dir: Path):
         raise PopyouError(f"--report-to {cfg.report_to} needs the '{cfg.report_to}' package (pip install "
                           f"{cfg.report_to}), or use --report-to none (metrics.jsonl is always written)")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise PopyouError("--mixed-precision fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
-                          "use bf16 or no on CPU")
+        raise PopyouError("--dtype fp16 (mixed precision) needs a CUDA GPU (its loss scaler is CUDA-only); "
+                          "use bf16 or fp32 on CPU")
     # accelerate keeps one global state per process; a second stage run in the same Python process (tests,
     # notebooks) may ask for another precision, so the precision part is reset, the process group kept.
     AcceleratorState._reset_state()
@@ -120,143 +121,32 @@ def total_steps(cfg: TrainPreset, n_rows: int, world: int) -> tuple[int, int]:
 def batch_rows(micro: int, n_rows: int, per_epoch: int, cfg: TrainPreset, rank: int, world: int) -> torch.Tensor:
     """Row indices of this rank's part of micro-batch `micro` (see the module docstring)."""
     epoch, b = divmod(micro, per_epoch)
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * EPOCH_SEED_STRIDE + epoch))
+    # Modulo 2^64, what manual_seed takes: seeds up to 2^63 work, and smaller seeds keep their data order.
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(
+        (cfg.seed * EPOCH_SEED_STRIDE + epoch) % 2**64))
     G = cfg.batch_size * world
     return perm[b * G + rank * cfg.batch_size: b * G + (rank + 1) * cfg.batch_size]
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a `.tmp` folder is an unfinished write and never counts)."""
-    d = run_dir / "checkpoints"
-    found = [(int(m.group(1)), p) for p in (d.iterdir() if d.is_dir() else []) if (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    """Every RNG as tensors, lists and numbers, so the file loads with torch.load(weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    st = {"python": [py_version, list(py_state), py_gauss],
-          "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
-          "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    py_version, py_state, py_gauss = st["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = st["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_last: int) -> Path:
-    """step-N.tmp/ written by every rank (its RNG) and rank 0 (the rest), then renamed by rank 0 to step-N/:
-    a kill at any moment leaves either the complete checkpoint or none. Needs a folder all ranks share. Each
-    file is fsynced (files.atomic_write) before the rename, so the rename never publishes unwritten data."""
-    from safetensors.torch import save_file
-
-    def torch_file(path: Path, obj) -> None:
-        atomic_write(path, lambda f: torch.save(obj, f))
-
-    final = run_dir / "checkpoints" / f"step-{state['step']}"
-    tmp = final.with_name(final.name + ".tmp")
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    torch_file(tmp / f"rng-{acc.process_index}.pt", _rng_state())
-    if acc.is_main_process:
-        sd = {k: v.detach().contiguous().cpu() for k, v in _trainable(acc.unwrap_model(model)).items()}
-        with committing(tmp / "trainable.safetensors") as path:
-            save_file(sd, str(path))
-        torch_file(tmp / "optimizer.pt", opt.state_dict())
-        torch_file(tmp / "scheduler.pt", sched.state_dict())
-        if acc.scaler is not None:
-            torch_file(tmp / "scaler.pt", acc.scaler.state_dict())
-        atomic_write_json(tmp / "trainer_state.json", state)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces it
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        for old in checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(acc, model, opt, sched, path: Path, expect: dict) -> dict:
-    """Restores what save_checkpoint wrote; refuses a checkpoint from a run with another batch layout."""
-    from safetensors.torch import load_file
-
-    st_file = path / "trainer_state.json"
-    if not st_file.is_file():
-        raise PopyouError(f"{path} is not a popyou training checkpoint (no trainer_state.json)")
-    state = json.loads(st_file.read_text())
-    for k, v in expect.items():
-        if state.get(k) != v:
-            raise PopyouError(f"cannot resume from {path}: it was made with {k}={state.get(k)}, this run has {v}; "
-                              "resume with the same batch size, accumulation and number of processes")
-    rng = path / f"rng-{acc.process_index}.pt"
-    if not rng.is_file():
-        raise PopyouError(f"{path} has no RNG state for process {acc.process_index}")
-    sd = load_file(str(path / "trainable.safetensors"))
-    own = _trainable(acc.unwrap_model(model))
-    if set(sd) != set(own):
-        raise PopyouError(f"{path} holds other trainable weights than this run "
-                          f"({len(set(sd) ^ set(own))} names differ); was it made with other LoRA/stage options?")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(sd[k].to(p.device, p.dtype))
-    opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    sched.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    if acc.scaler is not None and (path / "scaler.pt").is_file():
-        acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    _set_rng_state(torch.load(rng, weights_only=True))
-    return state
-
-
-def resolve_resume(resume: str | None, run_dir: Path, overwrite: bool = False) -> Path | None:
-    """The checkpoint to start from; refuses to silently restart over an existing run's checkpoints."""
-    found = checkpoints(run_dir)
-    if resume is None:
-        if found and not overwrite:
-            raise PopyouError(f"{run_dir} already holds checkpoints (last {found[-1].name}); pass --resume latest "
-                              "to continue, --overwrite to start over, or choose another --out")
-        return None
-    if resume == "latest":
-        return found[-1] if found else None  # nothing yet: a first run, so the same command can always be rerun
-    p = Path(resume)
-    if not (p / "trainer_state.json").is_file():
-        raise PopyouError(f"--resume {resume}: not a checkpoint folder (expected .../checkpoints/step-N)")
-    return p
 
 
 # ------------------------------------------------------------------------------------------ the loop
 def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cfg: TrainPreset, run_dir: Path, *,
           accelerator, tokens_per_row: int = 1, sample_fn: Callable | None = None, console=None,
           on_step: Callable[[int, float], None] | None = None, overwrite: bool = False,
-          project: str = "popyou", tracker_config: dict | None = None) -> TrainResult:
+          project: str = "popyou", tracker_config: dict | None = None, run: dict | None = None) -> TrainResult:
     """Trains `model` in place. rows: equal-length tensors (CPU); each batch goes to the device as a dict.
     sample_fn(unwrapped_model, step) -> (H, W, 3) uint8 grid. on_step(step, loss) runs after every step.
-    tracker_config: the stage's settings, logged with the trackers beside cfg."""
+    tracker_config: the stage's settings, logged with the trackers beside cfg. run: what defines the run besides
+    cfg (data, model, stage options; resume.py): a checkpoint of other settings is not resumed silently."""
     acc, run_dir = accelerator, Path(run_dir)
     n_rows = len(next(iter(rows.values())))
     total, per_epoch = total_steps(cfg, n_rows, acc.num_processes)
+    definition = run_definition(cfg, rows=n_rows, world_size=acc.num_processes, **(run or {}))
     start_ckpt = resolve_resume(cfg.resume, run_dir, overwrite)
+    changes = check_resume(start_ckpt, definition, cfg, run_dir) if start_ckpt is not None else {}
     if acc.is_main_process:
         if start_ckpt is None and overwrite:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        remove_unfinished(run_dir)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
 
@@ -269,15 +159,25 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
     # schedule num_processes times too fast; here it steps once per optimizer step.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
     model, opt = acc.prepare(model, opt)
-    layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": acc.num_processes,
-              "seed": cfg.seed, "n_rows": n_rows}
-    state = {"step": 0, "micro": 0, "total": total, **layout}
+    state = {"step": 0, "micro": 0, "total": total, "run": definition, "history": []}
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     if start_ckpt is not None:
-        state = {**load_checkpoint(acc, model, opt, sched, start_ckpt, layout), "total": total}
-    else:  # every rank its own stream (class dropout differs per rank); the model was built before this
-        torch.manual_seed(cfg.seed * RANK_SEED_STRIDE + acc.process_index)
+        old = load_checkpoint(acc, model, opt, sched, start_ckpt, changed=bool(changes))
+        history = old.get("history", [])
+        if changes:  # this command's settings replace the checkpoint's (optimizer.load_state_dict restored those)
+            for group, new in zip(opt.param_groups, fresh):
+                group.update(new)
+            sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(sched.last_epoch, total, cfg)
+            history = history + [{"step": old["step"], "changed": changes}]
+        state = {**state, "step": old["step"], "micro": old["micro"], "history": history}
+    if start_ckpt is None or (changes and not (start_ckpt / f"rng-{acc.process_index}.pt").is_file()):
+        # Every rank its own stream (class dropout differs per rank); the model was built before this. numpy
+        # takes seeds below 2^32, torch below 2^64: reduced so, every seed under 2^63 works.
+        torch.manual_seed((cfg.seed * RANK_SEED_STRIDE + acc.process_index) % 2**64)
         random.seed(cfg.seed + acc.process_index)
-        np.random.seed(cfg.seed + acc.process_index)
+        np.random.seed((cfg.seed + acc.process_index) % 2**32)
     metrics = run_dir / "metrics.jsonl"
     if acc.is_main_process:
         _truncate_metrics(metrics, state["step"])
@@ -341,7 +241,8 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
     if cfg.report_to != "none":
         acc.end_training()
     overall = tok_per_step * (state["step"] - s0) / max(time.perf_counter() - t0, 1e-9)  # checkpoints included
-    return TrainResult(steps=state["step"], losses=losses, last_checkpoint=last, tokens_per_s=overall)
+    return TrainResult(steps=state["step"], losses=losses, last_checkpoint=last, tokens_per_s=overall,
+                       resumed_from=start_ckpt, history=state["history"])
 
 
 def _sample(acc, model, sample_fn, step: int, run_dir: Path) -> None:
@@ -351,7 +252,10 @@ def _sample(acc, model, sample_fn, step: int, run_dir: Path) -> None:
         inner = acc.unwrap_model(model)  # no DDP hooks: only rank 0 runs it, the others wait below
         was = inner.training
         inner.eval()
-        with torch.no_grad(), acc.autocast():
+        # Forked RNG: whatever sampling draws must not shift the training stream, or a run resumed from the
+        # checkpoint saved just before (which restores the stream as it was then) would train on other draws.
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), acc.autocast():
             grid = sample_fn(inner, step)
         inner.train(was)
         (run_dir / "samples").mkdir(exist_ok=True)
@@ -363,7 +267,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop the lines of steps that are about to be redone, so the file is one clean curve."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    def step_of(line: str) -> int | None:  # a kill or a full disk mid-append leaves a partial last line
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    keep = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (s := step_of(ln)) is not None and s <= step]
     atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 

@@ -70,7 +70,7 @@ def test_open_rgb_converts_what_it_can_and_explains_the_rest():
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cap") / "gen"
-    res = run_cli("gen-data", "--n", N, "--out", out, "--preset", "tiny", "--size", 32, "--shard-size", 4,
+    res = run_cli("gen-data", "--n", N, "--out", out, "--preset", "tiny", "--image-size", 32, "--shard-size", 4,
                   "--device", "cpu", "--no-progress")
     assert res.exit_code == 0, res.output
     return out
@@ -79,7 +79,7 @@ def gen(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ref(gen) -> Path:
     out = gen.parent / "ref"
-    res = run_cli("caption", gen, "--out", out, "--shard-size", 4, "--batch-size", 4, "--workers", 0, *TINY)
+    res = run_cli("caption", "--data", gen, "--out", out, "--shard-size", 4, "--batch-size", 4, "--workers", 0, *TINY)
     assert res.exit_code == 0, res.output
     assert f"captioned {N} now" in res.output and "no errors" in res.output
     return out
@@ -114,7 +114,7 @@ def test_imagefolder_with_broken_and_odd_images_one_worker(tmp_path):
     plain = tmp_path / "plain"
     datasets.load_dataset("imagefolder", data_dir=str(folder), split="train",
                           cache_dir=str(tmp_path / "cache")).rename_column("image", "picture").save_to_disk(str(plain))
-    res = run_cli("caption", plain, "--out", tmp_path / "cap", "--image-column", "picture", "--workers", 1,
+    res = run_cli("caption", "--data", plain, "--out", tmp_path / "cap", "--image-column", "picture", "--workers", 1,
                   "--batch-size", 4, *TINY)
     assert res.exit_code == 0, res.output
     bad = [name for name in files if name in BAD]
@@ -137,17 +137,17 @@ def test_resume_makes_only_missing_shards_and_equals_uninterrupted(ref, gen, tmp
     (out / ".shard-00001-000000004-000000008.arrow.123.abcd.tmp").write_bytes(b"partial")
     with pytest.raises(Exception, match="unfinished"):
         load_stage(out)
-    res = run_cli("caption", gen, "--out", out, "--shard-size", 4, "--batch-size", 4, "--workers", 0, *TINY)
+    res = run_cli("caption", "--data", gen, "--out", out, "--shard-size", 4, "--batch-size", 4, "--workers", 0, *TINY)
     assert res.exit_code == 0 and f"captioned {N // 2} now" in res.output, res.output
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temporary left
     for p in ref.glob("shard-*.arrow"):
         assert (out / p.name).read_bytes() == p.read_bytes()
-    res = run_cli("caption", gen, "--out", out, "--shard-size", 4, "--batch-size", 4, *TINY)
+    res = run_cli("caption", "--data", gen, "--out", out, "--shard-size", 4, "--batch-size", 4, *TINY)
     assert res.exit_code == 0 and "nothing to do" in res.output, res.output
 
 
 def test_prompt_and_beam_search(gen, ref, tmp_path):
-    res = run_cli("caption", gen, "--out", tmp_path / "beam", "--num-beams", 3, "--prompt", "a photo of",
+    res = run_cli("caption", "--data", gen, "--out", tmp_path / "beam", "--num-beams", 3, "--caption-prefix", "a photo of",
                   "--max-new-tokens", 6, "--workers", 0, *TINY)
     assert res.exit_code == 0, res.output
     beams, greedy = load_stage(tmp_path / "beam")["caption"], load_stage(ref)["caption"]
@@ -159,17 +159,17 @@ def test_prompt_and_beam_search(gen, ref, tmp_path):
 
 def test_bad_input_is_one_line(gen, ref, tmp_path):
     assert "column 'picture' not found" in one_line_error(
-        run_cli("caption", gen, "--out", tmp_path / "a", "--image-column", "picture", *TINY))
+        run_cli("caption", "--data", gen, "--out", tmp_path / "a", "--image-column", "picture", *TINY))
     assert "'seed' is not an image column" in one_line_error(
-        run_cli("caption", gen, "--out", tmp_path / "b", "--image-column", "seed", *TINY))
+        run_cli("caption", "--data", gen, "--out", tmp_path / "b", "--image-column", "seed", *TINY))
     assert "'prompt' holds text, not image files" in one_line_error(
-        run_cli("caption", gen, "--out", tmp_path / "b", "--image-column", "prompt", *TINY))
-    assert "overlaps input folder" in one_line_error(run_cli("caption", gen, "--out", gen, *TINY))
+        run_cli("caption", "--data", gen, "--out", tmp_path / "b", "--image-column", "prompt", *TINY))
+    assert "overlaps input folder" in one_line_error(run_cli("caption", "--data", gen, "--out", gen, *TINY))
     assert "holds a different run" in one_line_error(
-        run_cli("caption", gen, "--out", ref, "--shard-size", 4, "--num-beams", 2, *TINY))
+        run_cli("caption", "--data", gen, "--out", ref, "--shard-size", 4, "--num-beams", 2, *TINY))
     assert "--num-beams must be at least 1" in one_line_error(
-        run_cli("caption", gen, "--out", tmp_path / "c", "--num-beams", 0, *TINY))
-    assert "does not exist" in one_line_error(run_cli("caption", tmp_path / "nope", "--out", tmp_path / "d", *TINY))
+        run_cli("caption", "--data", gen, "--out", tmp_path / "c", "--num-beams", 0, *TINY))
+    assert "does not exist" in one_line_error(run_cli("caption", "--data", tmp_path / "nope", "--out", tmp_path / "d", *TINY))
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
 
 

@@ -2,6 +2,7 @@
 image injected: stored codes decode to the VQ-VAE's reconstruction, embeddings match the models, a real SIGKILL
 of `python -m popyou_cli encode` and a rerun give the uninterrupted result, two processes (torchrun) give it too,
 bad input fails in one line, the bench runs. CPU only; the CLI runs in-process except where a process is the point."""
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 N, BAD_ROW = 24, 5
 TINY = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
 CAPTION = ["--shard-size", "4", "--batch-size", "4", "--workers", "0", *TINY]
-ENCODE = ["--shard-size", "2", "--batch-size", "2", "--workers", "0", "--flip", *TINY]  # 12 shards
+ENCODE = ["--shard-size", "2", "--batch-size", "2", "--workers", "0", "--hflip", *TINY]  # 12 shards
 
 
 def shards(folder: Path) -> dict[str, bytes]:
@@ -44,6 +45,18 @@ def corrupt_row(folder: Path, row: int) -> None:
                              pa.array(images, type=table.schema.field("image").type))
     with open(path, "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
         w.write_table(table)
+    # Recorded as popyou records a shard it commits: the broken picture is then part of the data as it was made
+    # (a generator or source defect), not damage after the fact, which the next stage would refuse to read.
+    from popyou_cli.store.lineage import content_digest, hash_file, sidecar
+
+    sha, size = hash_file(path)
+    sidecar(folder, path.name).write_text(json.dumps({"sha256": sha, "bytes": size}))
+    manifest = json.loads((folder / "popyou_stage.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["file"] == path.name:
+            entry.update(sha256=sha, bytes=size)
+    manifest["content"] = content_digest(manifest["shards"])
+    (folder / "popyou_stage.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +64,13 @@ def chain(tmp_path_factory) -> dict[str, Path]:
     """gen-data -> (row 5 corrupted) -> caption -> encode, uninterrupted, one process: the reference."""
     root = tmp_path_factory.mktemp("chain")
     paths = {k: root / k for k in ("gen", "cap", "enc")}
-    res = run_cli("gen-data", "--n", N, "--out", paths["gen"], "--preset", "tiny", "--size", 32, "--shard-size", 4,
+    res = run_cli("gen-data", "--n", N, "--out", paths["gen"], "--preset", "tiny", "--image-size", 32, "--shard-size", 4,
                   "--device", "cpu", "--no-progress")
     assert res.exit_code == 0, res.output
     corrupt_row(paths["gen"], BAD_ROW)
-    res = run_cli("caption", paths["gen"], "--out", paths["cap"], *CAPTION)
+    res = run_cli("caption", "--data", paths["gen"], "--out", paths["cap"], *CAPTION)
     assert res.exit_code == 0 and "1 of 24 rows have an error in caption_error" in res.output, res.output
-    res = run_cli("encode", paths["cap"], "--out", paths["enc"], *ENCODE)
+    res = run_cli("encode", "--data", paths["cap"], "--out", paths["enc"], *ENCODE)
     assert res.exit_code == 0, res.output
     assert f"encoded {N} now" in res.output and "1 of 24 rows have an error in encode_error" in res.output
     return paths
@@ -117,15 +130,15 @@ def test_stored_codes_decode_to_the_reconstruction_and_embeddings_match(chain):
 
 def test_sigkill_and_rerun_equal_the_uninterrupted_run(chain, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "popyou_cli", "encode", str(chain["cap"]), "--out", str(out), *ENCODE]
+    cmd = [sys.executable, "-m", "popyou_cli", "encode", "--data", str(chain["cap"]), "--out", str(out), *ENCODE]
     env = {**os.environ, "POPYOU_TEST_BATCH_PAUSE_S": "0.5"}  # keeps the tiny run alive until the kill lands
     assert kill_after_first_shard(cmd, out, REPO, env) == -signal.SIGKILL
     left = shards(out)
     assert 1 <= len(left) < N // 2 and not (out / "state.json").exists()
-    res = run_cli("encode", chain["cap"], "--out", out, *ENCODE)
+    res = run_cli("encode", "--data", chain["cap"], "--out", out, *ENCODE)
     assert res.exit_code == 0 and f"encoded {N - 2 * len(left)} now" in res.output, res.output
     assert shards(out) == shards(chain["enc"])  # no lost, repeated or changed row
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary files left
     assert load_stage(out)["index"] == list(range(N))
 
 
@@ -148,7 +161,7 @@ def test_two_processes_equal_one(chain, tmp_path):
 
 def test_options_change_the_columns(chain, tmp_path):
     out = tmp_path / "f32"
-    res = run_cli("encode", chain["cap"], "--out", out, "--text-column", "prompt", "--embed-dtype", "float32",
+    res = run_cli("encode", "--data", chain["cap"], "--out", out, "--text-column", "prompt", "--embed-dtype", "float32",
                   "--shard-size", 8, "--batch-size", 8, *TINY)
     assert res.exit_code == 0, res.output
     raw = datasets.load_from_disk(str(out))
@@ -157,25 +170,25 @@ def test_options_change_the_columns(chain, tmp_path):
     assert raw["codes"] == datasets.load_from_disk(str(chain["enc"]))["codes"]  # batch size does not matter
     s = read_manifest(out)["settings"]
     assert s["text_columns"] == ["prompt"] and s["flip"] is False
-    res = run_cli("encode", chain["cap"], "--out", tmp_path / "none", "--no-text", "--shard-size", 24, *TINY)
+    res = run_cli("encode", "--data", chain["cap"], "--out", tmp_path / "none", "--no-text", "--shard-size", 24, *TINY)
     assert res.exit_code == 0 and "no text column" in res.output, res.output
 
 
 def test_bad_input_is_one_line(chain, tmp_path):
-    msg = one_line_error(run_cli("encode", chain["gen"], "--out", tmp_path / "a", "--text-column", "caption", *TINY))
+    msg = one_line_error(run_cli("encode", "--data", chain["gen"], "--out", tmp_path / "a", "--text-column", "caption", *TINY))
     assert "column 'caption' not found" in msg and "'popyou caption'" in msg
-    assert "overlaps input folder" in one_line_error(run_cli("encode", chain["cap"], "--out", chain["cap"], *TINY))
-    assert "overlaps input folder" in one_line_error(run_cli("encode", chain["cap"], "--out", chain["gen"], *TINY))
+    assert "overlaps input folder" in one_line_error(run_cli("encode", "--data", chain["cap"], "--out", chain["cap"], *TINY))
+    assert "overlaps input folder" in one_line_error(run_cli("encode", "--data", chain["cap"], "--out", chain["gen"], *TINY))
     assert "does not fit --patch-nums" in one_line_error(
-        run_cli("encode", chain["cap"], "--out", tmp_path / "b", "--image-size", 128, "--patch-nums", "1,2,3,4", *TINY))
+        run_cli("encode", "--data", chain["cap"], "--out", tmp_path / "b", "--image-size", 128, "--patch-nums", "1,2,3,4", *TINY))
     assert "give --patch-nums too" in one_line_error(
-        run_cli("encode", chain["cap"], "--out", tmp_path / "b", "--image-size", 128, *TINY))
+        run_cli("encode", "--data", chain["cap"], "--out", tmp_path / "b", "--image-size", 128, *TINY))
     assert "smaller than the 64 px crop" in one_line_error(
-        run_cli("encode", chain["cap"], "--out", tmp_path / "c", "--resize", 50, *TINY))
+        run_cli("encode", "--data", chain["cap"], "--out", tmp_path / "c", "--resize", 50, *TINY))
     assert "holds a different run" in one_line_error(
-        run_cli("encode", chain["cap"], "--out", chain["enc"], "--shard-size", 2, *TINY))  # no --flip
+        run_cli("encode", "--data", chain["cap"], "--out", chain["enc"], "--shard-size", 2, *TINY))  # no --hflip
     assert "unknown --embed-dtype" in one_line_error(
-        run_cli("encode", chain["cap"], "--out", tmp_path / "d", "--embed-dtype", "int8", *TINY))
+        run_cli("encode", "--data", chain["cap"], "--out", tmp_path / "d", "--embed-dtype", "int8", *TINY))
 
 
 def test_resize_center_crop_matches_torchvision():

@@ -111,7 +111,7 @@ def test_bad_input_stops_before_training(tmp_path, case, message):
     elif case == "all_errors":
         data = encoded_stage(n=4, errors=(0, 1, 2, 3))
     extra = {"init_from": ["--init-from", 99], "class_id": ["--class-id", 10],
-             "fp16_cpu": ["--mixed-precision", "fp16"]}.get(case, [])
+             "fp16_cpu": ["--dtype", "fp16"]}.get(case, [])
     if case == "fp16_cpu" and torch.cuda.is_available():
         pytest.skip("fp16 is allowed with a GPU")
     res = invoke("finetune", *TINY, "--data", data, "--out", tmp_path / "o", *extra)

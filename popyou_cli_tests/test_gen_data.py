@@ -22,7 +22,7 @@ from popyou_cli.store import load_stage, read_manifest
 REPO = Path(__file__).resolve().parent.parent
 # 32 px, 4 rows a shard: many shards from few rows, so resume and the split over processes are exercised.
 # --device cpu: the reference, the subprocesses and remake_image must all run on one kind of device.
-OPTS = {"--preset": "tiny", "--size": "32", "--shard-size": "4", "--batch-size": "4", "--seed": "7", "--device": "cpu"}
+OPTS = {"--preset": "tiny", "--image-size": "32", "--shard-size": "4", "--batch-size": "4", "--seed": "7", "--device": "cpu"}
 
 
 def opts(**changes) -> list[str]:
@@ -40,7 +40,8 @@ def shard_files(folder: Path) -> dict[str, bytes]:
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+    """Every file but the lock file, which each run rewrites with its PID (locks.py)."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.name != ".popyou.lock"}
 
 
 def raw_images(folder: Path) -> list[bytes]:
@@ -123,7 +124,7 @@ def test_resume_after_sigkill(ref, tmp_path):
     assert res.exit_code == 0, res.output
     assert f"{N_REF - 4 * len(left)} new rows" in res.output  # only the missing shards were made
     assert shard_files(out) == shard_files(ref)  # same rows, no gaps, no duplicates, identical bytes
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary files left
     assert datasets.load_from_disk(str(out))["index"] == list(range(N_REF))
 
 
@@ -217,7 +218,7 @@ def test_materialize_and_bench(ref, tmp_path):
     assert res.exit_code == 0, res.output
     assert datasets.load_from_disk(str(tmp_path / "copy"))["prompt"] == datasets.load_from_disk(str(ref))["prompt"]
     assert "not empty" in one_line_error(run_cli("materialize", ref, tmp_path / "copy"))
-    res = run_cli("bench", "gen-data", "--n", 8, "--batch-size", 4, "--size", 32, "--repeats", 1,
+    res = run_cli("bench", "gen-data", "--n", 8, "--batch-size", 4, "--image-size", 32, "--repeats", 1,
                   "--out", tmp_path / "bench.json")
     assert res.exit_code == 0, res.output
     modes = [r["mode"] for r in json.loads((tmp_path / "bench.json").read_text())["results"]]

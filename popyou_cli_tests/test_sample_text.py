@@ -25,7 +25,7 @@ def test_prompts_batched_named_and_reproducible(pipe, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a wizard funko pop\na knight funko pop\n\n")  # trailing blank lines end the file: fine
     a, b = tmp_path / "a", tmp_path / "b"
-    res = invoke("sample", "--pipeline", pipe, "--prompts", prompts, "a pirate funko pop", "--n", 2, "--batch-size", 4,
+    res = invoke("sample", "--pipeline", pipe, "--prompt-file", prompts, "a pirate funko pop", "--n", 2, "--batch-size", 4,
                  "--seed", 5, "--out", a)
     assert res.exit_code == 0, res.output
     recs = [json.loads(x) for x in (a / "samples.jsonl").read_text().splitlines()]
@@ -67,7 +67,7 @@ def test_bad_input(pipe, tmp_path, monkeypatch):
     _one_line_error(invoke("sample", "", "--pipeline", pipe, "--out", out), "prompt 1 is empty")
     blank = tmp_path / "blank.txt"
     blank.write_text("a wizard\n\na knight\n")
-    _one_line_error(invoke("sample", "--prompts", blank, "--pipeline", pipe, "--out", out), "line 2 is blank")
+    _one_line_error(invoke("sample", "--prompt-file", blank, "--pipeline", pipe, "--out", out), "line 2 is blank")
     _one_line_error(invoke("sample", "a wizard", "--out", out), "popyou import")  # offline, nothing cached
     broken = tmp_path / "broken"
     shutil.copytree(pipe, broken)

@@ -314,3 +314,98 @@ def test_unwritable_or_overlapping_output_is_refused(tmp_path):
     for bad in (cap, gen, gen / "sub", tmp_path):  # the input, its parent, inside one, or above one
         with pytest.raises(PopyouError, match="overlaps"):
             check_not_same(cap, bad)
+
+
+# ------------------------------------------------------------------------------------------ lineage (issue 12)
+def test_content_hashes_are_recorded_at_commit_and_paths_are_relative(tmp_path):
+    import hashlib
+    import json
+
+    gen, cap = tmp_path / "gen", tmp_path / "cap"
+    run_gen(gen)
+    run_caption(gen, cap)
+    m = read_manifest(gen)
+    assert [e["file"] for e in m["shards"]] == shard_files(gen)
+    for e in m["shards"]:  # the hash of the committed bytes, and the sidecar written with the shard
+        assert e["sha256"] == hashlib.sha256((gen / e["file"]).read_bytes()).hexdigest()
+        assert json.loads((gen / f".{e['file']}.sha256").read_text())["sha256"] == e["sha256"]
+    c = read_manifest(cap)
+    assert c["parent"] == "../gen" and "parent_abs" not in c  # nothing absolute: folders move and upload
+    assert c["parent_content"]["digest"] == m["content"]
+    assert str(tmp_path) not in (cap / "popyou_stage.json").read_text()
+
+
+def test_child_follows_a_grown_parent_but_not_a_changed_one(tmp_path):
+    gen, cap = tmp_path / "gen", tmp_path / "cap"
+    run_gen(gen, n=10)  # shard 2 is short (rows 8, 9)
+    run_caption(gen, cap, n=10)
+    run_gen(gen, n=17)  # grows: shard 2 extended in place, new shards after it
+    assert len(load_stage(cap)) == 10  # the rows the captions were made from are unchanged
+    run_caption(gen, cap, n=17)  # and the child grows with it
+    assert load_stage(cap)["prompt"][16] == "prompt 16"
+    # The same rows made again with other content (another run with --overwrite): refused, naming both folders.
+    w = gen_writer(gen, n=17, overwrite=True)
+    for spec in w.pending_shards():
+        rows = gen_rows(spec.rows)
+        rows["prompt"] = [f"other {i}" for i in spec.rows]
+        w.write_shard(spec, rows)
+    w.finalize()
+    with pytest.raises(PopyouError) as e:
+        load_stage(cap)
+    msg = str(e.value)
+    assert f"{cap} was made from another version of {gen}" in msg and "--overwrite" in msg and "\n" not in msg
+    with pytest.raises(PopyouError, match="another version"):
+        materialize(cap, tmp_path / "flat")
+    with pytest.raises(PopyouError, match="another version"):  # continuing the child is refused too
+        run_caption(gen, cap, n=17)
+    run_gen(gen, n=17, overwrite=True)  # the original content again, byte for byte: the child fits again
+    assert load_stage(cap)["caption"][3] == "a caption 3"
+
+
+def test_missing_or_damaged_shard_is_one_line_and_a_rerun_remakes_exactly_it(tmp_path):
+    from popyou_cli.store import verify
+
+    gen = tmp_path / "gen"
+    run_gen(gen, n=12)
+    names = shard_files(gen)
+    original = {n: (gen / n).read_bytes() for n in names}
+    (gen / names[1]).unlink()
+    with pytest.raises(PopyouError, match=r"rows 4\.\.7 .* is missing; rerun 'popyou gen-data'"):
+        load_stage(gen)
+    w = gen_writer(gen, n=12)
+    assert [s.shard_id for s in w.pending_shards()] == [1]
+    # Bit rot: one byte changed in place, the size unchanged. Only verify sees it (cheap checks cannot).
+    data = bytearray(original[names[2]])
+    data[len(data) // 2] ^= 0xFF
+    (gen / names[2]).write_bytes(bytes(data))
+    reports = verify(gen)
+    assert reports[0].missing == [names[1]] and reports[0].damaged == [names[2]] and reports[0].set_aside
+    assert not (gen / names[2]).exists() and (gen / f".{names[2]}.damaged").exists()
+    # A shard copied over another one (its rows are wrong): the rerun's cheap checks catch it without verify.
+    (gen / names[0]).write_bytes(original[names[1]])
+    w = gen_writer(gen, n=12)
+    specs = w.pending_shards()
+    assert [s.shard_id for s in specs] == [0, 1, 2]
+    for spec in specs:
+        w.write_shard(spec, gen_rows(spec.rows))
+    w.finalize()
+    assert {n: (gen / n).read_bytes() for n in names} == original
+    assert all(r.ok for r in verify(gen)) and not list(gen.glob(".*.damaged"))
+
+
+def test_a_run_that_wrote_nothing_does_not_block_a_corrected_one(tmp_path):
+    out = tmp_path / "gen"
+    gen_writer(out, seed=5).release()  # e.g. the model failed to load: a manifest, no row
+    w = gen_writer(out, seed=6)  # the corrected command: no --overwrite needed
+    assert read_manifest(out)["settings"]["seed"] == 6 and len(w.pending_shards()) == 3
+
+
+def test_disk_space_is_checked_before_any_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5000, 5000))
+    with pytest.raises(PopyouError, match=r"the 10 rows still to make need up to .* GiB, but .* free"):
+        gen_writer(tmp_path / "gen", row_bytes=1000)
+    gen_writer(tmp_path / "gen2", row_bytes=100)  # 1000 bytes fit

@@ -75,7 +75,8 @@ def test_text_stage_starts_from_image_adapter_and_pushes(image_stage, tmp_path, 
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # warm start (lr ~ 0)
     cfg = json.loads((tmp_path / "pipeline" / "pipeline.json").read_text())
     assert cfg["encoder"]["embedding"] == "text" and cfg["encoder"]["text_field"] == "caption"
-    assert cfg["train"]["init"] == str(image_stage / "pipeline")
+    # recorded relative to the pipeline folder (it is uploaded as it is), pointing at the image stage
+    assert (tmp_path / "pipeline" / cfg["train"]["init"]).resolve() == (image_stage / "pipeline").resolve()
 
 
 @pytest.mark.parametrize("case,message", [

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import encoded_stage, invoke
+from helpers import encoded_stage, invoke, one_line_error
 from popyou_cli.conditioning import ConditionedVAR, teacher_forcing
 from popyou_cli.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var
@@ -87,11 +87,12 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path):
         finetune(data=data, out=tmp_path / "b", preset="tiny", max_steps=12, save_every=4, keep_last=2,
                  sample_every=0, n_samples=0, batch_size=4, on_step=kill)
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-4"]
-    again = invoke(*args, "--out", tmp_path / "b")  # a rerun without --resume must not silently restart
-    assert again.exit_code == 1 and "--resume latest" in again.output
-    other = invoke(*args[:-2], "--batch-size", 8, "--out", tmp_path / "b", "--resume", "latest")
-    assert other.exit_code == 1 and "batch_size=4" in other.output
-    res = invoke(*args, "--out", tmp_path / "b", "--resume", "latest")
+    # --resume auto (the default) never continues another run's checkpoints: it names what differs
+    other = one_line_error(invoke(*args[:-2], "--batch-size", 8, "--out", tmp_path / "b"))
+    assert "holds checkpoints of another run" in other and "batch_size 8 (checkpoint: 4)" in other
+    other = one_line_error(invoke(*args[:-2], "--batch-size", 8, "--out", tmp_path / "b", "--resume", "latest"))
+    assert "cannot resume from" in other and "--resume-with-changes" in other
+    res = invoke(*args, "--out", tmp_path / "b")  # the same command again, no flag: it continues the run
     assert res.exit_code == 0, res.output
 
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")

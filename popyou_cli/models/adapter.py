@@ -94,6 +94,7 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu") -> tupl
         meta = json.loads(c.read_text())
         model = CondAdapter(AdapterConfig.from_dict(meta["config"]))
         model.load_state_dict(load_file(str(w)), strict=True)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise PopyouError(f"{folder}: the adapter files do not fit together ({short_error(e)})") from None
+    except Exception as e:  # noqa: BLE001 - JSON, a truncated or corrupt .safetensors, shapes that do not fit
+        raise PopyouError(f"{folder}: the adapter files are unreadable or do not fit together "
+                          f"({short_error(e, 160, with_type=True)}); train the adapter again") from None
     return model.to(device).eval(), meta

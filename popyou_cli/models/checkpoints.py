@@ -76,11 +76,33 @@ def _hub_file(repo: str, filename: str) -> str:
 def _model_folder(folder: Path) -> tuple[Path, dict]:
     cfg, weights = folder / "config.json", folder / "model.safetensors"
     if not cfg.is_file() or not weights.is_file():
-        raise PopyouError(f"{folder} is not a popyou model folder (needs config.json and model.safetensors)")
+        raise PopyouError(f"{folder} is not a popyou model folder (needs config.json and model.safetensors)"
+                          f"{_right_folder_hint(folder)}")
     try:
         return weights, json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise PopyouError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def _right_folder_hint(folder: Path) -> str:
+    """The folder meant when a run folder (or a pipeline folder) is given where a model folder belongs."""
+    if (folder / "model" / "config.json").is_file():
+        return f"; it is a finetune run folder: its model is {folder / 'model'}"
+    if (folder / "pipeline.json").is_file() and (folder / "var" / "config.json").is_file():
+        return f"; it is a pipeline folder: its VAR is {folder / 'var'} (or use --pipeline / --init {folder})"
+    if (folder / "pipeline" / "pipeline.json").is_file():
+        return (f"; it is a train-adapter run folder: its pipeline is {folder / 'pipeline'} (use --pipeline / --init "
+                f"{folder / 'pipeline'})")
+    return ""
+
+
+def recorded_vqvae(folder: Path, meta: dict) -> str | None:
+    """The VQ-VAE a VAR model folder's config.json records (a local path is relative to the folder)."""
+    ref = meta.get("vqvae")
+    if not ref:
+        return None
+    local = folder / ref
+    return str(local) if local.exists() else ref
 
 
 def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -97,8 +119,13 @@ def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
                 if "mmap" not in str(e):
                     raise
                 sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:
-        raise PopyouError(f"{path} is not a readable checkpoint ({short_error(e)})") from None
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, or a pickle weights_only refuses: one line
+        import pickle
+
+        from ..failures import REFUSED_PICKLE
+
+        why = REFUSED_PICKLE if isinstance(e, pickle.UnpicklingError) else short_error(e)
+        raise PopyouError(f"{path} is not a readable checkpoint ({why})") from None
     sd = _unnest(sd, kind)
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise PopyouError(f"{path} does not hold a {kind} state dict")
@@ -244,6 +271,9 @@ def load_vqvae(spec: str, patch_nums=None, device: str | torch.device = "cpu", r
             vae.config.resize = resize
         return vae.to(device)
     path, meta = resolve(spec, "vqvae")
+    if meta and meta.get("popyou_type") == "var" and recorded_vqvae(path.parent, meta):
+        # A VAR model folder given for the VQ-VAE: the one it records (what finetune trained it with).
+        return load_vqvae(recorded_vqvae(path.parent, meta), patch_nums, device, resize)
     sd = read_state_dict(path, "vqvae")
     cfg = VQVAEConfig.from_dict(meta["config"]) if meta else infer_vqvae_config(sd, patch_nums)
     if patch_nums is not None:

@@ -10,8 +10,8 @@ tokens stay identical on the goldens, images within their tolerances):
   call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps).
 
 Opt-in, `quantize_var(var, mode, device)`:
-- "int8" on CPU: dynamic int8 Linear layers (weights int8 per output channel, activations quantised per call to
-  uint8 over their own range) through oneDNN's int8 GEMM, the maintained x86 path (torch.ao's dynamic
+- "int8" on CPU: dynamic int8 Linear layers (weights int8 per output channel, activations quantised per call and
+  per token) through oneDNN's int8 GEMM (VNNI where the CPU has it), the maintained x86 path (torch.ao's dynamic
   quantisation and its quantized-tensor API are deprecated; torchao's int8 tensors are no faster than fp32 on a
   CPU without torch.compile). The head stays fp32: sampling reads its logits directly. On CUDA: bf16 weights.
 - "bf16": bf16 weights for every Linear of the transformer, on any device.
@@ -82,8 +82,11 @@ class CastLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Dynamic int8 Linear on the CPU: W symmetric int8 per output channel, x asymmetric uint8 per tensor from
-    its own min/max at every call, int32 accumulation in oneDNN, fp32 output (tanh-GELU optionally fused)."""
+    """Dynamic int8 Linear on the CPU: W symmetric int8 per output channel; x quantised at every call per row
+    (token) to 8 bits over its own absolute maximum, stored as uint8 with zero point 128 (oneDNN's fast int8
+    GEMM takes unsigned activations; signed ones fall to a slow reference kernel), int32 accumulation, fp32
+    output. Per-row scales keep a large-norm token from flattening the others (on tiny10, greedy, the worst scale
+    agreed 89% with per-tensor scales and 96% with per-row ones)."""
 
     def __init__(self, linear: nn.Linear, gelu: bool = False):
         super().__init__()
@@ -101,14 +104,13 @@ class Int8Linear(nn.Module):
             raise PopyouError("int8 layers run on the CPU only (on a GPU, quantize to bf16)")
         b = self.bias if bias is None else bias.float()
         x2 = x.reshape(-1, self.in_features).float()
-        lo, hi = torch.aminmax(x2)
-        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)  # the range must hold 0 (zero padding, exact zeros)
-        scale = max((hi - lo) / 255, 1e-12)
-        zero = min(255, max(0, round(-lo / scale)))
-        xq = x2.mul(1 / scale).add_(zero).round_().clamp_(0, 255).to(torch.uint8)
-        post = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
-        y = torch.ops.onednn.qlinear_pointwise(xq, scale, zero, self.w_packed, self.w_scale, self.w_zero, b,
-                                               1.0, 0, torch.float32, *post)
+        row_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
+        xq = x2.div(row_scale).round_().add_(128).clamp_(1, 255).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.w_packed, self.w_scale, self.w_zero, None,
+                                               1.0, 0, torch.float32, "none", [], "")
+        y = torch.addcmul(b, y, row_scale) if b is not None else y.mul_(row_scale)
+        if self.gelu:
+            y = F.gelu(y, approximate="tanh")
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -15,6 +15,7 @@ reference data (reference.py). report.py writes metrics.json, report.md and repo
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 from .. import metrics
 from ..errors import PopyouError
-from ..files import ensure_writable_dir
+from ..files import ensure_writable_dir, portable_spec, resolve_recorded
 from ..pipeline import Pipeline
 from ..presets import ADAPTER_PRESETS, get_preset
 from ..progress import Progress
@@ -122,7 +123,9 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     if not pipe.has_text:
         raise PopyouError(f"{pipeline} is a class-conditional model; eval scores text-to-image pipelines")
     opts = pipe.options(**(opts or SamplingOptions()).as_dict())
-    data = Path(data or pipe.config.get("train", {}).get("data") or "")
+    if data is None:  # recorded relative to the pipeline folder (files.portable_path)
+        data = resolve_recorded(pipe.config.get("train", {}).get("data"), Path(str(pipeline)).expanduser())
+    data = Path(os.path.normpath(data)) if data else Path("")
     if not str(data) or not data.exists():
         raise PopyouError(f"the training data '{data}' is not there; pass --data ENCODE_FOLDER (or score existing "
                           "images with --images DIR --reference DATA)")
@@ -154,8 +157,8 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     else:
         ref = dataset_reference(data, train_index[:max_reference], image_size, "training rows", ds)
     judge = _judge(pipe, dev)
-    result = {"mode": "generated", "pipeline": str(pipeline), "pipeline_description": pipe.description,
-              "data": str(data), "n_prompts": len(prompts),
+    result = {"mode": "generated", "pipeline": portable_spec(pipeline, out), "pipeline_description": pipe.description,
+              "data": portable_spec(data, out), "n_prompts": len(prompts),
               **_scores(gen, prompts, judge, ref, inception=inception, siglip_fid=siglip_fid, device=dev,
                         console=console),
               "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed}, "images_per_s": images_per_s,
@@ -194,14 +197,15 @@ def evaluate_images(*, images: Path, out: Path, reference: Path | None = None, p
 
     # The recorded pipeline is loaded for its judge only when it is a local folder: a Hub default (the original
     # model) has no image tower anyway, and the standard SigLIP is what judges it.
-    spec = pipeline or records[0].get("pipeline")
+    spec = pipeline or resolve_recorded(records[0].get("pipeline"), images)  # recorded relative to the folder
     local = spec is not None and Path(str(spec)).expanduser().is_dir()
     pipe = Pipeline.from_pretrained(str(spec), device=device, dtype=dtype) if pipeline or local else None
     dev = pipe.device if pipe is not None else resolve_device(device)
     judge = _judge(pipe, dev)
     ref = any_reference(reference, int(gen.shape[1]), max_reference) if reference is not None else None
     prompts = [r["prompt"] for r in records]
-    result = {"mode": "existing images", "images": str(images), "pipeline": spec, "n_prompts": len(set(prompts)),
+    result = {"mode": "existing images", "images": portable_spec(images, out), "pipeline": portable_spec(spec, out),
+              "n_prompts": len(set(prompts)),
               **_scores(gen, prompts, judge, ref, inception=inception, siglip_fid=siglip_fid, device=dev,
                         console=console),
               "sampling": {k: v for k, v in records[0].items() if k not in ("prompt", "prompt_index", "path", "seed")}}

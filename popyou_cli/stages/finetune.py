@@ -18,10 +18,13 @@ from torch import nn
 
 from ..conditioning import ConditionedVAR, TrainingStageResult, load_encoded, load_matching_vqvae, sample_grid_fn
 from ..errors import PopyouError
-from ..files import ensure_writable_dir
+from ..files import ensure_writable_dir, portable_spec
+from ..hub import push_folder
+from ..model_card import write_model_card
 from ..models.lora import apply_lora, base_var, load_var_lora, save_var
 from ..models.var import VAR, next_scale_loss
 from ..presets import FINETUNE_PRESETS, train_preset
+from ..resume import data_fingerprint, fingerprint, lock_run
 from ..training import make_accelerator, train
 
 
@@ -69,20 +72,23 @@ def parse_init(init_from: str, num_classes: int) -> str | int:
 @dataclass
 class FinetuneResult(TrainingStageResult):
     model: Path = Path()  # the model folder, OUT/model
+    pushed: str | None = None  # the Hub commit URL with --push-to-hub
 
     def summary(self) -> str:
         loss = f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}, " if self.losses else ""
+        pushed = f"; pushed: {self.pushed}" if self.pushed else ""
         return (f"{self._head('finetune')}{loss}{self.tokens_per_s:,.0f} tokens/s; class id {self.class_id}; "
-                f"model in {self.model}")
+                f"model in {self.model}{pushed}")
 
 
 def finetune(*, data: Path, out: Path, preset: str = "full", vae: str | None = None, class_name: str = "funko pop",
              init_from: str = "mean", class_id: int | None = None, overwrite: bool = False, console=None,
-             on_step=None, **options) -> FinetuneResult:
+             on_step=None, push: str | None = None, private: bool = False, **options) -> FinetuneResult:
     """Runs stage 1. `options` are TrainPreset fields (var, lora, lr, max_steps, ...; None = the preset's)."""
     p = train_preset(FINETUNE_PRESETS, preset, stage="finetune", **options)
     out = ensure_writable_dir(Path(out))
     acc = make_accelerator(p, out)
+    lock = lock_run(acc, out)  # one run per folder: a second one is refused, naming this process
 
     # Everything that can be wrong with the input is checked here, before the first step.
     model, meta = load_var_lora(p.var)
@@ -90,7 +96,8 @@ def finetune(*, data: Path, out: Path, preset: str = "full", vae: str | None = N
     enc = load_encoded(Path(data), for_stage="finetune", columns=[], patch_nums=model.config.patch_nums,
                        console=console if acc.is_main_process else None)
     rows = enc["rows"]
-    vqvae, vae_spec = load_matching_vqvae(vae, model, rows["codes"], data=data, settings=enc["settings"], meta=meta)
+    vqvae, vae_spec = load_matching_vqvae(vae, model, rows["codes"], data=data, settings=enc["settings"], meta=meta,
+                                          var_spec=p.var)
     weights = token_weights(model.config.patch_nums, p.scale_weights)
     names = list(meta.get("class_names") or [None] * n0)
     if class_id is not None:
@@ -118,19 +125,32 @@ def finetune(*, data: Path, out: Path, preset: str = "full", vae: str | None = N
     vqvae.to(acc.device)
     sample_fn = sample_grid_fn(vqvae, n=p.n_samples, cfg=p.sample_cfg, top_k=p.sample_top_k, top_p=p.sample_top_p,
                                device=acc.device) if p.n_samples > 0 else None
-    settings = asdict(p)
+    model_dir, pushed = out / "model", None
+    # Records hold no absolute local path (folders are moved and uploaded): local ones relative to the folder.
+    settings = {**asdict(p), "var": portable_spec(p.var, model_dir), "resume": portable_spec(p.resume, model_dir)}
+    run = {"stage": "finetune", "data": data_fingerprint(data), "var": fingerprint(p.var),
+           "vae": fingerprint(vae_spec), "class_id": cid, "init_from": None if class_id is not None else init_from}
     res = train(trainer, rows, loss_fn, p, out, accelerator=acc, tokens_per_row=base_var(model).config.L,
                 sample_fn=sample_fn, console=console if acc.is_main_process else None, on_step=on_step,
-                overwrite=overwrite, project="popyou-finetune",
-                tracker_config={"stage": "finetune", "data": str(data), "class_id": cid, **settings})
-    model_dir = out / "model"
+                overwrite=overwrite, project="popyou-finetune", run=run,
+                tracker_config={"stage": "finetune", "data": portable_spec(data, out), "class_id": cid, **settings})
     if acc.is_main_process:
         save_var(acc.unwrap_model(trainer).var, model_dir, lora_save=p.lora_save, extra={
-            "class_names": names, "new_class_id": cid, "vqvae": vae_spec, "base": p.var,
-            "finetune": {"data": str(data), "steps": res.steps, "lora": p.lora, "init_from": init_from,
-                         "preset": preset, "settings": settings}})
+            "class_names": names, "new_class_id": cid, "vqvae": portable_spec(vae_spec, model_dir),
+            "base": portable_spec(p.var, model_dir),
+            "finetune": {"data": portable_spec(data, model_dir), "data_content": run["data"], "steps": res.steps,
+                         "lora": p.lora, "init_from": init_from, "preset": preset, "settings": settings,
+                         "resumed_from": portable_spec(res.resumed_from, model_dir), "history": res.history}})
+        write_model_card(model_dir, "model", repo=push, facts={
+            "stage": "finetune", "preset": preset, "steps": res.steps, "data": portable_spec(data, model_dir),
+            "settings": settings, "losses": res.losses, "class_id": cid, "class_name": class_name,
+            "var": portable_spec(p.var, model_dir)})
+        if push:
+            pushed = push_folder(model_dir, push, private=private, message="popyou finetune model")
     acc.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return FinetuneResult(steps=res.steps, losses=res.losses, rows=len(rows["codes"]), skipped=enc["skipped"],
                           tokens_per_s=res.tokens_per_s, world_size=acc.num_processes,
                           is_main_process=acc.is_main_process, class_id=cid, checkpoint=res.last_checkpoint,
-                          model=model_dir)
+                          model=model_dir, pushed=pushed)

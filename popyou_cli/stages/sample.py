@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write, ensure_writable_dir
+from ..files import atomic_write, ensure_writable_dir, portable_spec
 from ..images import grid, save_png
 from ..pipeline import Pipeline
 from ..progress import Progress
@@ -76,7 +76,8 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
     resolved = pipe.options(**opts.as_dict())
     ensure_writable_dir(out)
     check_disk(out, len(sweep) if sweep else len(prompts) * n, pipe.image_size)
-    settings = {**resolved.as_dict(), "class_id": pipe.class_id, "pipeline": pipe.source}
+    # A local pipeline is recorded relative to OUT (samples.jsonl is shared and uploaded), a Hub id as it is.
+    settings = {**resolved.as_dict(), "class_id": pipe.class_id, "pipeline": portable_spec(pipe.source, out)}
     if sweep:
         return _beta_sweep(pipe, prompts[0], sweep, seed, opts, batch_size, out, settings, console)
     with Progress("sample", len(prompts) * n, console=console) as progress:

@@ -18,12 +18,14 @@ import torch
 from ..conditioning import (ConditionedVAR, TrainingStageResult, conditioning_eval, load_encoded,
                             load_matching_vqvae, sample_grid_fn, split_rows)
 from ..errors import PopyouError
-from ..files import atomic_write_json, ensure_writable_dir
+from ..files import atomic_write_json, ensure_writable_dir, portable_spec
+from ..model_card import write_model_card
 from ..models.adapter import AdapterConfig, CondAdapter, load_adapter
 from ..models.lora import apply_lora, base_var, load_var_lora
 from ..models.var import next_scale_loss
 from ..pipeline_folder import PIPELINE_JSON, push_to_hub, read_pipeline_json, save_pipeline
 from ..presets import ADAPTER_PRESETS, train_preset
+from ..resume import data_fingerprint, fingerprint, lock_run
 from ..training import make_accelerator, train
 
 
@@ -47,6 +49,8 @@ def _init_from(init: str | None, var: str | None) -> tuple[CondAdapter | None, d
     if init is None:
         return None, {}, var
     init_dir = Path(init)
+    if not (init_dir / PIPELINE_JSON).is_file() and (init_dir / "pipeline" / PIPELINE_JSON).is_file():
+        raise PopyouError(f"--init {init} is a train-adapter run folder; its pipeline is {init_dir / 'pipeline'}")
     adapter, _ = load_adapter(init_dir)
     init_cfg = read_pipeline_json(init_dir, init) if (init_dir / PIPELINE_JSON).is_file() else {}
     if init_cfg and var is None:  # the text stage continues on the image stage's VAR (its LoRA merged in)
@@ -57,7 +61,7 @@ def _init_from(init: str | None, var: str | None) -> tuple[CondAdapter | None, d
 
 def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = "full", init: str | None = None,
                   text_field: str = "prompt", class_id: int | None = None, vae: str | None = None,
-                  push: str | None = None, overwrite: bool = False, console=None, on_step=None,
+                  push: str | None = None, private: bool = False, overwrite: bool = False, console=None, on_step=None,
                   **options) -> AdapterResult:
     """Runs stage 2 or 3. `options` are TrainPreset fields (var, lora, alpha, beta, lr, ...; None = the preset's)."""
     if stage not in ("image", "text") or text_field not in ("prompt", "caption"):
@@ -65,6 +69,7 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
     p = train_preset(ADAPTER_PRESETS, preset, stage="train-adapter", **options)
     out = ensure_writable_dir(Path(out))
     acc = make_accelerator(p, out)
+    lock = lock_run(acc, out)  # one run per folder: a second one is refused, naming this process
 
     # --- every input check before the first step
     adapter, init_cfg, var = _init_from(init, p.var)
@@ -97,7 +102,8 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
         raise PopyouError(f"{var} names no class made by finetune; pass --class-id")
     if not 0 <= cid < model.num_classes:
         raise PopyouError(f"--class-id {cid} is out of range: this VAR has classes 0..{model.num_classes - 1}")
-    vqvae, vae_spec = load_matching_vqvae(vae, model, rows["codes"], data=data, settings=settings, meta=meta)
+    vqvae, vae_spec = load_matching_vqvae(vae, model, rows["codes"], data=data, settings=settings, meta=meta,
+                                          var_spec=var)
 
     # --- model: frozen VAR (no stochastic depth: nothing in it trains), optional LoRA, trainable adapter
     model.requires_grad_(False)
@@ -121,14 +127,19 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
 
     sample_fn = sample_grid_fn(vqvae, n=p.n_samples, cfg=p.sample_cfg, top_k=p.sample_top_k, top_p=p.sample_top_p,
                                device=acc.device, embeddings=show[column]) if p.n_samples > 0 else None
+    run = {"stage": f"train-adapter {stage}", "text_field": text_field if stage == "text" else None,
+           "data": data_fingerprint(data), "var": fingerprint(var), "init": fingerprint(init),
+           "vae": fingerprint(vae_spec), "class_id": cid}
     res = train(trainer, train_rows, loss_fn, p, out, accelerator=acc, tokens_per_row=base_var(model).config.L,
                 sample_fn=sample_fn, console=console if acc.is_main_process else None, on_step=on_step,
-                overwrite=overwrite, project="popyou-train-adapter",
-                tracker_config={"stage": f"train-adapter-{stage}", "data": str(data), "var": var, **asdict(p)})
+                overwrite=overwrite, project="popyou-train-adapter", run=run,
+                tracker_config={"stage": f"train-adapter-{stage}", "data": portable_spec(data, out),
+                                **asdict(p), "var": portable_spec(var, out), "resume": portable_spec(p.resume, out)})
     result = AdapterResult(steps=res.steps, losses=res.losses, rows=len(train_rows["codes"]), skipped=enc["skipped"],
                            tokens_per_s=res.tokens_per_s, world_size=acc.num_processes,
                            is_main_process=acc.is_main_process, class_id=cid, checkpoint=res.last_checkpoint,
                            pipeline=out / "pipeline")
+    folder = out / "pipeline"
     if acc.is_main_process:
         inner = acc.unwrap_model(trainer)
         if val_rows is not None:
@@ -138,11 +149,20 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
                     "beta": p.beta, "class_id": cid, "more_smooth": False}
         save_pipeline(out / "pipeline", var=inner.var, var_spec=var, var_changed=p.lora,
                       var_extra={k: v for k, v in meta.items() if k not in ("popyou_type", "config", "lora")},
-                      lora_save=p.lora_save, vqvae=vae_spec, adapter=inner.adapter.cpu(),
+                      lora_save=p.lora_save, vqvae=portable_spec(vae_spec, folder), adapter=inner.adapter.cpu(),
                       adapter_extra={"trained_on": column, "class_id": cid}, encoder=encoder, sampling=sampling,
-                      train={"stage": stage, "data": str(data), "steps": res.steps, "init": init, "lora": p.lora,
-                             "eval": result.eval, "preset": preset, "val_fraction": p.val_fraction})
+                      # Local paths relative to the pipeline folder: it is uploaded as it is (--push-to-hub).
+                      train={"stage": stage, "data": portable_spec(data, folder), "data_content": run["data"],
+                             "steps": res.steps, "init": portable_spec(init, folder), "lora": p.lora,
+                             "eval": result.eval, "preset": preset, "val_fraction": p.val_fraction,
+                             "resumed_from": portable_spec(res.resumed_from, folder), "history": res.history})
+        write_model_card(folder, "pipeline", repo=push, facts={
+            "stage": "train-adapter", "stage_name": stage, "preset": preset, "steps": res.steps,
+            "data": portable_spec(data, folder), "settings": asdict(p), "losses": res.losses, "eval": result.eval,
+            "embedding": "image" if stage == "image" else f"text ({text_field})", "var": var})
         if push:
-            result.pushed = push_to_hub(out / "pipeline", push)
+            result.pushed = push_to_hub(folder, push, private=private)
     acc.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return result

@@ -85,7 +85,7 @@ def _parent_of(folder: Path, manifest: dict | None) -> Path | None:
     absolute path, used when the relative one is gone)."""
     if not manifest or not manifest.get("parent"):
         return None
-    rel = folder / manifest["parent"]
+    rel = Path(os.path.normpath(folder / manifest["parent"]))  # written by os.path.relpath: lexical, like this
     if rel.exists() or not manifest.get("parent_abs"):
         return rel
     return Path(manifest["parent_abs"])
@@ -305,7 +305,8 @@ class StageWriter:
         if spec.prefix_file is not None:
             with pa.memory_map(str(self.out_dir / spec.prefix_file)) as src:
                 prefix = pa.ipc.open_stream(src).read_all()
-            table = pa.concat_tables([prefix.cast(table.schema), table])
+            # One chunk, as a shard written whole is: a grown shard then has the bytes (and hash) of that one.
+            table = pa.concat_tables([prefix.cast(table.schema), table]).combine_chunks()
 
         hashed: list[HashingWriter] = []
 
