@@ -144,7 +144,7 @@ def sample(
     progress_every: Optional[float] = progress_every_option(),
 ):
     """Generate images. Text: popyou sample "a wizard funko pop" (the original PopYOU model unless --pipeline says
-    otherwise). Class: popyou sample --class-id 207 --var FoundationVision/var/var_d16.pth."""
+    otherwise, e.g. --pipeline runs/txt/pipeline, the pipeline/ folder inside a train-adapter run). Class: popyou sample --class-id 207 --var FoundationVision/var/var_d16.pth."""
     from .sampling import SamplingOptions, read_prompts
     from .stages.sample import sample_classes, sample_text
 

@@ -67,6 +67,8 @@ def warn(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fixed value sets
+# devices.DTYPE_CHOICES and the spellings devices.parse_dtype accepts, restated here so that --help does not import
+# torch; test_cli_usability checks that the two agree.
 PRESETS = ("full", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}

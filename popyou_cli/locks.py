@@ -43,8 +43,10 @@ class FolderLock:
     """Holds the lock of one folder until `release()` (or until this object is garbage collected)."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "output folder"):
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; popyou's runs are not protected there
+            fcntl = None
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
         self._key: str | None = None
@@ -53,6 +55,8 @@ class FolderLock:
             if key in _held:  # this process holds it already: share the open file
                 _held[key][1] += 1
                 self._key = key
+                return
+            if fcntl is None:
                 return
             try:
                 f = open(self.path, "a+", encoding="utf-8")  # never truncates before the lock is ours

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, portable_path
 
 CARD = "README.md"
 _SHOWN_SETTINGS = ("lr", "batch_size", "grad_accum", "max_steps", "epochs", "warmup", "schedule", "mixed_precision",
@@ -28,7 +28,8 @@ def _settings_table(settings: dict) -> str:
 def model_card(kind: str, *, repo: str | None, folder: Path, facts: dict) -> str:
     """kind "model" (finetune's VAR model folder) or "pipeline" (train-adapter's pipeline folder). `facts`: what the
     stage knows (data, steps, preset, settings, class id/name, base VAR, losses, held-out eval)."""
-    where = repo or str(folder)
+    # The card is uploaded: a local folder is named relative to where popyou ran, never by its absolute path.
+    where = repo or portable_path(folder, Path.cwd())
     settings = facts.get("settings") or {}
     loss = facts.get("losses") or []
     loss_line = f"Training loss {loss[0]:.4f} -> {loss[-1]:.4f} (nats/token). " if loss else ""

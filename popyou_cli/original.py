@@ -268,7 +268,8 @@ def _locate(source: str, filename: str | None, revision: str | None) -> tuple[Pa
     if p.is_file():
         if filename or revision:
             raise PopyouError("--filename and --revision are for a Hub repo id, not a local file")
-        return p, {"kind": "original PopYOU model", "source": str(p.resolve()), "filename": p.name, "revision": None}
+        # The file's name, not its absolute path: the pipeline folder is uploaded as it is (sha256 identifies it).
+        return p, {"kind": "original PopYOU model", "source": p.name, "filename": p.name, "revision": None}
     repo = _hub_repo_id(source)
     if filename is None:
         listing = hub.list_files(repo, revision)

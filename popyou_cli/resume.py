@@ -37,12 +37,15 @@ from .presets import TrainPreset
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_MODES = ("auto", "never", "latest")
-# TrainPreset fields that define a run: a checkpoint resumes only under the same values. The others (how often
-# to save, log or sample, where to report, how to save LoRA) may change between a run and its resumption.
+# TrainPreset fields that define a run: a checkpoint resumes only under the same values.
 DEFINING_FIELDS = ("lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "hidden_dim",
                    "adapter_init_gain", "alpha", "beta", "label_smoothing", "scale_weights", "cond_drop", "hflip",
                    "val_fraction", "lr", "batch_size", "grad_accum", "max_steps", "epochs", "warmup", "schedule",
                    "min_lr_ratio", "weight_decay", "betas", "grad_clip", "mixed_precision", "seed")
+# The others: how often to save, log or sample, where to report, how to save LoRA, and the model, which the
+# stages compare by content (fingerprint), not by its spelling. Every TrainPreset field is in one of the two.
+RUN_OPTIONS = ("var", "lora_save", "save_every", "keep_last", "log_every", "report_to", "resume",
+               "resume_with_changes", "sample_every", "n_samples", "sample_cfg", "sample_top_k", "sample_top_p")
 _SKIP_DIRS = {"checkpoints", "samples", "logs"}  # run-folder parts that are not the model
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 

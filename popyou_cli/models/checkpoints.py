@@ -98,11 +98,9 @@ def _right_folder_hint(folder: Path) -> str:
 
 def recorded_vqvae(folder: Path, meta: dict) -> str | None:
     """The VQ-VAE a VAR model folder's config.json records (a local path is relative to the folder)."""
-    ref = meta.get("vqvae")
-    if not ref:
-        return None
-    local = folder / ref
-    return str(local) if local.exists() else ref
+    from ..files import resolve_recorded
+
+    return resolve_recorded(meta.get("vqvae"), folder)
 
 
 def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:

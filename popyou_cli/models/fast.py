@@ -47,6 +47,8 @@ class DenseLinear(nn.Module):
     """An fp32 Linear through oneDNN (optionally with tanh-GELU fused); falls back to F.linear off the CPU, under
     autocast or when gradients are wanted (the oneDNN op has no backward). Shares the original parameters."""
 
+    takes_bias = True  # VAR's attention passes its q|0|v bias in (models/var.py)
+
     def __init__(self, linear: nn.Linear, gelu: bool = False):
         super().__init__()
         self.weight, self.bias, self.gelu = linear.weight, linear.bias, gelu
@@ -66,6 +68,8 @@ class DenseLinear(nn.Module):
 class CastLinear(nn.Module):
     """A Linear whose weights are stored in a lower precision (bf16/fp16). Outside autocast the output is cast
     back to the input's dtype, so the residual stream keeps its precision."""
+
+    takes_bias = True  # VAR's attention passes its q|0|v bias in (models/var.py)
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, gelu: bool = False):
         super().__init__()
@@ -87,6 +91,8 @@ class Int8Linear(nn.Module):
     GEMM takes unsigned activations; signed ones fall to a slow reference kernel), int32 accumulation, fp32
     output. Per-row scales keep a large-norm token from flattening the others (on tiny10, greedy, the worst scale
     agreed 89% with per-tensor scales and 96% with per-row ones)."""
+
+    takes_bias = True  # VAR's attention passes its q|0|v bias in (models/var.py)
 
     def __init__(self, linear: nn.Linear, gelu: bool = False):
         super().__init__()

@@ -109,10 +109,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        if isinstance(self.mat_qkv, nn.Linear):  # the reference reads the weight directly (so LoRA cannot wrap it)
-            qkv = F.linear(x, self.mat_qkv.weight, bias)
-        else:  # an inference-only replacement from models/fast.py takes the q|0|v bias as an argument
+        if getattr(self.mat_qkv, "takes_bias", False):  # an inference-only replacement from models/fast.py
             qkv = self.mat_qkv(x, bias)
+        else:  # the reference reads the weight directly (so a LoRA wrapped around mat_qkv never acts)
+            qkv = F.linear(x, getattr(self.mat_qkv, "base_layer", self.mat_qkv).weight, bias)
         qkv = qkv.view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if self.l2_norm:

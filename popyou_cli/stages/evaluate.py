@@ -116,6 +116,9 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
 
     if n_prompts < 2:
         raise PopyouError("--n-prompts must be at least 2 (FID and KID need two images a side)")
+    from ..bounds import check_seed
+
+    check_seed("--seed", seed)
     if prompts is None and prompt_file is not None:
         prompts = read_prompts([], prompt_file)
     pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype)

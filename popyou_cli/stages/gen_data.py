@@ -31,6 +31,7 @@ from ..bounds import MAX_BATCH, check_finite, check_int, check_rows, check_seed
 from ..datastage import DataStage, DataStageResult, check_at_least_1, check_workers
 from ..devices import resolve_device
 from ..errors import PopyouError
+from ..files import resolve_recorded
 from ..images import to_uint8
 from ..prompts import PromptRow, default_scheme, iter_prompts, load_scheme, scheme_from_dict
 
@@ -94,6 +95,8 @@ def _quiet():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            # diffusers' SDXL calls its own deprecated upcast_vae() on every fp16 batch (see encoders/common.py)
+            warnings.filterwarnings("ignore", message=r".*`upcast_vae` is deprecated.*", category=FutureWarning)
             yield
     finally:
         dlog.set_verbosity(old[0])
@@ -292,7 +295,8 @@ def remake_image(folder: str | Path, i: int, *, device: str = "auto", exact: boo
     shard_start = i // shard_size * shard_size
     b0, b1 = batch_grid(shard_start, shard_size, s["batch_size"], i, i + 1)[0] if exact else (i, i + 1)
     batch = list(iter_prompts(scheme, s["seed"], b0, b1))
-    pipe = load_pipeline(s["model"], device=resolve_device(device), dtype=s["dtype"], size=s["size"])
+    model = resolve_recorded(s["model"], folder)  # a local model is recorded relative to the folder
+    pipe = load_pipeline(model, device=resolve_device(device), dtype=s["dtype"], size=s["size"])
     pixels = generate(pipe, [r.prompt for r in batch], [image_seed(s["seed"], r.index) for r in batch],
                       size=s["size"], steps=s["steps"], guidance=s["guidance"]).numpy()[i - b0]
     return Image.fromarray(pixels), encode_image(pixels, s["image_format"], s["quality"])

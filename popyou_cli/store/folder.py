@@ -140,6 +140,11 @@ class StageWriter:
             raise PopyouError(f"{stage}: the number of rows must be at least 1 (got {n_rows})")
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
+        from popyou_cli.bounds import MAX_SHARDS
+
+        if -(-n_rows // shard_size) > MAX_SHARDS:  # plans of work and state.json list every shard
+            raise PopyouError(f"{stage}: {n_rows} rows in shards of {shard_size} would make more than {MAX_SHARDS} "
+                              f"shard files; raise --shard-size to at least {-(-n_rows // MAX_SHARDS)}")
         if INDEX in features and features[INDEX] != datasets.Value("int64"):
             raise ValueError("the 'index' column must be Value('int64')")
         # `index` first, so every stage folder starts with the key that joins it to its parents.
@@ -165,15 +170,19 @@ class StageWriter:
                 raise PopyouError(f"{self.out_dir}: manifest missing or different on a non-main process; "
                                   "build the main process's StageWriter first")
 
-    def _differences(self, old: dict) -> list[str]:
-        """Human-readable differences between the folder's run and this one (n_rows may differ)."""
+    def _differences(self, old: dict, parent_manifest: dict | None = None) -> list[str]:
+        """Human-readable differences between the folder's run and this one (n_rows may differ). The parent is
+        the same when it is the same folder, or when it holds the content the folder was made from (folders
+        copied or moved apart: the manifest records the parent relative to the folder)."""
         def real(p: Path | None) -> str | None:  # parents compare as resolved folders, not spellings
             return os.path.realpath(p) if p is not None else None
 
+        same_content = bool(old.get("parent_content")) and parent_manifest is not None and \
+            lineage_problem(old["parent_content"], parent_manifest) is None
         o = {**old.get("settings", {}), "stage": old.get("stage"), "shard_size": old.get("shard_size"),
-             "parent": real(_parent_of(self.out_dir, old))}
+             "parent": None if same_content else real(_parent_of(self.out_dir, old))}
         n = {**self.manifest["settings"], "stage": self.stage, "shard_size": self.shard_size,
-             "parent": real(self._parent)}
+             "parent": None if same_content else real(self._parent)}
         diffs = [f"{k} {str(n.get(k))[:60]} (folder has {str(o.get(k))[:60]})"
                  for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
         if old.get("features") != self.manifest["features"]:
@@ -210,7 +219,7 @@ class StageWriter:
         if old is not None and (overwrite or not self._scan() and not (self.out_dir / STATE).exists()):
             _wipe(self.out_dir)  # --overwrite, or a run that wrote no row yet: nothing to lose, nothing to keep
         elif old is not None:
-            diffs = self._differences(old)
+            diffs = self._differences(old, parent_manifest)
             if diffs:
                 raise PopyouError(f"output folder {self.out_dir} holds a different run ({'; '.join(diffs)}); "
                                   "pass --overwrite to replace it, or choose another folder")
@@ -221,7 +230,8 @@ class StageWriter:
             if self.n_rows < old["n_rows"]:
                 raise PopyouError(f"output folder {self.out_dir} holds {old['n_rows']} rows, more than the "
                                   f"{self.n_rows} asked for; pass --overwrite to replace it, or choose another folder")
-            if old["n_rows"] == self.n_rows and old.get("parent_content") == record:
+            if old["n_rows"] == self.n_rows and old.get("parent_content") == record and \
+                    old.get("parent") == self.manifest["parent"]:
                 self.manifest = old  # the same run: keep its record (content hashes, version that made it)
         if row_bytes:
             self._check_space(row_bytes)

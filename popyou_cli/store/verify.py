@@ -36,7 +36,8 @@ class FolderReport:
     def lines(self) -> list[str]:
         head = f"{self.folder} ({self.stage or 'not a popyou stage folder'})"
         if self.ok:
-            return [f"{head}: {self.shards} shards, all as written"]
+            return [f"{head}: {self.shards} shards, all as written" if self.stage else
+                    f"{head}: no hashes recorded, nothing to check against"]
         out = []
         for names, what in ((self.damaged, "damaged" + (", set aside" if self.set_aside else "")),
                             (self.missing, "missing")):

@@ -1,0 +1,186 @@
+"""Sampling speed-ups (models/fast.py, models/sampler.py): exact mode still meets the goldens; each fast mode runs,
+is deterministic for a seed and differs from exact mode only as documented. Expected values come from the
+goldens (the reference implementation), from an unprepared model, or from a teacher-forced forward pass."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import invoke
+from popyou_cli.errors import PopyouError
+from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load_var, load_vqvae
+from popyou_cli.models.fast import SubpixelUpsample, prepare_for_sampling, quantize_var
+from popyou_cli.models.vqvae import Upsample
+
+_CACHE = {}
+
+
+def _golden_models(golden, tag):
+    if tag not in _CACHE:
+        var, _ = load_var(str(golden / f"{tag}_var.safetensors"))
+        vae = load_vqvae(str(golden / "tiny_vae.safetensors"), patch_nums=var.config.patch_nums)
+        meta = json.loads((golden / "tiny_config.json").read_text())[tag]
+        _CACHE[tag] = (var.eval(), vae.eval(), load_file(str(golden / f"{tag}_cases.safetensors")), meta)
+    return _CACHE[tag]
+
+
+def _prepared(golden, tag, **kw):
+    var, vae, cases, meta = _golden_models(golden, tag)
+    pvar, pvae = copy.deepcopy(var), copy.deepcopy(vae)
+    prepare_for_sampling(pvar, pvae, "cpu", **kw)
+    return pvar, pvae, cases, meta
+
+
+def _run(var, vae, n, labels, seed=0, **kw):
+    """Images and per-scale (tokens, guided logits) with one generator per image, as the pipeline draws."""
+    steps = []
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    img = var.generate(vae, n, labels, generator=gens,
+                       on_step=lambda si, logits, idx, fh: steps.append((idx, logits)), **kw)
+    return img, steps
+
+
+@pytest.mark.parametrize("tag,run", [("tiny", "ar_greedy"), ("tiny", "ar_topk_topp"), ("tiny", "ar_topp_only"),
+                                     ("tiny", "ar_smooth"), ("tiny10", "ar_greedy"), ("tiny10", "ar_topk_topp")])
+def test_exact_mode_meets_the_goldens(golden, tag, run):
+    """prepare_for_sampling (oneDNN GEMMs, fused GELU, sub-pixel channels_last decoder): the golden AR runs' tokens
+    bit for bit, logits and images within the golden README's tolerances."""
+    var, vae, c, meta = _prepared(golden, tag)
+    call = meta["ar_runs"][run]["call"]
+    steps = []
+    img = var.generate(vae, call["B"], torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
+                       top_p=call["top_p"], more_smooth=call["more_smooth"],
+                       generator=torch.Generator().manual_seed(call["g_seed"]),
+                       on_step=lambda si, logits, idx, fh: steps.append((logits, idx, fh)))
+    for k, (logits, idx, fh) in enumerate(steps):
+        assert torch.equal(idx, c[f"{run}_idx_s{k}"]), f"{run}: tokens differ at scale {k}"
+        torch.testing.assert_close(logits, c[f"{run}_logits_s{k}"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(fh, c[f"{run}_fhat_s{k}"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(img, c[f"{run}_img"], atol=1e-4, rtol=0)
+
+
+def test_exact_mode_decodes_the_golden_codes(golden):
+    _, vae, c, _ = _prepared(golden, "tiny10")
+    codes = [c[f"idx_s{k}"] for k in range(10)]
+    torch.testing.assert_close(vae.decode_codes(codes), c["recon_from_idx"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_upsample_equals_nearest_upsample_then_conv(channels_last):
+    torch.manual_seed(0)
+    up = Upsample(16).eval()
+    x = torch.randn(2, 16, 5, 7)
+    with torch.no_grad():
+        want = up(x)
+        fast = SubpixelUpsample(up)
+        if channels_last:
+            fast = fast.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        got = fast(x)
+    assert got.shape == want.shape == (2, 16, 10, 14)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_cfg_on_every_scale_is_the_reference_bit_for_bit(golden):
+    var, vae, _, _ = _golden_models(golden, "tiny10")
+    S = len(var.config.patch_nums)
+    labels = torch.tensor([1, 3, 5])
+    base, base_steps = _run(var, vae, 3, labels, cfg=1.5, top_k=8, top_p=0.9)
+    for k in (S, S + 3):
+        img, steps = _run(var, vae, 3, labels, cfg=1.5, top_k=8, top_p=0.9, cfg_scales=k)
+        assert torch.equal(img, base)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(steps, base_steps))
+
+
+@pytest.mark.parametrize("k", [0, 4, 8])
+def test_cfg_scales_guides_the_first_k_scales_then_runs_the_conditional_half(golden, k):
+    """Scales before K: the exact guided logits. From K on: the conditional logits alone, i.e. a teacher-forced
+    forward of the labels on the sampled tokens (this fails if the cache kept the unconditional rows)."""
+    var, vae, _, _ = _golden_models(golden, "tiny10")
+    labels = torch.tensor([1, 3])
+    _, steps = _run(var, vae, 2, labels, cfg=1.5, top_k=1, cfg_scales=k)
+    _, exact = _run(var, vae, 2, labels, cfg=1.5, top_k=1)
+    tokens = [idx for idx, _ in steps]
+    with torch.no_grad():
+        cond_only = var(labels, vae.quantize.codes_to_var_input(tokens))
+    start = 0
+    for si, ((idx, logits), pn) in enumerate(zip(steps, var.config.patch_nums)):
+        if si < k:
+            assert torch.equal(logits, exact[si][1])
+        else:
+            torch.testing.assert_close(logits, cond_only[:, start:start + pn * pn], atol=1e-4, rtol=1e-5)
+        start += pn * pn
+    assert k == 0 or not torch.equal(steps[-1][0], exact[-1][0])  # guidance does move tokens on tiny10
+
+
+def test_int8_is_deterministic_and_close_to_exact(golden):
+    """Greedy tokens of 8 classes against exact mode: the fast mode's documented distance (every scale >= 90%)."""
+    exact_var, vae, _, _ = _prepared(golden, "tiny10")
+    q_var, _, _, _ = _prepared(golden, "tiny10", quantize="int8")
+    labels = torch.arange(8) % 10
+    a, a_steps = _run(q_var, vae, 8, labels, cfg=1.5, top_k=1)
+    b, _ = _run(q_var, vae, 8, labels, cfg=1.5, top_k=1)
+    assert torch.equal(a, b)
+    _, e_steps = _run(exact_var, vae, 8, labels, cfg=1.5, top_k=1)
+    agreement = [(x[0] == y[0]).float().mean().item() for x, y in zip(a_steps, e_steps)]
+    assert min(agreement) >= 0.9, agreement
+    assert sum(not torch.equal(x[1], y[1]) for x, y in zip(a_steps, e_steps)) > 0  # int8 logits are not exact
+
+
+def test_bf16_weights_run_deterministically_under_autocast(golden):
+    var, vae, _, _ = _prepared(golden, "tiny", quantize="bf16", dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = _run(var, vae, 2, torch.tensor([1, 3]), cfg=1.5, top_k=8, top_p=0.9)
+        b, _ = _run(var, vae, 2, torch.tensor([1, 3]), cfg=1.5, top_k=8, top_p=0.9)
+    assert a.shape == (2, 3, 64, 64) and torch.equal(a, b)
+
+
+def test_unknown_quantize_mode_is_refused():
+    with pytest.raises(PopyouError, match="unknown --quantize 'int4'"):
+        quantize_var(build_tiny_var(), "int4", "cpu")
+    var = build_tiny_var()
+    assert quantize_var(var, None, "cpu") is var
+
+
+class CallAgain:
+    """CPU stand-in for a CUDA graph: 'replaying' calls the captured step again. Like a graph, it only sees the
+    static buffers it was built on, so a per-call tensor that bypasses them would be stale here too."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        return self.fn()
+
+
+def test_static_steps_replayed_across_calls_equal_eager_sampling():
+    """The CUDA-graph path's data flow (static KV cache, static inputs, one captured step per scale and row count)
+    checked on the CPU: second and third calls replay steps captured during the first."""
+    vae = build_tiny_vqvae()
+    eager = build_tiny_var()
+    static = copy.deepcopy(eager)
+    static.sampling_graphs = CallAgain
+    delta = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    calls = [dict(labels=torch.tensor([1, 2]), seed=0, cfg_scales=None),
+             dict(labels=torch.tensor([5, 7]), seed=9, cfg_scales=2, cond_delta=delta),
+             dict(labels=torch.tensor([3, 3]), seed=4, cfg_scales=None, cond_delta=-delta)]
+    for call in calls:
+        kw = dict(cfg=2.0, top_k=8, top_p=0.9, **call)
+        want, _ = _run(eager, vae, 2, kw.pop("labels"), seed=kw.pop("seed"), **kw)
+        got, _ = _run(static, vae, 2, call["labels"], seed=call["seed"], **kw)
+        assert torch.equal(got, want)
+    assert len(static._scale_steps[(4, "cpu", torch.float32)].graphs) == 4 + 2  # (scale, rows) keys
+
+
+def test_bench_sample_tiny_reports_every_mode(tmp_path):
+    out = tmp_path / "sample.json"
+    res = invoke("bench", "sample", "--tiny", "--batch-sizes", "1", "--repeats", "1", "--video-frames", "2",
+                 "--no-distances", "--out", out)
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    modes = [r["mode"] for r in result["results"]]
+    assert modes[:4] == ["reference pattern", "exact", "int8", "cfg-scales 8"]
+    assert all(r["s_per_image"] > 0 and r["vs_reference"] > 0 for r in result["results"])
+    assert [v["frames"] for v in result["beta_video"]] == [2, 2, 2]
