@@ -13,8 +13,8 @@ from typing import Optional
 import typer
 
 from .cli_bench import bench_app
-from .cli_common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, progress_every_option,
-                         renamed, show_help_literally, user_errors)
+from .cli_common import (DTYPE_ALIASES, DTYPES, PRESETS, cfg_scales_option, choice_option, console, hidden_alias,
+                         progress_every_option, quantize_option, renamed, show_help_literally, user_errors)
 from .cli_data import caption_cmd, encode_cmd, gen_data_cmd
 from .cli_train import finetune_cmd, train_adapter_cmd
 from .errors import PopyouError
@@ -53,6 +53,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
 DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
+_DEVICE_SAMPLE = typer.Option("auto", "--device", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")
 _DTYPE_SAMPLE = choice_option("auto", "--dtype", choices=DTYPES, aliases=DTYPE_ALIASES, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast); float32, float16, half, bfloat16 accepted too.")
 
 
@@ -136,10 +137,12 @@ def sample(
     more_smooth: Optional[bool] = typer.Option(None, "--more-smooth/--no-more-smooth", help="Gumbel-softmax code mixing for smoother images (VAR's more_smooth).", show_default=False),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the class embedding: cond = alpha*class + beta*delta.", show_default=False),
     beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the text delta (0 = class only; the original's slider went to 2.5).", show_default=False),
-    beta_sweep: Optional[str] = typer.Option(None, "--beta-sweep", help="START:END:N - frames of one seed and the first prompt as beta goes from START to END: a strip PNG and an animated GIF.", show_default=False),
+    beta_sweep: Optional[str] = typer.Option(None, "--beta-sweep", help="START:END:N - frames of one seed and the first prompt as beta goes from START to END: their PNGs, a labelled strip (beta_strip.png) and an MP4 (beta_sweep.mp4).", show_default=False),
     seed: int = typer.Option(0, "--seed", help="Image k of each prompt uses seed+k; the same seed gives the same image on the same kind of device."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = _DEVICE_SAMPLE,
     dtype: str = _DTYPE_SAMPLE,
+    quantize: Optional[str] = quantize_option(),
+    cfg_scales: Optional[int] = cfg_scales_option(),
     out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs, the grid and samples.jsonl."),
     progress_every: Optional[float] = progress_every_option(),
 ):
@@ -150,19 +153,21 @@ def sample(
 
     set_progress_every(progress_every)
     prompt_file = _prompt_file(prompt_file, prompts_old)
-    opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta)
+    opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta,
+                           cfg_scales=cfg_scales)
     if class_id is not None:
         if prompts or prompt_file or pipeline:
             raise PopyouError("--class-id samples a class with --var/--vae; drop the prompt/--pipeline, or drop --class-id")
         res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size, opts=opts,
-                             seed=seed, device=device, dtype=dtype, out=out, console=console)
+                             seed=seed, device=device, dtype=dtype, out=out, quantize=quantize, console=console)
     else:
         texts = read_prompts(prompts or [], prompt_file)
         if not texts:
             raise PopyouError("nothing to sample: pass a prompt, e.g. popyou sample \"a wizard funko pop\" "
                               "(or --prompt-file FILE), or --class-id N")
         res = sample_text(pipeline=pipeline, prompts=texts, n=n, batch_size=batch_size, opts=opts, seed=seed,
-                          device=device, dtype=dtype, out=out, beta_sweep=beta_sweep, console=console)
+                          device=device, dtype=dtype, out=out, beta_sweep=beta_sweep, quantize=quantize,
+                          console=console)
     console.print(res.summary(), highlight=False, soft_wrap=True)
     typer.echo(str(res.grid))
 
@@ -174,14 +179,17 @@ def demo_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. 127.0.0.1: this machine only. 0.0.0.0: every network interface (put an authenticating proxy in front)."),
     port: int = typer.Option(7860, "--port", help="TCP port of the page."),
     share: bool = typer.Option(False, "--share", help="Also make a temporary public https://*.gradio.live link through Gradio's share servers: anyone with it can use your GPU."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = _DEVICE_SAMPLE,
     dtype: str = _DTYPE_SAMPLE,
+    quantize: Optional[str] = quantize_option(),
+    cfg_scales: Optional[int] = cfg_scales_option(),
 ):
     """The original PopYOU Space, locally: a web page with a prompt, a beta slider, a seed and a beta video.
     Loads the models once, then serves until Ctrl+C. Example: popyou demo --pipeline runs/txt/pipeline"""
     from .demo import run_demo
 
-    run_demo(pipeline=pipeline, host=host, port=port, share=share, device=device, dtype=dtype, console=console)
+    run_demo(pipeline=pipeline, host=host, port=port, share=share, device=device, dtype=dtype, quantize=quantize,
+             cfg_scales=cfg_scales, console=console)
 
 
 @app.command("eval")
@@ -204,8 +212,10 @@ def eval_cmd(
     siglip_fid: bool = typer.Option(False, "--siglip-fid", help="Also compute FID in SigLIP image-embedding space."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out fraction (default: what train-adapter used).", show_default=False),
     max_reference: int = typer.Option(2000, "--max-reference", help="Reference images used for FID/KID (at most)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = _DEVICE_SAMPLE,
     dtype: str = _DTYPE_SAMPLE,
+    quantize: Optional[str] = quantize_option(),
+    cfg_scales: Optional[int] = cfg_scales_option(),
     progress_every: Optional[float] = progress_every_option(),
 ):
     """Score a pipeline: SigLIP text-image score, FID/KID vs the training images, held-out NLL with right vs
@@ -222,6 +232,8 @@ def eval_cmd(
     if images is not None:
         if prompt_file is not None or data is not None:
             raise PopyouError("--images scores existing images: drop --prompt-file/--data (give FID's --reference)")
+        if quantize is not None or cfg_scales is not None:
+            raise PopyouError("--images scores existing images, nothing is sampled: drop --quantize/--cfg-scales")
         res = evaluate_images(images=images, out=out, reference=reference, pipeline=pipeline, device=device,
                               dtype=dtype, inception=weights, siglip_fid=siglip_fid, max_reference=max_reference,
                               console=console)
@@ -230,8 +242,8 @@ def eval_cmd(
             raise PopyouError("eval needs --pipeline (made by 'popyou train-adapter'; see the README quick-start), "
                               "or --images DIR to score a 'popyou sample' folder")
         res = evaluate(pipeline=pipeline, out=out, data=data, prompt_file=prompt_file, n_prompts=n_prompts,
-                       batch_size=batch_size, seed=seed, opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p),
-                       device=device, dtype=dtype, inception=weights, siglip_fid=siglip_fid,
+                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, quantize=quantize,
+                       opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, cfg_scales=cfg_scales), inception=weights, siglip_fid=siglip_fid,
                        val_fraction=val_fraction, max_reference=max_reference, reference=reference, console=console)
     console.print(summary_line(res), highlight=False, markup=False)
     console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False, markup=False)

@@ -67,11 +67,12 @@ def warn(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fixed value sets
-# devices.DTYPE_CHOICES and the spellings devices.parse_dtype accepts, restated here so that --help does not import
+# devices.DTYPE_CHOICES, the spellings devices.parse_dtype accepts and models.fast's modes, restated here so that --help does not import
 # torch; test_cli_usability checks that the two agree.
 PRESETS = ("full", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+QUANTIZE_MODES = ("int8", "bf16")  # models.fast.QUANTIZE_MODES
 
 
 def choice_option(default, *names: str, choices: Sequence[str], aliases: Optional[dict] = None, **kw):
@@ -127,3 +128,21 @@ def int_list(text: str | None, flag: str) -> list[int] | None:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise PopyouError(f"{flag} takes comma-separated integers (got '{text}')") from None
+
+
+# ------------------------------------------------------------------------------------------ sampling speed
+def quantize_option():
+    """--quantize of sample, eval and demo."""
+    return choice_option(None, "--quantize", choices=QUANTIZE_MODES, show_default=False,
+                         help="Faster sampling that changes the images a little (BENCHMARKS.md measures the speed and "
+                         "the distance): int8 = int8 transformer layers on a CPU (bf16 weights on a GPU), about 1.5x "
+                         "on the transformer; bf16 = bf16 transformer weights. Default: exact mode (same tokens as "
+                         "the reference VAR).")
+
+
+def cfg_scales_option():
+    """--cfg-scales of sample, eval and demo."""
+    return typer.Option(None, "--cfg-scales", metavar="K", show_default=False,
+                        help="Classifier-free guidance on the first K scales only (of 10 for VAR-d16): the large "
+                        "late scales then run one pass instead of two. 8 saves about a third of the transformer's "
+                        "work; 0 = no guidance. Default: every scale (exact).")

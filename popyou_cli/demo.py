@@ -98,10 +98,12 @@ def plan_frames(beta_start: float, beta_target: float, fps, seconds) -> tuple[li
 class Demo:
     """The generation side of the page, with no Gradio layout in it: check the request, take the device, run."""
 
-    def __init__(self, pipe, spec: str | None, device: str = "auto", dtype: str = "auto", work_dir: Path | None = None):
+    def __init__(self, pipe, spec: str | None, device: str = "auto", dtype: str = "auto", work_dir: Path | None = None,
+                 cfg_scales: int | None = None):
         self.pipe = pipe
         self.spec = spec
         self.device_arg, self.dtype_arg = device, dtype
+        self.cfg_scales = cfg_scales  # the server's --cfg-scales, for every request (pipe.quantize: its --quantize)
         self.lock = threading.Lock()  # one generation at a time on the device
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="popyou-demo-"))
         self.defaults = pipe.options()  # the pipeline's sampling defaults, resolved
@@ -121,14 +123,23 @@ class Demo:
                  "--top-p", _number(opts["top_p"]), "--more-smooth" if opts["more_smooth"] else "--no-more-smooth"]
         for flag, value in (("--device", self.device_arg), ("--dtype", self.dtype_arg)):
             args += [flag, value] if value != "auto" else []
+        for flag, value in (("--quantize", self.pipe.quantize), ("--cfg-scales", self.cfg_scales)):
+            args += [flag, str(value)] if value is not None else []
         return shlex.join(args + ["--out", "samples"])
 
     def sampling(self, cfg, top_k, top_p, more_smooth) -> dict:
         """The tab's sampling options, checked by the pipeline (empty fields: the pipeline's defaults)."""
         given = dict(cfg=None if cfg is None else float(cfg), top_k=None if top_k is None else int(top_k),
-                     top_p=None if top_p is None else float(top_p), more_smooth=more_smooth)
+                     top_p=None if top_p is None else float(top_p), more_smooth=more_smooth, cfg_scales=self.cfg_scales)
         opts = self.pipe.options(**given)
-        return {"cfg": opts.cfg, "top_k": opts.top_k, "top_p": opts.top_p, "more_smooth": opts.more_smooth}
+        return {"cfg": opts.cfg, "top_k": opts.top_k, "top_p": opts.top_p, "more_smooth": opts.more_smooth,
+                "cfg_scales": opts.cfg_scales}
+
+    def speed_mode(self) -> str:
+        """How the images are made, for the page's header: exact, or the fast modes the server was started with."""
+        modes = [f"--quantize {self.pipe.quantize}"] if self.pipe.quantize else []
+        modes += [f"guidance on the first {self.cfg_scales} scales"] if self.cfg_scales is not None else []
+        return "fast mode: " + ", ".join(modes) if modes else "exact mode"
 
     def _seed(self, seed) -> int:
         """The seed box's text: empty -> a random seed (shown with the result), else a whole number >= 0."""
@@ -219,8 +230,8 @@ def build_app(demo: Demo):
                           max_lines=1, elem_id=elem_id)
 
     with gr.Blocks(title="popyou demo", analytics_enabled=False, delete_cache=(FILE_MAX_AGE_S, FILE_MAX_AGE_S)) as app:
-        gr.Markdown(f"# popyou demo\n**{pipe.description}** · {pipe.image_size} px on {pipe.device} · one request "
-                    "at a time: others wait in the queue", elem_id="header")
+        gr.Markdown(f"# popyou demo\n**{pipe.description}** · {pipe.image_size} px on {pipe.device} · "
+                    f"{demo.speed_mode()} · one request at a time: others wait in the queue", elem_id="header")
         with gr.Tab("Image", id="image"):
             with gr.Row():
                 with gr.Column():
@@ -285,22 +296,25 @@ def _stopped(status: str) -> str:
     return f"{status}\n\n**Stopped**: no video was written." if (status or "").startswith("frame ") else status
 
 
-def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device: str, dtype: str, console) -> None:
+def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device: str, dtype: str, console,
+             quantize: str | None = None, cfg_scales: int | None = None) -> None:
     """Loads the pipeline once, then serves the page until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     from .pipeline import Pipeline, default_pipeline
+    from .sampling import SamplingOptions
 
     _check_can_listen(host, port)  # before the (slow) model load
+    SamplingOptions(cfg_scales=cfg_scales).check()
     console.print(f"demo: loading {pipeline or default_pipeline()} (device {device}, dtype {dtype}) ...",
                   highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype)
+    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize)
     if not pipe.has_text:
         raise PopyouError(f"{pipe.source} is a class-conditional model with no text encoder; the demo needs a "
                           "text-to-image pipeline (popyou train-adapter, or the default original model)")
     console.print(f"demo: loaded {pipe.description} on {pipe.device} in {time.perf_counter() - t0:.1f} s",
                   highlight=False, soft_wrap=True)
-    demo = Demo(pipe, pipeline, device=device, dtype=dtype)
+    demo = Demo(pipe, pipeline, device=device, dtype=dtype, cfg_scales=cfg_scales)
     atexit.register(shutil.rmtree, demo.work_dir, ignore_errors=True)
     app = build_app(demo).queue(default_concurrency_limit=1, max_size=64)
     where = "every network interface" if host in ("0.0.0.0", "::") else host

@@ -50,6 +50,7 @@ class Pipeline:
     source: str = ""
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # autocast dtype of sampling
+    quantize: str | None = None  # the opt-in fast mode the weights were loaded in (None: exact)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -104,10 +105,12 @@ class Pipeline:
         return pipe._quantized(quantize)
 
     def _quantized(self, mode: str | None) -> "Pipeline":
-        if mode:
-            from .models.fast import quantize_var
+        """Exact mode's speed-ups (always: same tokens, images within the goldens' tolerance), then the opt-in
+        `--quantize` mode; models/fast.py says what each does. Inference only, like the pipeline."""
+        from .models.fast import prepare_for_sampling
 
-            self.var = quantize_var(self.var, mode, self.device)
+        prepare_for_sampling(self.var, self.vqvae, self.device, self.dtype, quantize=mode)
+        self.quantize = mode
         return self
 
     def to(self, device) -> "Pipeline":

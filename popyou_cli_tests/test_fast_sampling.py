@@ -181,6 +181,6 @@ def test_bench_sample_tiny_reports_every_mode(tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     modes = [r["mode"] for r in result["results"]]
-    assert modes[:4] == ["reference pattern", "exact", "int8", "cfg-scales 8"]
+    assert modes[:4] == ["reference pattern", "exact", "--quantize int8", "--cfg-scales 8"]
     assert all(r["s_per_image"] > 0 and r["vs_reference"] > 0 for r in result["results"])
     assert [v["frames"] for v in result["beta_video"]] == [2, 2, 2]

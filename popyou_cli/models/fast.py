@@ -2,12 +2,14 @@
 
 Exact mode, `prepare_for_sampling(var, vqvae, device, dtype)` (same fp32 math, other summation orders: greedy
 tokens stay identical on the goldens, images within their tolerances):
-- CPU: the transformer's Linear layers go through oneDNN's fp32 GEMM (`torch.ops.mkldnn._linear_pointwise`, the
-  kernel torch.compile's CPU backend emits) instead of MKL's sgemm, with fc1's tanh-GELU fused into it; on the
-  AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster. The VQ-VAE decoder runs in channels_last, oneDNN's
-  native layout (no reorder around every convolution).
+- CPU: the transformer's Linear layers go through oneDNN's fp32 GEMM (`torch.ops.mkldnn._linear_pointwise`, an
+  internal PyTorch op; checked at preparation, plain F.linear otherwise) instead of MKL's sgemm, with fc1's
+  tanh-GELU fused into it; on the AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster. The VQ-VAE
+  decoder's upsampling convolutions run sub-pixel (SubpixelUpsample: 2.25x fewer multiply-adds there).
+  torch.compile is not used: measured on a d16 block it was no faster on a CPU, after 20 s of compiling per shape.
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
-  call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps).
+  call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps). With a
+  reduced-precision dtype the decoder also runs in channels_last.
 
 Opt-in, `quantize_var(var, mode, device)`:
 - "int8" on CPU: dynamic int8 Linear layers (weights int8 per output channel, activations quantised per call and
@@ -223,16 +225,19 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
 
         var.sampling_graphs = CudaGraph
     if vqvae is not None:
-        prepare_decoder(vqvae)
+        prepare_decoder(vqvae, channels_last=dtype != torch.float32)
     return var, vqvae
 
 
-def prepare_decoder(vqvae) -> None:
-    """The decoder's exact-mode speed-ups in place: sub-pixel upsampling, channels_last."""
+def prepare_decoder(vqvae, channels_last: bool = False) -> None:
+    """The decoder's speed-ups in place: sub-pixel upsampling (exact), and channels_last for reduced precision.
+    In fp32, channels_last is left out of exact mode: 9% faster decoding on the BENCHMARKS.md CPU, but oneDNN's
+    NHWC kernels move the golden tiny10 image by up to 1.003e-4, past the goldens' 1e-4."""
     from .vqvae import Upsample
 
     for level in vqvae.decoder.up:
         if level.resample and isinstance(getattr(level, level.resample), Upsample):
             setattr(level, level.resample, SubpixelUpsample(getattr(level, level.resample)))
-    vqvae.decoder.to(memory_format=torch.channels_last)
-    vqvae.post_quant_conv.to(memory_format=torch.channels_last)
+    if channels_last:
+        vqvae.decoder.to(memory_format=torch.channels_last)
+        vqvae.post_quant_conv.to(memory_format=torch.channels_last)
