@@ -198,8 +198,10 @@ def bench_sampling(*, depth: int = 16, batch_sizes: list[int] = (1, 4), repeats:
     dev = devices.resolve_device(device)
     if threads > 0:
         torch.set_num_threads(threads)
-    def say(line: str) -> None:
+
+    def say(line: str) -> None:  # flushed: a long run's lines reach a log file as they are made
         console.print(line) if console is not None else print(line, flush=True)
+
     var, vae = random_models(depth, tiny, dev)
     model = "tiny" if tiny else f"VAR-d{depth} + VQ-VAE ch160"
     top_k = 8 if tiny else 900

@@ -241,10 +241,11 @@ def eval_cmd(
         if pipeline is None:
             raise PopyouError("eval needs --pipeline (made by 'popyou train-adapter'; see the README quick-start), "
                               "or --images DIR to score a 'popyou sample' folder")
+        opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, cfg_scales=cfg_scales)
         res = evaluate(pipeline=pipeline, out=out, data=data, prompt_file=prompt_file, n_prompts=n_prompts,
-                       batch_size=batch_size, seed=seed, device=device, dtype=dtype, quantize=quantize,
-                       opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, cfg_scales=cfg_scales), inception=weights, siglip_fid=siglip_fid,
-                       val_fraction=val_fraction, max_reference=max_reference, reference=reference, console=console)
+                       batch_size=batch_size, seed=seed, opts=opts, device=device, dtype=dtype, quantize=quantize,
+                       inception=weights, siglip_fid=siglip_fid, val_fraction=val_fraction,
+                       max_reference=max_reference, reference=reference, console=console)
     console.print(summary_line(res), highlight=False, markup=False)
     console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False, markup=False)
     typer.echo(str(out / "metrics.json"))

@@ -67,12 +67,12 @@ def warn(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fixed value sets
-# devices.DTYPE_CHOICES, the spellings devices.parse_dtype accepts and models.fast's modes, restated here so that --help does not import
-# torch; test_cli_usability checks that the two agree.
+# devices.DTYPE_CHOICES, the spellings devices.parse_dtype accepts and models.fast.QUANTIZE_MODES, restated here so
+# that --help does not import torch; test_cli_usability checks that they agree.
 PRESETS = ("full", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-QUANTIZE_MODES = ("int8", "bf16")  # models.fast.QUANTIZE_MODES
+QUANTIZE_MODES = ("int8", "bf16")
 
 
 def choice_option(default, *names: str, choices: Sequence[str], aliases: Optional[dict] = None, **kw):
@@ -135,9 +135,9 @@ def quantize_option():
     """--quantize of sample, eval and demo."""
     return choice_option(None, "--quantize", choices=QUANTIZE_MODES, show_default=False,
                          help="Faster sampling that changes the images a little (BENCHMARKS.md measures the speed and "
-                         "the distance): int8 = int8 transformer layers on a CPU (bf16 weights on a GPU), about 1.5x "
-                         "on the transformer; bf16 = bf16 transformer weights. Default: exact mode (same tokens as "
-                         "the reference VAR).")
+                         "the distance): int8 = int8 transformer layers on a CPU (bf16 weights on a GPU), about 2x at "
+                         "batch 1 on a 2-core CPU; bf16 = bf16 transformer weights. Default: exact mode (the same "
+                         "tokens as the reference VAR).")
 
 
 def cfg_scales_option():

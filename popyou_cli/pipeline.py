@@ -80,7 +80,7 @@ class Pipeline:
         vqvae = _load_vqvae_for(model, vae or _recorded_vqvae(var, meta), dev)
         pipe = cls(var=model, vqvae=vqvae, source=var, device=dev,
                    dtype=devices.resolve_dtype(dtype, dev, "sample"), config={"class_names": meta.get("class_names")})
-        return pipe._quantized(quantize)
+        return pipe._prepared(quantize)
 
     @classmethod
     def _load_folder(cls, folder: Path, shown: str, device, dtype, vae, quantize) -> "Pipeline":
@@ -102,15 +102,15 @@ class Pipeline:
                               f"{adapter.config.embed_dim}")
         pipe = cls(var=var, vqvae=vqvae, adapter=adapter, text_encoder=encoder, defaults=cfg.get("sampling", {}),
                    config=cfg, source=shown, device=dev, dtype=devices.resolve_dtype(dtype, dev, "sample"))
-        return pipe._quantized(quantize)
+        return pipe._prepared(quantize)
 
-    def _quantized(self, mode: str | None) -> "Pipeline":
+    def _prepared(self, mode: str | None) -> "Pipeline":
         """Exact mode's speed-ups (always: same tokens, images within the goldens' tolerance), then the opt-in
         `--quantize` mode; models/fast.py says what each does. Inference only, like the pipeline."""
         from .models.fast import prepare_for_sampling
 
         prepare_for_sampling(self.var, self.vqvae, self.device, self.dtype, quantize=mode)
-        self.quantize = mode
+        self.quantize = None if mode in (None, "none", "fp32") else mode  # quantize_var's spellings of exact
         return self
 
     def to(self, device) -> "Pipeline":

@@ -61,10 +61,12 @@ def test_dtype_spellings_agree_with_devices():
     import torch
 
     from popyou_cli import devices
-    from popyou_cli.cli_common import DTYPE_ALIASES, DTYPES, PRESETS
+    from popyou_cli.cli_common import DTYPE_ALIASES, DTYPES, PRESETS, QUANTIZE_MODES
+    from popyou_cli.models.fast import QUANTIZE_MODES as FAST_MODES
     from popyou_cli.presets import FINETUNE_PRESETS
 
     assert DTYPES == devices.DTYPE_CHOICES and set(PRESETS) == set(FINETUNE_PRESETS)
+    assert QUANTIZE_MODES == FAST_MODES
     for alias, short in DTYPE_ALIASES.items():
         assert devices.parse_dtype(alias) == devices.parse_dtype(short) != torch.float64
 

@@ -109,8 +109,9 @@ def _scores(gen: torch.Tensor, prompts: list[str], judge, ref: ReferenceSet | No
 def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: list[str] | None = None,
              prompt_file: Path | None = None, n_prompts: int = 64, batch_size: int = 8, seed: int = 0,
              opts: SamplingOptions | None = None, device: str = "auto", dtype: str = "auto",
-             quantize: str | None = None, inception: str | None = None, siglip_fid: bool = False, val_fraction: float | None = None,
-             max_reference: int = 2000, reference: Path | None = None, console=None) -> dict:
+             quantize: str | None = None, inception: str | None = None, siglip_fid: bool = False,
+             val_fraction: float | None = None, max_reference: int = 2000, reference: Path | None = None,
+             console=None) -> dict:
     """Generate one image per prompt (image i uses seed + i) and score them; writes the report into `out`.
     `quantize` (an opt-in fast mode) applies to the whole model, so the held-out NLL is that model's too."""
     from ..conditioning import ConditionedVAR, conditioning_eval
@@ -165,7 +166,7 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
               "data": portable_spec(data, out), "n_prompts": len(prompts),
               **_scores(gen, prompts, judge, ref, inception=inception, siglip_fid=siglip_fid, device=dev,
                         console=console),
-              "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed, "quantize": quantize},
+              "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed, "quantize": pipe.quantize},
               "images_per_s": images_per_s, "batch_size": batch_size, "device": str(dev)}
     paired = dataset_images(ds, val_index[:len(prompts)], image_size) if from_dataset else None
     if paired is not None and len(paired) == len(prompts):
@@ -180,7 +181,7 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
         "--pipeline": pipeline, "--data": data, "--prompt-file": prompt_file,
         "--n-prompts": None if prompt_file or not from_dataset else n_prompts, "--seed": seed,
         "--cfg": opts.cfg, "--top-k": opts.top_k, "--top-p": opts.top_p, "--cfg-scales": opts.cfg_scales,
-        "--quantize": quantize, "--batch-size": batch_size,
+        "--quantize": pipe.quantize, "--batch-size": batch_size,
         "--reference": reference, "--max-reference": max_reference, "--inception": inception,
         "--siglip-fid": siglip_fid, "--val-fraction": val_fraction, "--device": device, "--dtype": dtype,
         "--out": out})

@@ -78,7 +78,7 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
     check_disk(out, len(sweep) if sweep else len(prompts) * n, pipe.image_size)
     # A local pipeline is recorded relative to OUT (samples.jsonl is shared and uploaded), a Hub id as it is.
     settings = {**resolved.as_dict(), "class_id": pipe.class_id, "pipeline": portable_spec(pipe.source, out),
-                "quantize": quantize}
+                "quantize": pipe.quantize}
     if sweep:
         return _beta_sweep(pipe, prompts[0], sweep, seed, opts, batch_size, out, settings, console)
     with Progress("sample", len(prompts) * n, console=console) as progress:
