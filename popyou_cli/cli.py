@@ -14,7 +14,8 @@ import typer
 
 from .cli_bench import bench_app
 from .cli_common import (DTYPE_ALIASES, DTYPES, PRESETS, cfg_scales_option, choice_option, console, hidden_alias,
-                         progress_every_option, quantize_option, renamed, show_help_literally, user_errors)
+                         pipeline_at, progress_every_option, quantize_option, renamed, revision_option,
+                         show_help_literally, user_errors)
 from .cli_data import caption_cmd, encode_cmd, gen_data_cmd
 from .cli_train import finetune_cmd, train_adapter_cmd
 from .errors import PopyouError
@@ -76,7 +77,8 @@ def _prompt_file(prompt_file: Optional[Path], old: Optional[Path], command: str 
 def download_cmd(
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages: gen-data, caption, encode, finetune, train-adapter, sample, eval. Default: all.", show_default=False),
     preset: str = choice_option("full", "--preset", choices=PRESETS, help="The preset whose models are fetched (the stages' own settings)."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline for sample / eval: a Hub id (default for sample: $POPYOU_PIPELINE or the original PopYOU model).", show_default=False),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline for sample / eval: a Hub spec (default for sample: $POPYOU_PIPELINE, else spaces/AmitIsraeli/PopYou/VARtext_v1.pth).", show_default=False),
+    revision: Optional[str] = revision_option(),
     device: str = typer.Option("auto", "--device", help="Device the stages will run on: with --dtype it picks the weights (fp16 files in float16); the offline check loads there."),
     dtype: str = choice_option("auto", "--dtype", choices=DTYPES, aliases=DTYPE_ALIASES, help="auto (fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     check: bool = typer.Option(True, "--check/--no-check", help="Afterwards load every stage with HF_HUB_OFFLINE=1 in a fresh process."),
@@ -87,7 +89,8 @@ def download_cmd(
     from .download import download
 
     download(stages=[s.strip() for s in stages.split(",") if s.strip()] if stages else None, preset=preset,
-             pipeline=pipeline, device=device, dtype=dtype, check=check, dry_run=dry_run, console=console)
+             pipeline=pipeline_at(pipeline, revision), device=device, dtype=dtype, check=check, dry_run=dry_run,
+             console=console)
 
 
 # Registered here, in pipeline order, so that `popyou --help` lists the commands as the data flows.
@@ -101,20 +104,21 @@ app.command("train-adapter")(train_adapter_cmd)
 @app.command("import")
 @user_errors
 def import_cmd(
-    source: str = typer.Argument(..., help="The original PopYOU checkpoint: a local .ckpt file, or a Hub repo id such as AmitIsraeli/VARpop."),
+    source: str = typer.Argument(..., help="The original PopYOU model: a local .pth/.ckpt file, or a Hub spec such as spaces/AmitIsraeli/PopYou/VARtext_v1.pth (OWNER/NAME[/FILE], spaces/..., datasets/..., @REVISION)."),
     out: Path = typer.Option(..., "--out", help="Pipeline folder to write (written elsewhere first and renamed into place: a failed import leaves nothing here)."),
     filename: Optional[str] = typer.Option(None, "--filename", help="The checkpoint's file name in the Hub repo (needed when the repo holds several).", show_default=False),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit (default: the main branch).", show_default=False),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Architecture of the SigLIP / SigLIP2 text encoder: a Hub id or a folder with config.json; its weights come from the checkpoint when it holds them. Default: google/siglip-base-patch16-224.", show_default=False),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer: a Hub id or a folder. Default: the --text-encoder's.", show_default=False),
+    class_id: Optional[int] = typer.Option(None, "--class-id", help="The class the text conditions. Default: the file's start_class_id, else 578 (the original demo's).", show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ):
     """Make a popyou pipeline folder from the original PopYOU model (LoRA merged, bilinear VQ-VAE, adapter, SigLIP
-    text encoder and tokenizer; runs offline afterwards). Example: popyou import AmitIsraeli/VARpop --out models/popyou"""
+    text encoder and tokenizer; runs offline afterwards). Example: popyou import spaces/AmitIsraeli/PopYou/VARtext_v1.pth --out models/popyou"""
     from .stages.import_model import import_model, summary
 
     res = import_model(source, out, filename=filename, revision=revision, text_encoder=text_encoder,
-                       tokenizer=tokenizer, overwrite=overwrite)
+                       tokenizer=tokenizer, class_id=class_id, overwrite=overwrite)
     console.print(summary(res), highlight=False, soft_wrap=True)
     typer.echo(str(res["out"]))
 
@@ -122,8 +126,9 @@ def import_cmd(
 @app.command()
 @user_errors
 def sample(
-    prompts: Optional[list[str]] = typer.Argument(None, help="Text prompt(s), e.g. \"a wizard funko pop\" (needs --pipeline). Leave out for --class-id.", show_default=False),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id (made by 'popyou train-adapter' or 'popyou import'). Default: $POPYOU_PIPELINE, else the original PopYOU model AmitIsraeli/VARpop (downloaded and imported once).", show_default=False),
+    prompts: Optional[list[str]] = typer.Argument(None, help="Text prompt(s), e.g. \"a wizard funko pop\" (the original model unless --pipeline). Leave out for --class-id.", show_default=False),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder (made by 'popyou train-adapter' or 'popyou import') or Hub spec. Default: $POPYOU_PIPELINE, else the original demo's model spaces/AmitIsraeli/PopYou/VARtext_v1.pth (downloaded and imported once).", show_default=False),
+    revision: Optional[str] = revision_option(),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A text file with one prompt per line; all are batched together (a prompt itself goes in as an argument).", show_default=False),
     prompts_old: Optional[Path] = hidden_alias(None, "--prompts", "--prompt-file"),
     class_id: Optional[int] = typer.Option(None, "--class-id", help="Class-conditional sampling with --var/--vae: the class row (ImageNet ids 0-999 for the official models).", show_default=False),
@@ -165,7 +170,7 @@ def sample(
         if not texts:
             raise PopyouError("nothing to sample: pass a prompt, e.g. popyou sample \"a wizard funko pop\" "
                               "(or --prompt-file FILE), or --class-id N")
-        res = sample_text(pipeline=pipeline, prompts=texts, n=n, batch_size=batch_size, opts=opts, seed=seed,
+        res = sample_text(pipeline=pipeline_at(pipeline, revision), prompts=texts, n=n, batch_size=batch_size, opts=opts, seed=seed,
                           device=device, dtype=dtype, out=out, beta_sweep=beta_sweep, quantize=quantize,
                           console=console)
     console.print(res.summary(), highlight=False, soft_wrap=True)
@@ -175,7 +180,8 @@ def sample(
 @app.command("demo")
 @user_errors
 def demo_cmd(
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id, as for 'popyou sample' (default: $POPYOU_PIPELINE, else the original PopYOU model).", show_default=False),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub spec, as for 'popyou sample' (default: $POPYOU_PIPELINE, else the original demo's model).", show_default=False),
+    revision: Optional[str] = revision_option(),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. 127.0.0.1: this machine only. 0.0.0.0: every network interface (put an authenticating proxy in front)."),
     port: int = typer.Option(7860, "--port", help="TCP port of the page."),
     share: bool = typer.Option(False, "--share", help="Also make a temporary public https://*.gradio.live link through Gradio's share servers: anyone with it can use your GPU."),
@@ -188,14 +194,15 @@ def demo_cmd(
     Loads the models once, then serves until Ctrl+C. Example: popyou demo --pipeline runs/txt/pipeline"""
     from .demo import run_demo
 
-    run_demo(pipeline=pipeline, host=host, port=port, share=share, device=device, dtype=dtype, quantize=quantize,
+    run_demo(pipeline=pipeline_at(pipeline, revision), host=host, port=port, share=share, device=device, dtype=dtype, quantize=quantize,
              cfg_scales=cfg_scales, console=console)
 
 
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub id made by 'popyou train-adapter' (required unless --images). With --images: only its SigLIP judges the images (default there: the pipeline the samples record).", show_default=False),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder made by 'popyou train-adapter', or a Hub spec. Default: $POPYOU_PIPELINE, else the original demo's model (which records no training data: give --data). With --images: only its SigLIP judges the images (default there: the pipeline the samples record).", show_default=False),
+    revision: Optional[str] = revision_option(),
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for metrics.json, report.md, report.html, grid.png and images/."),
     images: Optional[Path] = typer.Option(None, "--images", help="Score the images of this 'popyou sample' folder (with its samples.jsonl) as they are: nothing is generated and no training data is needed; FID/KID only with --reference.", show_default=False),
     data: Optional[Path] = typer.Option(None, "--data", help="The encode folder the pipeline was trained on (default: the one its pipeline.json names): held-out prompts, NLL rows and the FID reference.", show_default=False),
@@ -238,9 +245,15 @@ def eval_cmd(
                               dtype=dtype, inception=weights, siglip_fid=siglip_fid, max_reference=max_reference,
                               console=console)
     else:
-        if pipeline is None:
+        pipeline = pipeline_at(pipeline, revision)
+        if pipeline is None and data is None:
             raise PopyouError("eval needs --pipeline (made by 'popyou train-adapter'; see the README quick-start), "
-                              "or --images DIR to score a 'popyou sample' folder")
+                              "or --data ENCODE_FOLDER to score the original model on it, or --images DIR to score "
+                              "a 'popyou sample' folder")
+        if pipeline is None:
+            from .original import default_pipeline
+
+            pipeline = default_pipeline()
         opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, cfg_scales=cfg_scales)
         res = evaluate(pipeline=pipeline, out=out, data=data, prompt_file=prompt_file, n_prompts=n_prompts,
                        batch_size=batch_size, seed=seed, opts=opts, device=device, dtype=dtype, quantize=quantize,

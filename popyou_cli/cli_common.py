@@ -146,3 +146,22 @@ def cfg_scales_option():
                         help="Classifier-free guidance on the first K scales only (of 10 for VAR-d16): the large "
                         "late scales then run one pass instead of two. 8 saves about a third of the transformer's "
                         "work; 0 = no guidance. Default: every scale (exact).")
+
+
+def revision_option():
+    return typer.Option(None, "--revision", help="Hub branch, tag or commit of --pipeline (same as SPEC@REVISION; "
+                        "default: the main branch).", show_default=False)
+
+
+def pipeline_at(pipeline: Optional[str], revision: Optional[str]) -> Optional[str]:
+    """--pipeline with --revision folded in as SPEC@REVISION, so one parser (hub.parse_spec) reads both."""
+    if revision is None:
+        return pipeline
+    from pathlib import Path
+
+    from .original import default_pipeline
+
+    spec = pipeline or default_pipeline()
+    if Path(spec).expanduser().exists():
+        raise PopyouError(f"--revision is for a pipeline on the Hub; {spec} is a local path")
+    return f"{spec.rpartition('@')[0] if '@' in spec.rpartition('/')[2] else spec}@{revision}"

@@ -11,7 +11,8 @@ What a stage needs comes from its preset (the same settings the stage runs with)
   encode         SigLIP's open_clip weights and its Hugging Face tokenizer, and the VQ-VAE
   finetune       the starting VAR and the VQ-VAE
   train-adapter  the VQ-VAE (and the VAR when the preset names one) and SigLIP (the pipeline it writes uses it)
-  sample         the pipeline (default: the original PopYOU model, imported once into popyou's cache)
+  sample         the pipeline (default: the demo Space's VARtext_v1.pth, plus the SigLIP text config and tokenizer
+                 it is imported with; imported once into popyou's cache)
   eval           SigLIP (the judge) and the pipeline when --pipeline is given
 
 Files go through the Hugging Face cache on its main branch (what a later offline load looks up) with
@@ -19,7 +20,8 @@ huggingface_hub's progress bar; files already there are not fetched again. The c
 loaders in a fresh process with HF_HUB_OFFLINE=1 (`python -m popyou_cli.download PLAN.json`), one stage at a
 time, freeing memory between them: what loads there loads in every later offline run.
 
-Hub access goes through popyou_cli.hub (`file_sizes`, `download_file`), so a test serves a fake Hub.
+Hub access goes through popyou_cli.hub (`file_sizes`, `download_file`); a `Fetch.repo` is a Hub spec as users
+write it (`spaces/OWNER/NAME` for a Space), so the repo type travels with it.
 """
 from __future__ import annotations
 
@@ -102,6 +104,24 @@ def _weights_needs(plan: Plan, stage: str, spec: str | None, kind: str) -> None:
         plan.checks.append({"stage": stage, "load": kind, "spec": spec})
 
 
+def _pipeline_needs(plan: Plan, stage: str, spec: str | None) -> None:
+    """A pipeline on the Hub. One that names the original model's file needs the file, then its text encoder's
+    config and tokenizer (the import builds the text tower from them); both show with their sizes."""
+    from .encoders.hf_text import DEFAULT_HF_TEXT_ENCODER
+    from .original import default_pipeline
+
+    spec = spec or default_pipeline()
+    if Path(spec).expanduser().exists():
+        return
+    ref = hub.require_spec(spec, what="a pipeline folder or a Hub repo")
+    if ref.filename:
+        plan.fetches.append(Fetch(stage, str(ref.file(None)), "files", [ref.filename]))
+        plan.fetches.append(Fetch(stage, DEFAULT_HF_TEXT_ENCODER, "files", ["config.json"]))
+        plan.fetches.append(Fetch(stage, DEFAULT_HF_TEXT_ENCODER, "tokenizer"))
+    plan.pipelines.append((stage, spec))
+    plan.checks.append({"stage": stage, "load": "pipeline", "spec": spec})
+
+
 def make_plan(stages: list[str], *, preset: str = "full", pipeline: str | None = None, device=None,
               dtype: str = "auto") -> Plan:
     from .devices import dtype_name, resolve_dtype
@@ -140,12 +160,7 @@ def make_plan(stages: list[str], *, preset: str = "full", pipeline: str | None =
 
                 _siglip_needs(plan, stage, DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED)
             if preset != "tiny" and (stage == "sample" or pipeline):
-                from .pipeline import default_pipeline
-
-                spec = pipeline or default_pipeline()
-                if not Path(spec).expanduser().exists():
-                    plan.pipelines.append((stage, spec))
-                    plan.checks.append({"stage": stage, "load": "pipeline", "spec": spec})
+                _pipeline_needs(plan, stage, pipeline)
         else:
             raise PopyouError(f"unknown stage '{stage}' (use: {', '.join(STAGES)})")
     if not plan.fetches and not plan.pipelines:
@@ -231,9 +246,7 @@ def human_size(n: int | None) -> str:
 
 
 def _cached(repo: str, name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo, name), str)
+    return hub.cached_file(hub.require_spec(repo), name) is not None
 
 
 def download(*, stages: list[str] | None = None, preset: str = "full", pipeline: str | None = None,
@@ -257,7 +270,7 @@ def download(*, stages: list[str] | None = None, preset: str = "full", pipeline:
         raise PopyouError("popyou download needs the Hub: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
     todo: list[tuple[str, str, int | None]] = []
     for fetch in plan.fetches:
-        fetch.chosen = choose_files(fetch, hub.file_sizes(fetch.repo))
+        fetch.chosen = choose_files(fetch, hub.file_sizes(hub.require_spec(fetch.repo)))
         new = {n: s for n, s in fetch.chosen.items() if not _cached(fetch.repo, n)}
         total, fresh = sum(s or 0 for s in fetch.chosen.values()), sum(s or 0 for s in new.values())
         files = f"{len(fetch.chosen)} file{'s' if len(fetch.chosen) != 1 else ''}"
@@ -271,7 +284,7 @@ def download(*, stages: list[str] | None = None, preset: str = "full", pipeline:
         return plan
     for k, (repo, name, size) in enumerate(todo, 1):
         console.print(f"[{k}/{len(todo)}] {repo}/{name} ({human_size(size)})", soft_wrap=True)
-        hub.download_file(repo, name)  # main branch: what offline loads look up
+        hub.download_file(hub.require_spec(repo), name)  # as named (main by default): what offline loads look up
     for stage, spec in plan.pipelines:
         console.print(f"{stage}: pipeline {spec} -> {resolve_pipeline(spec)}", soft_wrap=True)
     if check and plan.checks:

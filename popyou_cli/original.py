@@ -1,11 +1,16 @@
-"""The original PopYOU model (a PyTorch Lightning checkpoint of its text-stage training module, Hub repo
-`AmitIsraeli/VARpop`) read into a popyou pipeline folder, and `resolve_pipeline`: a pipeline spec -> a folder.
+"""The original PopYOU model read into a popyou pipeline folder, and `resolve_pipeline`: a pipeline spec -> a folder.
 
-The checkpoint's `state_dict` holds (see shared/golden/seed_checkpoint/README.md):
+The original comes in two layouts of the same module (VQ-VAE + VAR with peft LoRA + SigLIP text tower + adapter);
+docs/formats.md describes both:
+  * the demo Space's `VARtext_v1.pth` (`spaces/AmitIsraeli/PopYou`, the default model): a plain state dict,
+    saved after the demo deleted the VQ-VAE's encoder, so it holds no `vae.encoder.*`;
+  * a PyTorch Lightning checkpoint of the training module: the same keys under `state_dict`, with the encoder,
+    plus `hyper_parameters` (start_class_id, lora_alpha).
+Keys, by prefix:
   var.base_model.model.*    VAR wrapped by peft: LoRA merged here as W + (lora_alpha / r) * B @ A
                             (a plain or already merged VAR under var.* is taken as it is)
   vae.*                     the VQ-VAE; the original's quantizer resizes with bilinear, so it is saved with
-                            resize "bilinear"
+                            resize "bilinear"; without its encoder it is saved decoder side only
   adapter.*                 norm0 / layer1 / GELU / layer2 / norm2, mapped onto popyou's CondAdapter
   siglip_text_encoder.*     transformers SiglipTextModel weights (optional: else the encoder's own)
 The folder is built in a temporary sibling of --out and renamed into place, pipeline.json written last, so a
@@ -30,11 +35,13 @@ from . import hub
 from .encoders.hf_text import DEFAULT_HF_TEXT_ENCODER, build_hf_text_encoder
 from .errors import PopyouError
 from .models.adapter import AdapterConfig, CondAdapter, save_adapter
-from .models.checkpoints import check_keys, infer_var_config, infer_vqvae_config, save_model
+from .models.checkpoints import DEFAULT_VAE, check_keys, infer_var_config, infer_vqvae_config, save_model
 from .models.var import VAR
 from .models.vqvae import VQVAE
 
-DEFAULT_PIPELINE = "AmitIsraeli/VARpop"
+# The model the original demo runs: the demo Space's file (the model repo AmitIsraeli/VARpop holds only a README)
+DEFAULT_PIPELINE = "spaces/AmitIsraeli/PopYou/VARtext_v1.pth"
+PIPELINE_ENV = "POPYOU_PIPELINE"
 DEFAULT_TEXT_ENCODER = DEFAULT_HF_TEXT_ENCODER
 DEFAULT_CLASS_ID = 578  # the original demo's class when the checkpoint does not name one
 DEFAULT_LORA_ALPHA = 32  # the original's LoraConfig; its checkpoints do not record it
@@ -44,8 +51,10 @@ ORIGINAL_SAMPLING = {"alpha": 1.0, "beta": 1.0, "cfg": 1.5, "top_k": 0, "top_p":
 _PEFT_PREFIX = "base_model.model."
 _PARTS = {"var.": "var", "vae.": "vqvae", "adapter.": "adapter", "siglip_text_encoder.": "text"}
 _ADAPTER_NAMES = {"norm0": "norm_in", "layer1": "fc1", "layer2": "fc2", "norm2": "norm_out"}
-_EXPECTS = ("import expects the original PopYOU Lightning checkpoint (a state_dict with var.*, vae.*, adapter.* "
-            "and optionally siglip_text_encoder.* weights)")
+_EXPECTS = ("import expects the original PopYOU model: the demo Space's VARtext_v1.pth or a Lightning checkpoint "
+            "(var.*, vae.*, adapter.* and optionally siglip_text_encoder.* weights)")
+_WHERE = (f"the original model is {DEFAULT_PIPELINE} (the demo Space); a local copy imports with "
+          "`popyou import FILE --out DIR`")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -178,10 +187,12 @@ def _adapter(part: dict, var_dim: int) -> CondAdapter:
 
 # ------------------------------------------------------------------------------------------ import
 def import_checkpoint(source: str | Path, out: str | Path, *, filename: str | None = None, revision: str | None = None,
-                      text_encoder: str | None = None, tokenizer: str | None = None, overwrite: bool = False) -> dict:
-    """Reads the original PopYOU checkpoint (a local file, or a Hub repo id with optional filename / revision)
+                      text_encoder: str | None = None, tokenizer: str | None = None, class_id: int | None = None,
+                      overwrite: bool = False) -> dict:
+    """Reads the original PopYOU model (a local file, or a Hub spec: any repo type, optional file and revision)
     and writes a popyou pipeline folder at `out`. text_encoder: the text tower's architecture (Hub id or folder
-    with config.json; None: DEFAULT_TEXT_ENCODER); tokenizer: None means the text encoder's. Returns a summary."""
+    with config.json; None: DEFAULT_TEXT_ENCODER); tokenizer: None means the text encoder's; class_id: the class
+    the text conditions (None: the file's start_class_id, else the original demo's 578). Returns a summary."""
     t0 = time.perf_counter()
     out = Path(out).expanduser()
     _check_out(out, overwrite)
@@ -208,10 +219,7 @@ def import_checkpoint(source: str | Path, out: str | Path, *, filename: str | No
     if enc.dim != adapter.config.embed_dim:
         raise PopyouError(f"the text encoder ({text_encoder}) gives {enc.dim}-wide embeddings but the adapter "
                           f"reads {adapter.config.embed_dim}")
-    class_id = int(hparams.get("start_class_id", DEFAULT_CLASS_ID))
-    if not 0 <= class_id < var_cfg.num_classes:
-        raise PopyouError(f"class {class_id} (hyper_parameters.start_class_id, else the original's {DEFAULT_CLASS_ID}) "
-                          f"is not a class of this VAR (0-{var_cfg.num_classes - 1})")
+    class_id = _class_id(class_id, hparams, var_cfg.num_classes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
@@ -229,7 +237,8 @@ def import_checkpoint(source: str | Path, out: str | Path, *, filename: str | No
         encoder_entry = enc.save_pretrained(tmp)
         sampling = {"class_id": class_id, **ORIGINAL_SAMPLING}
         pipeline = {"popyou_type": "pipeline", "version": 1, "var": "var", "vqvae": "vqvae", "vqvae_resize": "bilinear",
-                    "encoder": encoder_entry, "adapter": {"weights": "adapter.safetensors", "config": "adapter.json"},
+                    "vqvae_encoder": _encoder_source(vae_cfg), "encoder": encoder_entry,
+                    "adapter": {"weights": "adapter.safetensors", "config": "adapter.json"},
                     "sampling": sampling, "provenance": prov}
         (tmp / PIPELINE_JSON).write_text(json.dumps(pipeline, indent=2))  # last: a folder with it is complete
         _move_into_place(tmp, out)
@@ -238,6 +247,28 @@ def import_checkpoint(source: str | Path, out: str | Path, *, filename: str | No
         raise
     return {"out": out, "pipeline": pipeline, "var": var_cfg, "vqvae": vae_cfg, "adapter": adapter.config,
             "text_encoder_dim": enc.dim, "lora_layers_merged": merged, "seconds": time.perf_counter() - t0}
+
+
+def _class_id(given: int | None, hparams: dict, num_classes: int) -> int:
+    """--class-id, else the file's start_class_id (Lightning checkpoints), else the original demo's 578."""
+    if given is not None:
+        class_id, source = given, "--class-id"
+    elif "start_class_id" in hparams:
+        class_id, source = hparams["start_class_id"], "the file's hyper_parameters.start_class_id"
+    else:
+        class_id, source = DEFAULT_CLASS_ID, "the original demo's class"
+    if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < num_classes:
+        raise PopyouError(f"class {class_id!r} ({source}) is not a class of this VAR (0-{num_classes - 1}); pick one "
+                          f"with --class-id")
+    return class_id
+
+
+def _encoder_source(cfg) -> str | None:
+    """Where the encoder of a VQ-VAE saved decoder side only lives: the official VQ-VAE holds the same weights (the
+    original fine-tuned only VAR), so a stage that must encode images for this pipeline takes it from there. None
+    when the file kept its encoder, or its architecture is not the official one."""
+    official = (cfg.vocab_size, cfg.z_channels, cfg.ch) == (4096, 32, 160)
+    return DEFAULT_VAE if not cfg.has_encoder and official else None
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -258,24 +289,30 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def _locate(source: str, filename: str | None, revision: str | None) -> tuple[Path, dict]:
-    """(local checkpoint file, provenance) for a local path or a Hub repo id."""
+    """(local checkpoint file, provenance) for a local path or a Hub spec."""
     p = Path(source).expanduser()
     if p.is_dir():
         if (p / PIPELINE_JSON).is_file() or ((p / "config.json").is_file() and (p / "model.safetensors").is_file()):
             raise PopyouError(f"{source} is already a popyou folder (pipeline or model folder); use it directly with "
                               f"--pipeline / --var; {_EXPECTS}")
-        raise PopyouError(f"{source} is a folder; {_EXPECTS} file (.ckpt)")
+        raise PopyouError(f"{source} is a folder; {_EXPECTS}")
     if p.is_file():
         if filename or revision:
-            raise PopyouError("--filename and --revision are for a Hub repo id, not a local file")
+            raise PopyouError("--filename and --revision are for a Hub repo, not a local file")
         # The file's name, not its absolute path: the pipeline folder is uploaded as it is (sha256 identifies it).
         return p, {"kind": "original PopYOU model", "source": p.name, "filename": p.name, "revision": None}
-    repo = _hub_repo_id(source)
-    if filename is None:
-        listing = hub.list_files(repo, revision)
-        filename, revision = pick_checkpoint(listing), listing.commit
-    path = hub.download_file(repo, filename, revision)
-    return path, {"kind": "original PopYOU model", "source": repo, "filename": filename, "revision": revision}
+    if source.lower().endswith(CHECKPOINT_SUFFIXES) and hub.parse_spec(source) is None:
+        raise PopyouError(f"no such file: {source}")
+    ref = hub.require_spec(source, revision)
+    if filename and ref.filename and filename != ref.filename:
+        raise PopyouError(f"{source} names the file {ref.filename}; --filename {filename} names another")
+    ref = ref.file(filename or ref.filename)
+    if ref.filename is None:
+        listing = hub.list_files(ref)
+        ref = ref.file(pick_checkpoint(listing)).at(listing.commit)
+    path = hub.download_file(ref, ref.filename)
+    return path, {"kind": "original PopYOU model", "source": ref.repo, "repo_type": ref.repo_type,
+                  "filename": ref.filename, "revision": ref.revision}
 
 
 def pick_checkpoint(listing: hub.RepoListing) -> str:
@@ -284,17 +321,9 @@ def pick_checkpoint(listing: hub.RepoListing) -> str:
         return found[0]
     if not found:
         raise PopyouError(f"the Hub repo '{listing.repo}' holds no checkpoint (.ckpt/.pth/.pt/.safetensors) and no "
-                          f"{PIPELINE_JSON}; files: {', '.join(listing.files[:10]) or 'none'}")
-    raise PopyouError(f"the Hub repo '{listing.repo}' holds several checkpoints ({', '.join(found)}); pick one "
-                      "with --filename")
-
-
-def _hub_repo_id(spec: str) -> str:
-    if spec.lower().endswith(CHECKPOINT_SUFFIXES):
-        raise PopyouError(f"no such file: {spec}")
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) or spec.startswith((".", "/", "~")):
-        raise PopyouError(f"no such file or folder, and not a Hub repo id (org/name): {spec}")
-    return spec
+                          f"{PIPELINE_JSON} (files: {', '.join(listing.files[:10]) or 'none'}); {_WHERE}")
+    raise PopyouError(f"the Hub repo '{listing.repo}' holds several checkpoints ({', '.join(found)}); name one, e.g. "
+                      f"{listing.ref.file(found[0])}, or pick it with --filename")
 
 
 def _sha256(path: Path) -> str:
@@ -321,41 +350,58 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "popyou"
 
 
-def resolve_pipeline(spec: str | None = None) -> Path:
-    """A pipeline folder for `spec`: None -> $POPYOU_PIPELINE or the original model's Hub repo; a local folder
-    as it is; a Hub id `org/name[/file][@revision]` holding a popyou folder -> its snapshot; one holding the
-    original checkpoint -> imported once into popyou's cache (keyed by repo and commit) and reused, offline too."""
-    spec = spec or os.environ.get("POPYOU_PIPELINE") or DEFAULT_PIPELINE
-    if Path(spec).expanduser().is_dir():
-        return Path(spec).expanduser()
-    if Path(spec).expanduser().is_file():
+def default_pipeline() -> str:
+    """$POPYOU_PIPELINE, else the original demo's model."""
+    return os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE
+
+
+def resolve_pipeline(spec: str | None = None, revision: str | None = None) -> Path:
+    """A pipeline folder for `spec`: None -> default_pipeline(); a local folder as it is; a Hub spec (any repo
+    type, optional file and revision) holding a popyou folder -> its snapshot; one holding the original model ->
+    downloaded once through the Hugging Face cache, imported once into popyou's cache (keyed by repo and the
+    commit the revision resolved to) and reused, offline too, without a request."""
+    spec = spec or default_pipeline()
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_file():
         raise PopyouError(f"{spec} is a file: make a pipeline folder from it with `popyou import {spec} --out DIR`")
-    spec, _, revision = spec.partition("@")
-    parts = spec.strip("/").split("/")
-    repo, filename = _hub_repo_id("/".join(parts[:2])), "/".join(parts[2:]) or None
-    repo_dir = cache_root() / "imports" / repo.replace("/", "--")
-    ref = repo_dir / "refs" / _safe_name(f"{revision or 'main'}--{filename or ''}")
+    ref = hub.require_spec(spec, revision, "a pipeline folder or a Hub repo")
+    repo_dir = cache_root() / "imports" / _safe_name(ref.repo.replace("/", "--"))
+    pointer = repo_dir / "refs" / _safe_name(f"{ref.revision or 'main'}--{ref.filename or ''}")
     try:
-        listing = hub.list_files(repo, revision or None)
+        listing = hub.list_files(ref)
     except hub.HubOffline:
-        cached = repo_dir / ref.read_text().strip() if ref.is_file() else None
-        if cached is not None and (cached / PIPELINE_JSON).is_file():
-            return cached
-        snap = hub.cached_snapshot(repo, revision or None)
-        if snap is not None and (snap / PIPELINE_JSON).is_file():
-            return snap
-        raise PopyouError(f"the pipeline '{spec}' is not in popyou's cache ({cache_root()}) and the Hub cannot be "
-                          f"reached: run once online to download and import it, or `popyou import FILE --out DIR` "
-                          f"a local copy and pass --pipeline DIR") from None
-    if filename is None and (PIPELINE_JSON in listing.files or {"config.json", "model.safetensors"} <= set(listing.files)):
+        return _resolve_offline(ref, repo_dir, pointer)
+    if ref.filename is None and _is_popyou_folder(listing.files):
         # already popyou's format; by the name asked for (not the commit), so that the Hugging Face cache records
         # the ref and the same spec resolves offline later
-        return hub.download_snapshot(repo, revision or None)
-    key = listing.commit + ("--" + _safe_name(filename) if filename else "")
+        return hub.download_snapshot(ref)
+    filename = ref.filename or pick_checkpoint(listing)
+    if filename not in listing.files:
+        raise PopyouError(f"the Hub repo '{ref.repo}' has no file {filename} at {ref.revision or 'its main branch'} "
+                          f"(files: {', '.join(listing.files[:10]) or 'none'}); {_WHERE}")
+    key = f"{listing.commit}--{_safe_name(filename)}"
     folder = repo_dir / key
     if not (folder / PIPELINE_JSON).is_file():
-        import_checkpoint(repo, folder, filename=filename or pick_checkpoint(listing), revision=listing.commit,
-                          overwrite=True)
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(key)
+        import_checkpoint(ref.repo, folder, filename=filename, revision=listing.commit, overwrite=True)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(key)
     return folder
+
+
+def _is_popyou_folder(files: list[str]) -> bool:
+    return PIPELINE_JSON in files or {"config.json", "model.safetensors"} <= set(files)
+
+
+def _resolve_offline(ref: hub.HubRef, repo_dir: Path, pointer: Path) -> Path:
+    """What an earlier online run left: the imported folder the pointer names, else a cached popyou snapshot."""
+    cached = repo_dir / pointer.read_text().strip() if pointer.is_file() else None
+    if cached is not None and (cached / PIPELINE_JSON).is_file():
+        return cached
+    snap = hub.cached_snapshot(ref) if ref.filename is None else None
+    if snap is not None and (snap / PIPELINE_JSON).is_file():
+        return snap
+    raise PopyouError(f"the pipeline '{ref}' is not in popyou's cache ({cache_root()}) and the Hub cannot be "
+                      f"reached: run once online (`popyou download` fetches it), or `popyou import FILE --out DIR` "
+                      f"a local copy and pass --pipeline DIR") from None

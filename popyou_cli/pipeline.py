@@ -14,7 +14,6 @@ seed (not on the batch it was made in); for a single image `seed=S` means what t
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,15 +27,9 @@ from .models.checkpoints import DEFAULT_VAE, load_vqvae
 from .models.lora import load_var_lora
 from .models.var import VAR
 from .models.vqvae import VQVAE
+from .original import default_pipeline, resolve_pipeline
 from .pipeline_folder import read_pipeline_json
 from .sampling import SamplingOptions, check_seed
-
-DEFAULT_PIPELINE = "AmitIsraeli/VARpop"  # the original PopYOU model, imported on first use
-PIPELINE_ENV = "POPYOU_PIPELINE"
-
-
-def default_pipeline() -> str:
-    return os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE
 
 
 @dataclass
@@ -54,20 +47,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, spec: str | None = None, *, device="auto", dtype="auto", vae: str | None = None,
-                        quantize: str | None = None) -> "Pipeline":
-        """A pipeline folder, a Hub id (a popyou pipeline repo, or an original PopYOU checkpoint imported once into
-        popyou's cache), or a VAR model folder (class-conditional). None: $POPYOU_PIPELINE or the original model."""
+    def from_pretrained(cls, spec: str | None = None, *, revision: str | None = None, device="auto", dtype="auto",
+                        vae: str | None = None, quantize: str | None = None) -> "Pipeline":
+        """A pipeline folder; a Hub spec (OWNER/NAME, spaces/OWNER/NAME/FILE, ...@REV, or `revision`) holding a
+        popyou pipeline or the original PopYOU model, imported once into popyou's cache; or a VAR model folder,
+        local weights file or "tiny" (class-conditional). None: $POPYOU_PIPELINE or the original demo's model."""
         spec = spec or default_pipeline()
-        folder = Path(spec).expanduser()
-        if folder.is_dir() and not (folder / "pipeline.json").is_file() and (folder / "config.json").is_file():
+        local = Path(spec).expanduser()
+        is_model_folder = local.is_dir() and not (local / "pipeline.json").is_file() and (local / "config.json").is_file()
+        if is_model_folder or local.is_file() or spec == "tiny":
             return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize)
-        if not folder.is_dir():
-            if _looks_like_model_spec(spec):
-                return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize)
-            from .original import resolve_pipeline
-
-            folder = resolve_pipeline(spec)
+        folder = resolve_pipeline(spec, revision)
         return cls._load_folder(folder, spec, device, dtype, vae, quantize)
 
     @classmethod
@@ -241,11 +231,6 @@ class Pipeline:
         if not 0 <= class_id < self.var.config.num_classes:
             raise PopyouError(f"--class-id {class_id} is out of range: this model has classes "
                               f"0..{self.var.config.num_classes - 1}")
-
-
-def _looks_like_model_spec(spec: str) -> bool:
-    """"tiny", an official weights file, or a Hub file path (owner/repo/file.pth): a VAR, not a pipeline repo."""
-    return spec == "tiny" or Path(spec).suffix in {".pth", ".pt", ".safetensors", ".bin"} or spec.count("/") >= 2
 
 
 def _recorded_vqvae(var_spec: str, meta: dict) -> str:

@@ -1,7 +1,7 @@
-"""`popyou import` and the default pipeline, against the original PopYOU checkpoint format in miniature
-(shared/golden/seed_checkpoint: a tiny checkpoint in exactly that format and the original inference's outputs)."""
+"""`popyou import` and the default pipeline, against the original PopYOU model's two layouts in miniature
+(shared/golden/seed_checkpoint: the Lightning checkpoint; shared/golden/space_checkpoint: the demo Space's
+VARtext_v1.pth, a plain state dict without the VQ-VAE encoder; each with the original inference's outputs)."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -11,34 +11,45 @@ from safetensors.torch import load_file
 
 from conftest import golden_dir
 from helpers import invoke, one_line_error
-from popyou_cli import hub, original
+from popyou_cli import original
 from popyou_cli.encoders.hf_text import load_hf_text_encoder
 from popyou_cli.errors import PopyouError
 from popyou_cli.models.adapter import load_adapter
 from popyou_cli.models.checkpoints import build_tiny_var, load_var, load_vqvae, save_model
 
-REPO = "AmitIsraeli/VARpop"
+# golden folder -> the model file in it; both hold cases.json, expected.safetensors, tokenizer/, text_encoder/
+LAYOUTS = {"seed_checkpoint": "popyou-seed-tiny.ckpt", "space_checkpoint": "VARtext_v1.pth"}
 
 
-@pytest.fixture(scope="module")
-def seed_dir():
-    d = golden_dir() / "seed_checkpoint"
-    if not (d / "popyou-seed-tiny.ckpt").is_file():
-        pytest.skip(f"seed checkpoint not found at {d} (set POPYOU_GOLDEN_DIR to the shared/golden folder)")
+def _golden_model_dir(name: str):
+    d = golden_dir() / name
+    if not (d / LAYOUTS[name]).is_file():
+        pytest.skip(f"{LAYOUTS[name]} not found in {d} (set POPYOU_GOLDEN_DIR to the shared/golden folder)")
     return d
 
 
 @pytest.fixture(scope="module")
-def cases(seed_dir):
-    meta = json.loads((seed_dir / "cases.json").read_text())
-    return meta, {c["name"]: c for c in meta["cases"]}, load_file(str(seed_dir / "expected.safetensors"))
+def seed_dir():
+    return _golden_model_dir("seed_checkpoint")
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def model_dir(request):
+    """Each layout in turn: the golden cases must hold for both."""
+    return _golden_model_dir(request.param)
 
 
 @pytest.fixture(scope="module")
-def imported(seed_dir, tmp_path_factory):
+def cases(model_dir):
+    meta = json.loads((model_dir / "cases.json").read_text())
+    return meta, {c["name"]: c for c in meta["cases"]}, load_file(str(model_dir / "expected.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def imported(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("import") / "popyou"
-    res = invoke("import", seed_dir / "popyou-seed-tiny.ckpt", "--out", out, "--text-encoder", seed_dir / "text_encoder",
-                 "--tokenizer", seed_dir / "tokenizer")
+    res = invoke("import", model_dir / LAYOUTS[model_dir.name], "--out", out, "--text-encoder",
+                 model_dir / "text_encoder", "--tokenizer", model_dir / "tokenizer")
     assert res.exit_code == 0, res.output
     return out
 
@@ -64,7 +75,7 @@ def test_cases_json_lists_the_tested_cases(cases):
     assert sorted(cases[1]) == sorted(CASE_NAMES)  # a new case in cases.json must be added to CASE_NAMES
 
 
-def test_pipeline_json_and_folder(imported, seed_dir, cases):
+def test_pipeline_json_and_folder(imported, model_dir, cases):
     pj = json.loads((imported / "pipeline.json").read_text())
     assert pj["var"] == "var" and pj["vqvae"] == "vqvae"
     assert pj["encoder"] == {"library": "transformers", "path": "text_encoder", "tokenizer": "tokenizer",
@@ -72,13 +83,39 @@ def test_pipeline_json_and_folder(imported, seed_dir, cases):
     assert pj["sampling"] == {"class_id": cases[0]["class_id"], "alpha": 1.0, "beta": 1.0, "cfg": 1.5, "top_k": 0,
                               "top_p": 0.9, "more_smooth": False}
     prov = pj["provenance"]
-    assert prov["kind"] == "original PopYOU model" and prov["filename"] == "popyou-seed-tiny.ckpt"
+    assert prov["kind"] == "original PopYOU model" and prov["filename"] == LAYOUTS[model_dir.name]
     import hashlib
 
-    assert prov["sha256"] == hashlib.sha256((seed_dir / "popyou-seed-tiny.ckpt").read_bytes()).hexdigest()
+    assert prov["sha256"] == hashlib.sha256((model_dir / LAYOUTS[model_dir.name]).read_bytes()).hexdigest()
     assert json.loads((imported / "vqvae" / "config.json").read_text())["config"]["resize"] == "bilinear"
     assert sorted(p.name for p in imported.iterdir()) == ["adapter.json", "adapter.safetensors", "pipeline.json",
                                                          "text_encoder", "tokenizer", "var", "vqvae"]
+
+
+def test_space_layout_is_decoder_side_only(imported, model_dir, cases):
+    """The Space's file has no vae.encoder.*: the VQ-VAE is saved decoder side only, class 578 comes from the
+    original demo, and encoding through it says where the encoder is."""
+    keys = load_file(str(imported / "vqvae" / "model.safetensors")).keys()
+    has_encoder = json.loads((imported / "vqvae" / "config.json").read_text())["config"]["has_encoder"]
+    if model_dir.name == "seed_checkpoint":
+        assert has_encoder and any(k.startswith("encoder.") for k in keys)
+        return
+    assert not has_encoder and not any(k.startswith("encoder.") for k in keys)
+    assert any(k.startswith("decoder.") for k in keys) and "quantize.embedding.weight" in keys
+    assert cases[0]["class_id"] == 578 == json.loads((imported / "pipeline.json").read_text())["sampling"]["class_id"]
+    vqvae = load_vqvae(str(imported / "vqvae"))
+    with pytest.raises(PopyouError, match="saved without its encoder"):
+        vqvae.encode_codes(torch.zeros(1, 3, 64, 64))
+
+
+def test_class_id_option_overrides_the_demo_class(tmp_path):
+    d = _golden_model_dir("space_checkpoint")
+    args = ("import", d / LAYOUTS[d.name], "--text-encoder", d / "text_encoder", "--tokenizer", d / "tokenizer")
+    res = invoke(*args, "--out", tmp_path / "a", "--class-id", 3)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "a" / "pipeline.json").read_text())["sampling"]["class_id"] == 3
+    assert "--class-id" in one_line_error(invoke(*args, "--out", tmp_path / "b", "--class-id", 1000))
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -133,8 +170,14 @@ def test_merge_lora_by_hand():
     assert torch.equal(W, torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))  # the loaded tensor is left alone
 
 
-def test_imported_var_holds_merged_weights(imported, seed_dir):
-    sd = _ckpt(seed_dir)["state_dict"]
+def _state_dict(model_dir):
+    """The model file's tensors: the Space's file is the state dict itself, the Lightning one holds it."""
+    loaded = torch.load(model_dir / LAYOUTS[model_dir.name], map_location="cpu", weights_only=True)
+    return loaded.get("state_dict", loaded)
+
+
+def test_imported_var_holds_merged_weights(imported, model_dir):
+    sd = _state_dict(model_dir)
     got = load_file(str(imported / "var" / "model.safetensors"))
     pre = "var.base_model.model.blocks.0.ffn.fc1."
     A, B = sd[pre + "lora_A.default.weight"], sd[pre + "lora_B.default.weight"]
@@ -145,17 +188,18 @@ def test_imported_var_holds_merged_weights(imported, seed_dir):
     assert torch.equal(got["blocks.0.attn.mat_qkv.weight"], sd["var.base_model.model.blocks.0.attn.mat_qkv.base_layer.weight"])
 
 
-def test_plain_var_and_5x_text_layout_import_the_same(seed_dir, imported, tmp_path, monkeypatch):
+def test_plain_var_and_5x_text_layout_import_the_same(model_dir, imported, tmp_path):
     """A merged VAR under var.* and text weights without text_model. give the same folder as the peft one."""
-    ckpt = _ckpt(seed_dir)
     merged = load_file(str(imported / "var" / "model.safetensors"))
-    sd = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("var.")}
+    sd = {k: v for k, v in _state_dict(model_dir).items() if not k.startswith("var.")}
     sd = {k.replace("siglip_text_encoder.text_model.", "siglip_text_encoder."): v for k, v in sd.items()}
     sd.update({f"var.{k}": v for k, v in merged.items()})
-    torch.save({**ckpt, "state_dict": sd}, tmp_path / "merged.ckpt")
+    if model_dir.name == "seed_checkpoint":  # the same layout as the original: Lightning keeps its class id
+        sd = {**_ckpt(model_dir), "state_dict": sd}
+    torch.save(sd, tmp_path / "merged.ckpt")
     out = tmp_path / "out"
-    res = invoke("import", tmp_path / "merged.ckpt", "--out", out, "--text-encoder", seed_dir / "text_encoder",
-                 "--tokenizer", seed_dir / "tokenizer")
+    res = invoke("import", tmp_path / "merged.ckpt", "--out", out, "--text-encoder", model_dir / "text_encoder",
+                 "--tokenizer", model_dir / "tokenizer")
     assert res.exit_code == 0, res.output
     for part in ("var/model.safetensors", "text_encoder/model.safetensors", "adapter.safetensors"):
         a, b = load_file(str(out / part)), load_file(str(imported / part))
@@ -176,7 +220,7 @@ def _bad(seed_dir, tmp_path, source, text, *extra):
 def test_official_var_state_dict(seed_dir, tmp_path):
     torch.save(build_tiny_var().state_dict(), tmp_path / "var_d16.pth")
     line = _bad(seed_dir, tmp_path, tmp_path / "var_d16.pth", "a plain VAR state dict")
-    assert "import expects the original PopYOU Lightning checkpoint" in line
+    assert "import expects the original PopYOU model" in line
 
 
 def test_popyou_model_folder(seed_dir, tmp_path):
@@ -255,114 +299,12 @@ def test_existing_out_needs_overwrite(seed_dir, tmp_path):
     assert (out / "pipeline.json").is_file() and not (out / "keep.txt").exists()
 
 
-# ------------------------------------------------------------------------------------------ the default pipeline
-class FakeHub:
-    """Stands in for popyou_cli.hub: serves local files as Hub repos and counts downloads."""
-
-    def __init__(self, repos: dict):
-        self.repos, self.online, self.downloads = repos, True, []
-
-    def list_files(self, repo, revision=None):
-        if not self.online:
-            raise hub.HubOffline(f"cannot list the Hub repo '{repo}': offline")
-        if repo not in self.repos:
-            raise PopyouError(f"no such repo {repo}")
-        return hub.RepoListing(repo=repo, commit="c0ffee" + "0" * 34, files=sorted(self.repos[repo]))
-
-    def download_file(self, repo, filename, revision=None):
-        if not self.online:
-            raise hub.HubOffline("offline")
-        self.downloads.append((repo, filename, revision))
-        return self.repos[repo][filename]
-
-    def download_snapshot(self, repo, revision=None):
-        self.downloads.append((repo, None, revision))
-        return next(iter(self.repos[repo].values())).parent
-
-    def cached_snapshot(self, repo, revision=None):
-        return None
-
-
-@pytest.fixture
-def fake_hub(seed_dir, tmp_path, monkeypatch):
-    # the default text encoder stands in for google/siglip-base-patch16-224: its config and tokenizer in one folder
-    enc = tmp_path / "siglip"
-    shutil.copytree(seed_dir / "tokenizer", enc)
-    shutil.copy(seed_dir / "text_encoder" / "config.json", enc / "config.json")
-    monkeypatch.setattr(original, "DEFAULT_TEXT_ENCODER", str(enc))
-    monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("POPYOU_PIPELINE", raising=False)
-    fake = FakeHub({REPO: {"popyou-seed-tiny.ckpt": seed_dir / "popyou-seed-tiny.ckpt", "README.md": tmp_path / "x"}})
-    for name in ("list_files", "download_file", "download_snapshot", "cached_snapshot"):
-        monkeypatch.setattr(hub, name, getattr(fake, name))
-    return fake
-
-
-def test_default_pipeline_imports_once_and_reuses_offline(fake_hub, tmp_path, cases):
-    folder = original.resolve_pipeline(None)
-    assert folder.parent.parent == tmp_path / "cache" / "imports"
-    assert fake_hub.downloads == [(REPO, "popyou-seed-tiny.ckpt", "c0ffee" + "0" * 34)]
-    prov = json.loads((folder / "pipeline.json").read_text())["provenance"]
-    assert (prov["source"], prov["filename"], prov["revision"]) == (REPO, "popyou-seed-tiny.ckpt", "c0ffee" + "0" * 34)
-    assert original.resolve_pipeline(REPO) == folder and len(fake_hub.downloads) == 1  # imported once
-    fake_hub.online = False
-    assert original.resolve_pipeline(None) == folder and len(fake_hub.downloads) == 1
-
-
-def test_default_sample_command_offline(fake_hub, tmp_path, cases):
-    """`popyou sample PROMPT` with no --pipeline: the original model, imported on first use, then offline."""
-    name = "wizard_greedy"
-    case, expected = cases[1][name], cases[2]
-    args = ("sample", case["prompt"], "--n", 1, "--seed", case["seed"], "--top-k", 1, "--device", "cpu")
-    res = invoke(*args, "--out", tmp_path / "a")
-    assert res.exit_code == 0, res.output
-    fake_hub.online = False
-    res = invoke(*args, "--out", tmp_path / "b")
-    assert res.exit_code == 0, res.output
-    assert len(fake_hub.downloads) == 1
-    (png,) = (tmp_path / "b").glob("p0000_seed*.png")
-    got = np.asarray(Image.open(png).convert("RGB")).astype(int)
-    truncated = expected[f"{name}_seed_u8"][0].permute(1, 2, 0).numpy().astype(int)
-    assert np.abs(got - truncated).max() <= 1  # class 7, beta 1, cfg 1.5: the pipeline's defaults
-
-
-def test_offline_with_nothing_cached(fake_hub):
-    fake_hub.online = False
-    with pytest.raises(PopyouError, match="run once online.*popyou import FILE"):
-        original.resolve_pipeline(None)
-    res = invoke("import", REPO, "--out", "unused-out")
-    assert "offline" in one_line_error(res)
-
-
-def test_hub_import_command_and_several_checkpoints(fake_hub, tmp_path, seed_dir):
-    res = invoke("import", REPO, "--out", tmp_path / "p")
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "p" / "pipeline.json").read_text())["provenance"]["source"] == REPO
-    fake_hub.repos[REPO]["old.pth"] = seed_dir / "popyou-seed-tiny.ckpt"
-    line = one_line_error(invoke("import", REPO, "--out", tmp_path / "q"))
-    assert "old.pth, popyou-seed-tiny.ckpt" in line and "--filename" in line
-    res = invoke("import", REPO, "--filename", "old.pth", "--out", tmp_path / "q")
-    assert res.exit_code == 0, res.output
-    with pytest.raises(PopyouError, match="--filename"):
-        original.resolve_pipeline(REPO)
-    assert original.resolve_pipeline(f"{REPO}/old.pth").name.endswith("--old.pth")
-
-
-def test_hub_popyou_pipeline_repo_is_a_snapshot(fake_hub, imported):
-    fake_hub.repos["someone/pipe"] = {p.name: p for p in imported.iterdir()}
-    assert original.resolve_pipeline("someone/pipe") == imported
-    # fetched by the name asked for (the default branch), not the commit: then the Hugging Face cache records the
-    # ref and the same spec resolves offline later
-    assert fake_hub.downloads == [("someone/pipe", None, None)]
-
-
 # ------------------------------------------------------------------------------------------ the resize mode
-def test_reference_resize_would_not_match(parts, cases):
+def test_reference_resize_would_not_match(parts, imported, cases):
     """The bilinear quantizer is what makes the import faithful: the reference resizing gives another image."""
-    var, vqvae, adapter, enc = parts
+    var, _, adapter, enc = parts
     meta, case, expected = cases[0], cases[1]["astronaut_defaults"], cases[2]
-    reference = load_vqvae("tiny", resize="reference")
-    reference.load_state_dict(vqvae.state_dict())
+    reference = load_vqvae(str(imported / "vqvae"), resize="reference")
     with torch.no_grad():
         delta = adapter(enc([case["prompt"]]))
     img = var.generate(reference, 1, meta["class_id"], cfg=case["cfg"], top_k=case["top_k"], top_p=case["top_p"],

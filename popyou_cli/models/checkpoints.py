@@ -13,8 +13,6 @@ Every load is strict: missing, unexpected or mis-shaped keys fail with one messa
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import torch
@@ -32,45 +30,44 @@ _KNOWN_PATCH_NUMS = {(10, 680): OFFICIAL_PATCH_NUMS, (10, 2240): (1, 2, 3, 4, 6,
 # training checkpoints of the reference nest the weights; popyou's own training checkpoints use "model"
 _NESTED = {"var": ("var_wo_ddp", "var"), "vqvae": ("vae_local", "vae")}
 _PREFIXES = ("module.", "_orig_mod.")
-_WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt"}
 
 
 # ------------------------------------------------------------------------------------------ files
-def resolve(spec: str, kind: str) -> tuple[Path, dict | None]:
-    """Returns (weights file, popyou config or None). kind is 'var' or 'vqvae'."""
+def resolve(spec: str, kind: str, revision: str | None = None) -> tuple[Path, dict | None]:
+    """Returns (weights file, popyou config or None). kind is 'var' or 'vqvae'. A Hub spec is any that
+    hub.parse_spec reads (spaces/..., datasets/..., @REVISION): a file, the official repo's default file, or a repo
+    holding a popyou model folder."""
+    from .. import hub
+
     p = Path(spec).expanduser()
     if p.is_dir():
         return _model_folder(p)
     if p.is_file():
         return p, None
-    parts = spec.strip("/").split("/")
-    looks_local = spec.startswith((".", "/", "~")) or len(parts) < 2 or (len(parts) == 2 and p.suffix in _WEIGHT_SUFFIXES)
-    if looks_local or not re.fullmatch(r"[\w.\-]+", parts[0]):
+    ref = hub.parse_spec(spec, revision)
+    if ref is None:
         raise PopyouError(f"no such file or folder: {spec}")
-    repo = "/".join(parts[:2])
-    if len(parts) > 2:
-        return Path(_hub_file(repo, "/".join(parts[2:]))), None
-    if repo == OFFICIAL_REPO:
-        return Path(_hub_file(repo, _OFFICIAL_DEFAULT_FILE[kind])), None
-    _hub_file(repo, "config.json")
-    return _model_folder(Path(_hub_file(repo, "model.safetensors")).parent)
+    if ref.filename is None and ref.repo == OFFICIAL_REPO:
+        ref = ref.file(_OFFICIAL_DEFAULT_FILE[kind])
+    if ref.filename is not None:
+        return _hub_file(ref, ref.filename), None
+    _hub_file(ref, "config.json")
+    return _model_folder(_hub_file(ref, "model.safetensors").parent)
 
 
-def _hub_file(repo: str, filename: str) -> str:
-    from huggingface_hub import hf_hub_download
+def _hub_file(ref, filename: str) -> Path:
+    """One file through the Hugging Face cache; a failure is one line that says how to get the file."""
+    from .. import hub
 
     try:
-        return hf_hub_download(repo, filename)
-    except Exception as e:  # offline, missing repo or file, auth: each gets one line that says what to do
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or "LocalEntryNotFound" in type(e).__name__:
-            why = "not in the local Hugging Face cache, and the Hub cannot be reached (offline)"
-        elif "NotFound" in type(e).__name__:
-            why = "no such repo or file on the Hub"
-        else:
-            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
-        raise PopyouError(f"cannot get '{filename}' from the Hub repo '{repo}': {why}; fetch it once with network "
-                          "access (`popyou download` fetches every stage's files; log in with `hf auth login` for "
-                          "private repos) or pass a local path") from None
+        return hub.download_file(ref, filename)
+    except hub.HubOffline:
+        why = "not in the local Hugging Face cache, and the Hub cannot be reached (offline)"
+    except PopyouError as e:
+        why = str(e).rpartition(": ")[2]
+    raise PopyouError(f"cannot get '{filename}' from the Hub repo '{ref.repo}': {why}; fetch it once with network "
+                      "access (`popyou download` fetches every stage's files; log in with `hf auth login` for "
+                      "private repos) or pass a local path")
 
 
 def _model_folder(folder: Path) -> tuple[Path, dict]:
@@ -175,12 +172,21 @@ def _patch_nums_from(lvl_1L, S: int, L: int) -> tuple[int, ...]:
 
 
 def infer_vqvae_config(sd: dict[str, torch.Tensor], patch_nums=None) -> VQVAEConfig:
+    """The architecture from the tensors: from the encoder when the file has one, else from the decoder (a file
+    saved decoder side only, like the original demo's). Widths are relative to `ch`, the first level's width."""
     try:
         V, Cv = sd["quantize.embedding.weight"].shape
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
-        ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-        n_res = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+        if "encoder.conv_in.weight" in sd or "decoder.conv_out.weight" not in sd:
+            ch = sd["encoder.conv_in.weight"].shape[0]
+            levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+            ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+            n_res = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+        else:  # the decoder's finest level outputs ch channels and has one block more per level than the encoder
+            ch = sd["decoder.conv_out.weight"].shape[1]
+            levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up."))
+            ch_mult = tuple(sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
+            n_res = max(int(k.split(".")[4]) for k in sd if k.startswith("decoder.up.0.block."))
+        has_encoder = any(k.startswith("encoder.") for k in sd)
     except (KeyError, ValueError) as e:
         raise PopyouError(f"this does not look like a VQ-VAE checkpoint (missing or odd key {e})") from None
     if "quantize.quant_resi.qresi.weight" in sd:
@@ -195,7 +201,7 @@ def infer_vqvae_config(sd: dict[str, torch.Tensor], patch_nums=None) -> VQVAECon
         if patch_nums is None:
             raise PopyouError("cannot infer the VQ-VAE's patch_nums; pass them from the VAR model")
     return VQVAEConfig(vocab_size=V, z_channels=Cv, ch=ch, ch_mult=ch_mult, num_res_blocks=n_res,
-                       share_quant_resi=share, patch_nums=tuple(patch_nums))
+                       share_quant_resi=share, patch_nums=tuple(patch_nums), has_encoder=has_encoder)
 
 
 # ------------------------------------------------------------------------------------------ tiny stand-ins

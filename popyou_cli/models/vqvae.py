@@ -6,6 +6,10 @@ S int64 tensors, one per scale, each (B, pn*pn) in row-major order.
 
 `VQVAEConfig.resize` picks how the quantizer moves maps between scales: "reference" (area down, bicubic up, as
 the reference VAR) or "bilinear" (bilinear both ways, as the original PopYOU model was fine-tuned and sampled).
+
+`VQVAEConfig.has_encoder` False builds the decoder side only (quantizer, post-quant conv, decoder): what sampling
+needs, and all the original demo's model file keeps (it deleted the encoder before saving). Encoding images then
+needs the full VQ-VAE, e.g. the official `vae_ch160v4096z32.pth`, whose decoder side is the same weights.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class VQVAEConfig:
     quant_resi: float = 0.5
     patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
     resize: str = "reference"  # one of RESIZE_MODES: how the quantizer resizes between scales
+    has_encoder: bool = True  # False: decoder side only (see the module docstring)
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -325,7 +330,7 @@ class VQVAE(nn.Module):
         super().__init__()
         cfg = cfg or VQVAEConfig()
         self.config = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg) if cfg.has_encoder else None
         self.decoder = Decoder(cfg)
         self.quantize = MultiScaleQuantizer(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
@@ -337,6 +342,10 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode_latent(self, img: torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            raise PopyouError("this VQ-VAE was saved without its encoder (decoder side only, as the original demo's "
+                              "model file): encode with the full VQ-VAE, e.g. --vqvae "
+                              "FoundationVision/var/vae_ch160v4096z32.pth")
         return self.quant_conv(self.encoder(img))
 
     @torch.no_grad()
