@@ -1,12 +1,11 @@
-"""`popyou download` against a fake Hub: tiny repos in a temp folder, served through popyou_cli.hub into a
-temporary Hugging Face cache laid out as huggingface_hub lays it out. After the download every chosen stage loads
-in a fresh process with HF_HUB_OFFLINE=1, although the repos lack optional files (the tokenizer repo has no
-config.json, the BLIP-2 processor no num_query_tokens); decoys (a top-level single-file checkpoint, .bin twins,
-fp16 files on a float32 run) are not fetched. Also: loader errors name the missing file and the command."""
-import hashlib
+"""`popyou download` against a small Hub served over HTTP (hub_server.py; the real huggingface_hub client through
+HF_ENDPOINT): tiny repos built in a temp folder, fetched into a fresh Hugging Face cache. After the download every
+chosen stage loads in a fresh process with HF_HUB_OFFLINE=1, although the repos lack optional files (the
+tokenizer repo has no config.json, the BLIP-2 processor no num_query_tokens); decoys (a top-level single-file
+checkpoint, .bin twins, fp16 files on a float32 run) are not fetched. Also: loader errors name the missing file
+and the command."""
 import io
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,46 +17,25 @@ from popyou_cli import presets as P
 from popyou_cli.errors import PopyouError
 
 from helpers import invoke
+from hub_server import go_offline, local_hub_fixture  # noqa: F401 - the local_hub fixture
+
+REPOS = ("fake/sdxl", "fake/blip2", "fake/siglip-tok", "fake/siglip", "fake/var")
 
 
-class FakeHub:
-    """Repos are folders under `root`; downloads land in `cache` like huggingface_hub puts them (snapshots/<commit>,
-    refs/main written when the main branch is asked for, as the real client does)."""
+class TinyHub:
+    """The served repos, and what of them is in the Hugging Face cache (what a download fetched)."""
 
-    def __init__(self, root: Path, cache: Path):
-        self.root, self.cache, self.fetched = root, cache, []
+    def __init__(self, served, cache: Path):
+        self.served, self.cache = served, cache
 
-    def repo_dir(self, repo: str) -> Path:
-        return self.root / repo
-
-    def commit(self, repo: str) -> str:
-        return hashlib.sha1(repo.encode()).hexdigest()
-
-    def files(self, repo: str) -> list[str]:
-        folder = self.repo_dir(repo)
-        if not folder.is_dir():
-            raise PopyouError(f"cannot list the Hub repo '{repo}': no such repo")
-        return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
-
-    def list_files(self, repo, revision=None):
-        return hub.RepoListing(repo=repo, commit=self.commit(repo), files=self.files(repo))
-
-    def file_sizes(self, repo, revision=None):
-        return {f: (self.repo_dir(repo) / f).stat().st_size for f in self.files(repo)}
-
-    def download_file(self, repo, filename, revision=None):
-        src = self.repo_dir(repo) / filename
-        if not src.is_file():
-            raise PopyouError(f"cannot download '{filename}' from the Hub repo '{repo}': no such file")
-        base = self.cache / f"models--{repo.replace('/', '--')}"
-        dst = base / "snapshots" / self.commit(repo) / filename
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        if revision in (None, "main"):
-            (base / "refs").mkdir(parents=True, exist_ok=True)
-            (base / "refs" / "main").write_text(self.commit(repo))
-        self.fetched.append(f"{repo}/{filename}")
-        return dst
+    @property
+    def fetched(self) -> set[str]:
+        """'repo/file' for every file the cache holds, as huggingface_hub lays it out (snapshots/<commit>/...)."""
+        got = set()
+        for repo in REPOS:
+            for snap in (self.cache / f"models--{repo.replace('/', '--')}" / "snapshots").glob("*"):
+                got |= {f"{repo}/{f.relative_to(snap)}" for f in snap.rglob("*") if f.is_file()}
+        return got
 
 
 # ------------------------------------------------------------------------------------------ tiny repos
@@ -127,30 +105,28 @@ def _var_repo(folder: Path) -> None:
 
 
 @pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
+def fake_hub(local_hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from popyou_cli.models import checkpoints
 
-    fake = FakeHub(tmp_path / "repos", tmp_path / "hf-cache")
-    monkeypatch.setenv("HF_HUB_CACHE", str(fake.cache))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(fake.cache))
     monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "popyou-cache"))
-    for name in ("list_files", "file_sizes", "download_file"):
-        monkeypatch.setattr(hub, name, getattr(fake, name))
-    monkeypatch.setattr(hub, "offline_mode", lambda: False)  # the download itself is "online" (to the fake)
     monkeypatch.setitem(P.GEN_DATA_PRESETS, "full", replace(P.GEN_DATA_PRESETS["full"], model="fake/sdxl"))
     monkeypatch.setitem(P.CAPTION_PRESETS, "full", replace(P.CAPTION_PRESETS["full"], model="fake/blip2"))
     monkeypatch.setitem(P.ENCODE_PRESETS, "full", replace(P.ENCODE_PRESETS["full"], siglip_model="hf-hub:fake/siglip",
                                                            siglip_pretrained=None, vqvae="fake/var/vae_tiny.pth"))
     monkeypatch.setitem(P.FINETUNE_PRESETS, "full", replace(P.FINETUNE_PRESETS["full"], var="fake/var/var_tiny.pth"))
     monkeypatch.setattr(checkpoints, "DEFAULT_VAE", "fake/var/vae_tiny.pth")
-    _sdxl_repo(fake.repo_dir("fake/sdxl"))
-    _blip2_repo(fake.repo_dir("fake/blip2"))
-    _spm_tokenizer_repo(fake.repo_dir("fake/siglip-tok"))
-    _siglip_repo(fake.repo_dir("fake/siglip"), "fake/siglip-tok")
-    _var_repo(fake.repo_dir("fake/var"))
-    return fake
+    repos = tmp_path / "repos"
+    _sdxl_repo(repos / "fake/sdxl")
+    _blip2_repo(repos / "fake/blip2")
+    _spm_tokenizer_repo(repos / "fake/siglip-tok")
+    _siglip_repo(repos / "fake/siglip", "fake/siglip-tok")
+    _var_repo(repos / "fake/var")
+    for repo in REPOS:
+        folder = repos / repo
+        local_hub.add_repo(repo, {str(f.relative_to(folder)): f for f in folder.rglob("*") if f.is_file()})
+    return TinyHub(local_hub, Path(constants.HF_HUB_CACHE))
 
 
 def test_download_then_every_stage_loads_offline(fake_hub):
@@ -158,7 +134,7 @@ def test_download_then_every_stage_loads_offline(fake_hub):
     assert res.exit_code == 0, res.output
     for stage in ("gen-data", "caption", "encode", "finetune"):
         assert f"ok {stage}:" in res.output, res.output
-    fetched = set(fake_hub.fetched)
+    fetched = fake_hub.fetched
     assert "fake/sdxl/unet/diffusion_pytorch_model.safetensors" in fetched
     assert not [f for f in fetched if ".fp16." in f or "sd_single_file" in f]  # float32 on CPU: plain weights only
     assert {"fake/blip2/model.safetensors", "fake/blip2/processor_config.json"} <= fetched
@@ -175,7 +151,7 @@ def test_fp16_picks_the_fp16_variant_and_the_loader_agrees(fake_hub):
     from popyou_cli.download import Fetch, choose_files
     from popyou_cli.encoders.sdxl import text_to_image_variant
 
-    chosen = choose_files(Fetch("gen-data", "fake/sdxl", "diffusers", dtype="fp16"), fake_hub.file_sizes("fake/sdxl"))
+    chosen = choose_files(Fetch("gen-data", "fake/sdxl", "diffusers", dtype="fp16"), hub.file_sizes("fake/sdxl"))
     weights = [f for f in chosen if f.endswith(".safetensors")]
     assert weights and all(".fp16." in f for f in weights)
     assert {"unet/config.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"} <= set(chosen)
@@ -184,22 +160,27 @@ def test_fp16_picks_the_fp16_variant_and_the_loader_agrees(fake_hub):
 
 
 def test_loader_errors_name_the_missing_file_and_the_command(fake_hub, monkeypatch):
+    from huggingface_hub import constants
+
     from popyou_cli.encoders import load_captioner, load_siglip
 
-    monkeypatch.setattr(hub, "offline_mode", lambda: True)
+    go_offline(monkeypatch)
     with pytest.raises(PopyouError) as info:
         load_captioner("fake/blip2", device="cpu")
     assert "nothing of fake/blip2 is in the Hugging Face cache" in str(info.value)
     assert "popyou download --stages caption" in str(info.value)
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online again, to fetch some of the files
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for name in ("config.json", "processor_config.json", "tokenizer_config.json", "tokenizer.json"):
-        fake_hub.download_file("fake/blip2", name)
+        hub.download_file("fake/blip2", name)
+    hub.download_file("fake/siglip", "open_clip_config.json")
+    hub.download_file("fake/siglip", "open_clip_model.safetensors")
+    go_offline(monkeypatch)
     with pytest.raises(PopyouError) as info:
         load_captioner("fake/blip2", device="cpu")
     assert "fake/blip2/model.safetensors.index.json or model.safetensors" in str(info.value)
 
-    fake_hub.download_file("fake/siglip", "open_clip_config.json")
-    fake_hub.download_file("fake/siglip", "open_clip_model.safetensors")
     with pytest.raises(PopyouError) as info:  # weights there, tokenizer not: the tokenizer is named, not the weights
         load_siglip("hf-hub:fake/siglip", None, device="cpu")
     message = str(info.value)
