@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from ..errors import PopyouError, short_error
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    import torch
+    pass
 
 TINY = "tiny"
 
