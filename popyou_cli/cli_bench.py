@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from .bounds import MAX_BATCH, MAX_BENCH_IMAGES, check_int
 from .cli_common import console, hidden_alias, renamed, user_errors
 from .errors import PopyouError
 
@@ -22,6 +23,7 @@ def bench_sample(
     device: str = typer.Option("auto", "--device"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = leave as is)."),
     tiny: bool = typer.Option(False, "--tiny", help="Use the tiny golden-sized architecture (seconds, for smoke tests)."),
+    arch: str = typer.Option("full", "--arch", help="full (VAR-d16 or --depth, with the VQ-VAE ch160) or tiny (same as --tiny)."),
     cfg_scales: int = typer.Option(8, "--cfg-scales", help="K of the cfg-scales modes (guidance on the first K scales)."),
     video_frames: int = typer.Option(10, "--video-frames", help="Frames of the beta video (0 = skip it)."),
     distances: bool = typer.Option(True, "--distances/--no-distances", help="Also measure each fast mode's token agreement and PSNR against exact mode (d16 and, when the goldens are found, tiny10)."),
@@ -32,9 +34,13 @@ def bench_sample(
     fast mode's distance from exact. About `--repeats` images are timed per setting (runs = repeats / batch)."""
     from .bench import bench_sampling
 
+    _check_counts(repeats=repeats)
+    check_int("--depth", depth, 1, 64)
+    if arch not in ("full", "tiny"):
+        raise PopyouError(f"unknown --arch '{arch}' (use full or tiny)")
     bench_sampling(depth=depth, batch_sizes=_sizes(batch_sizes), repeats=repeats, device=device, threads=threads,
-                   tiny=tiny, out=out, console=console, cfg_scales=cfg_scales, video_frames=video_frames,
-                   distances=distances)
+                   tiny=tiny or arch == "tiny", out=out, console=console, cfg_scales=cfg_scales,
+                   video_frames=video_frames, distances=distances)
 
 
 @bench_app.command("gen-data")
@@ -57,6 +63,7 @@ def bench_gen_data_cmd(
     from .bench_data import bench_gen_data
 
     size = renamed(None, size_old, new_flag="--image-size", old_flag="--size") or size
+    _check_counts(n=n, batch_size=batch_size, repeats=repeats)
     bench_gen_data(n=n, batch_size=batch_size, size=size, workers=workers, repeats=repeats, device=device,
                    out=out, console=console, arch=arch, batch_sizes=_sizes(batch_sizes), dtype=dtype)
 
@@ -68,7 +75,16 @@ def _sizes(text: str) -> list[int]:
         sizes = []
     if not sizes or min(sizes) < 1:
         raise PopyouError(f"--batch-sizes must be comma-separated positive integers, got '{text}'")
+    for b in sizes:
+        check_int("--batch-sizes", b, 1, MAX_BATCH)
     return sizes
+
+
+def _check_counts(*, n: int | None = None, batch_size: int | None = None, repeats: int | None = None) -> None:
+    """The benchmarks' counts (bounds.py): a benchmark times a few images, it does not make a data set."""
+    check_int("--n", n, 1, MAX_BENCH_IMAGES)
+    check_int("--batch-size", batch_size, 1, MAX_BATCH)
+    check_int("--repeats", repeats, 1, 1000)
 
 
 @bench_app.command("all")
@@ -128,6 +144,8 @@ def bench_caption_cmd(
     from .bench_data import bench_caption
     from .datastage import default_workers
 
+    _check_counts(n=n, batch_size=batch_size, repeats=repeats)
+
     bench_caption(n=n, batch_size=batch_size, workers=default_workers() if workers is None else workers,
                   repeats=repeats, device=device, arch=arch, max_new_tokens=max_new_tokens, num_beams=num_beams,
                   out=out, console=console)
@@ -149,6 +167,8 @@ def bench_encode_cmd(
     """images/s of encode: loader alone, models alone, both, and (tiny) the whole stage."""
     from .bench_data import bench_encode
     from .datastage import default_workers
+
+    _check_counts(n=n, batch_size=batch_size, repeats=repeats)
 
     flip = renamed(flip, flip_old, new_flag="--hflip", old_flag="--flip", unset=False)
     bench_encode(n=n, batch_size=batch_size, workers=default_workers() if workers is None else workers,
@@ -176,6 +196,10 @@ def bench_train_cmd(
         tiny = resolve_device(device).type != "cuda"
     if steps < 2 or warmup < 0 or batch_size < 1:
         raise PopyouError("--steps must be at least 2, --warmup >= 0, --batch-size >= 1")
+    check_int("--steps", steps, 2, 100_000)
+    check_int("--warmup", warmup, 0, 100_000)
+    check_int("--depth", depth, 1, 64)
+    _check_counts(batch_size=batch_size)
     bench_training(tiny=tiny, depth=depth, steps=steps, warmup=warmup, batch_size=batch_size, device=device,
                    threads=threads, out=out, console=console)
 
@@ -187,9 +211,11 @@ def bench_import_cmd(
     tiny: bool = typer.Option(False, "--tiny", help="Tiny sizes instead (seconds, for smoke tests)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder for the temporary checkpoint and pipeline (about 2 x 2 GB at d16; default: the system temp folder)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+    layout: str = typer.Option("space", "--layout", help="space: the demo Space's VARtext_v1.pth (plain state dict, no VQ-VAE encoder); lightning: a training checkpoint."),
 ):
-    """Seconds and peak RSS of `popyou import` on a checkpoint in the original PopYOU layout with random weights
-    (VAR with LoRA on every Linear, VQ-VAE ch160, SigLIP-B text tower, adapter; about 2 GB in float32)."""
+    """Seconds and peak RSS of `popyou import` on a file in the original PopYOU layout with random weights (VAR
+    with LoRA on every Linear, VQ-VAE ch160, SigLIP-B text tower, adapter; about 1.96 GB in float32 in the Space's
+    layout), then one image sampled from the imported folder."""
     from .bench_import import bench_import
 
-    bench_import(depth=depth, tiny=tiny, work=work, out=out, console=console)
+    bench_import(depth=depth, tiny=tiny, work=work, out=out, console=console, layout=layout)

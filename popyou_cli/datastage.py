@@ -13,7 +13,8 @@ A stage builds a `DataStage` in every process of a launch, then:
 folder, then the others read its manifest) and returns this process's unfinished shards (shard k goes to
 rank k % world_size). Input folders are checked by `open_input`, rows are read by `loader` in DataLoader
 workers in batches that never straddle two shards (`shard_batches`), and `write_in_shards` writes each shard
-the moment its last row is in. `debug_pause` is the hook the kill/resume tests use.
+the moment its last row is in. Image files named by a path column are read by `open_image`, which refuses
+what is not a regular file (a named pipe would block a worker forever) and says why a file cannot be read.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import PopyouError
 
-TEST_PAUSE_ENV = "POPYOU_TEST_BATCH_PAUSE_S"
+MAX_IMAGE_FILE = 1 << 30  # bytes; a larger "image" in a data set is a mistake, refused per row
 
 
 def check_at_least_1(*flags: tuple[str, int]) -> None:
@@ -96,14 +97,6 @@ def progress_bar(enabled: bool, console, total: int, label: str):
 
     with Progress(label, total, console=console, unit="images", enabled=enabled) as progress:
         yield progress.advance
-
-
-def debug_pause() -> None:
-    """Sleep POPYOU_TEST_BATCH_PAUSE_S seconds after each batch (unset: no-op). Tests set it so that a run of
-    tiny models, which would otherwise finish in a blink, is reliably still running when their SIGKILL lands."""
-    seconds = float(os.environ.get(TEST_PAUSE_ENV) or 0)
-    if seconds > 0:
-        time.sleep(seconds)
 
 
 # ------------------------------------------------------------------------------------------ input rows
@@ -185,6 +178,30 @@ class shard_batches:  # noqa: N801 - used like the function it replaced
         return sum(-(-len(s.rows) // self.batch_size) for s in self.specs)
 
 
+class DieWithParent:
+    """worker_init_fn of the stages' DataLoaders: on Linux the kernel SIGKILLs a worker as soon as the process
+    that forked it dies (prctl PR_SET_PDEATHSIG). After a `kill -9` of a stage, an orphaned worker would
+    otherwise finish its batch, print a ConnectionResetError traceback onto the user's terminal seconds later,
+    and only then exit. (The folder's lock is not at stake: locks.py closes a forked child's copy at the fork.)
+    The signal follows the thread that forked the worker: `loader` is iterated on the main thread."""
+
+    def __init__(self):
+        self.parent = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != self.parent:  # the parent died before the line above ran
+            os._exit(0)
+
+
 def loader(ds, prepare, collate, batches, workers: int, pin_memory: bool = False):
     """A DataLoader yielding collate(list of prepared rows) for each batch, in order: the workers decode and
     preprocess (the slow, CPU-bound part), the main process only runs the models and writes shards."""
@@ -193,7 +210,25 @@ def loader(ds, prepare, collate, batches, workers: int, pin_memory: bool = False
     # Workers are forked after the tokenizers' Rust thread pool may have run; they are the parallelism here.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return DataLoader(RowLoader(ds, prepare), batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+                      pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                      worker_init_fn=DieWithParent() if workers else None)
+
+
+def open_image(cell) -> tuple[Any, str]:
+    """images.open_rgb of one image cell, a file named by a path cell read here first: only a regular file of at
+    most MAX_IMAGE_FILE bytes (a named pipe or a device would block or never end), and an unreadable one said
+    so (permission denied, no such file) rather than as an undecodable image. (RGB image or None, reason)."""
+    from .files import read_regular
+    from .images import open_rgb
+
+    path = cell if isinstance(cell, str) else cell.get("path") if isinstance(cell, dict) and \
+        cell.get("bytes") is None else None
+    if path:
+        try:
+            cell = read_regular(os.path.expanduser(path), "image file", MAX_IMAGE_FILE)
+        except PopyouError as e:
+            return None, str(e)
+    return open_rgb(cell)
 
 
 # ------------------------------------------------------------------------------------------ output folder
@@ -300,7 +335,6 @@ class DataStage:
             for name, vals in values.items():
                 columns.setdefault(name, []).extend(vals)
             advance(len(rows))
-            debug_pause()
             if rows[-1] == spec.stop - 1:
                 self.writer.write_shard(spec, columns)
                 spec, columns = next(specs, None), {}

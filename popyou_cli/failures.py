@@ -29,6 +29,10 @@ def _where(err: OSError) -> str:
 
 def _os_error(err: OSError) -> str:
     code, where = err.errno, _where(err)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) and getattr(err, "filename", None):
+        from .files import disk_full_error
+
+        return str(disk_full_error(err, err.filename))  # names the disk and its free space
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         what = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
         return (f"{what}{where}; free some space (or choose another --out) and rerun the same command: finished "
@@ -62,6 +66,14 @@ def describe(err: BaseException) -> str:
                 "and sets aside damaged shards, then rerun the stage that made them")
     if name == "JSONDecodeError":
         return f"a JSON file is corrupt ({short_error(err, 120)}); --debug shows which"
+    from .files import is_disk_full
+
+    if is_disk_full(err):  # a library's wording of ENOSPC (safetensors' IoError code 28)
+        return ("no space left on the device; free some space (or choose another --out) and rerun the same "
+                f"command ({short_error(err, 100)})")
+    if name == "RuntimeError" and "inline_container" in str(err):  # torch.save given a path, not a popyou file
+        return (f"torch could not write a file ({short_error(err, 100)}); the disk is most likely full: check "
+                "its free space, then rerun the same command")
     if isinstance(err, MemoryError) or name == "OutOfMemoryError":
         return "out of memory; lower --batch-size (or use a smaller preset / another device)"
     return (f"unexpected error: {short_error(err, 200, with_type=True)} (rerun with --debug or {DEBUG_ENV}=1 "

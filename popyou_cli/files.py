@@ -1,23 +1,38 @@
-"""Files that popyou commits: written whole or not at all, and folders checked for writing before the work starts.
+"""Files that popyou commits: written whole or not at all, only inside folders popyou owns, never through a link;
+folders checked for writing before the work starts.
 
-`atomic_write` writes into a hidden temporary file beside the target, fsyncs it, renames it into place and
-fsyncs the folder, so a reader (or a rerun after a kill or a power cut) sees either the old file, or nothing, or
-the complete new one, never a part. Every file popyou commits goes through it: dataset shards and manifests,
-PNGs, JSON and JSONL, model, adapter and checkpoint weights.
+`atomic_write` creates a new hidden temporary file beside the target (O_EXCL | O_NOFOLLOW: a name planted in
+advance, a symbolic link included, is refused rather than written through), fsyncs it, renames it into place
+(a rename replaces a link, it never follows one) and fsyncs the folder, so a reader (or a rerun after a kill or
+a power cut) sees either the old file, or nothing, or the complete new one, never a part. Every file popyou
+commits goes through it: dataset shards and manifests, PNGs, JSON and JSONL, model, adapter and checkpoint
+weights. A committed file gets the mode the umask gives a new file (0644 under the usual 022), whatever the
+library that wrote it chose (safetensors writes 0600).
+
+A full disk while committing is one line naming the disk, its free space and what the write needed
+(`disk_full_error`, for any module that writes). Reading refuses what is not a regular file (`open_regular`): a
+named pipe or a device in a data set would otherwise block a stage forever.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from .errors import PopyouError
+from .errors import PopyouError, short_error
 
 TMP_SUFFIX = ".tmp"  # temporary files are named ".<final name>.<pid>.<hex>.tmp": hidden, and easy to sweep
+_TMP_RE = re.compile(r"^\..+\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def temporary_name(final: Path) -> Path:
@@ -25,36 +40,92 @@ def temporary_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
+def umask() -> int:
+    """The process umask, read without changing it where the platform allows (os.umask is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file(path: Path) -> int:
+    """A new regular file, opened for writing: never an existing name, never through a link."""
+    return os.open(path, _NEW_FILE, 0o666)
+
+
 @contextlib.contextmanager
-def committing(path: str | os.PathLike):
-    """Yields a temporary path beside `path` for a library that writes files by name (safetensors, PIL); on a
-    clean exit the file is fsynced and renamed to `path`, on an error it is removed."""
+def committing(path: str | os.PathLike, need: int | None = None):
+    """Yields a temporary path beside `path` (created empty, exclusively) for a library that writes files by
+    name (safetensors, PIL, torchvision); on a clean exit the file gets the umask's mode, is fsynced and renamed
+    to `path`, on an error it is removed (a full disk becomes disk_full_error's one line, with `need`)."""
     final = Path(path)
     tmp = temporary_name(final)
+    os.close(_new_file(tmp))
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fchmod(fd, 0o666 & ~umask())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, final, need) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from None
         raise
     fsync_dir(final.parent)
 
 
+class _Recorder:
+    """A binary file that remembers the OSError its write raised: torch.save reports one as a RuntimeError
+    ("enforce fail at inline_container.cc"), which names neither the cause nor the file."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # flush, tell, seek... as the file has them
+        return getattr(self.f, name)
+
+
 def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[BinaryIO], Any]) -> Path:
     """Commit `content` (bytes, text as UTF-8, or a function writing into the open binary file) to `path`."""
-    with committing(path) as tmp, open(tmp, "wb") as f:
-        if callable(content):
-            content(f)
-        else:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    with committing(path, None if callable(data) else len(data)) as tmp:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)), "wb") as raw:
+            f = _Recorder(raw)
+            try:
+                content(f) if callable(data) else f.write(data)
+            except Exception as e:  # torch and pyarrow wrap what the file raised: raise that, it says why
+                if f.error is not None and e is not f.error:
+                    raise f.error from None
+                raise
     return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kw) -> Path:
     """`obj` as indented JSON (json.dumps options pass through: sort_keys, default)."""
     return atomic_write(path, json.dumps(obj, indent=2, **dumps_kw))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Appends `line` and a newline to a log file popyou owns (metrics.jsonl), never through a link."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o666)
+    with open(fd, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 def fsync_dir(path: Path) -> None:
@@ -65,6 +136,140 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+def _mount_point(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class DiskFull(PopyouError):
+    """A full disk, as one line (disk_full_error); `cause` is the library's error, `path` the file written."""
+
+    def __init__(self, message: str, cause: BaseException, path: Path):
+        super().__init__(message)
+        self.cause, self.path = cause, path
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk or quota, however the library words it: OSError ENOSPC/EDQUOT, safetensors' IoError code 28."""
+    if isinstance(err, DiskFull):
+        return True
+    if isinstance(err, OSError):
+        return err.errno in _DISK_FULL
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "code: 28," in text
+
+
+def disk_full_error(err: BaseException, path: str | os.PathLike, need: int | None = None) -> DiskFull | None:
+    """The one-line error (a PopyouError) for `err` when it is a full disk, else None: the disk (its mount point)
+    and its free space, the file being written, and `need`, the bytes the write needs when the caller knows
+    them. Any module that writes can use it: `except OSError as e: raise disk_full_error(e, path) or e`."""
+    if not is_disk_full(err):
+        return None
+    cause = err.cause if isinstance(err, DiskFull) else err
+    path = Path(path)
+    disk = _mount_point(path.parent)
+    try:
+        free = _size(shutil.disk_usage(disk).free) + " free"
+    except OSError:
+        free = "free space unknown"
+    needs = f"; it needs about {_size(need)}" if need else ""
+    quota = " (disk quota exceeded)" if isinstance(cause, OSError) and cause.errno != errno.ENOSPC else ""
+    return DiskFull(f"no space left on the device at {disk}{quota} ({free}) while writing {path}{needs}; free some "
+                    "space or choose another --out, then rerun the same command: finished shards and checkpoints "
+                    "are kept, and nothing half written is left in their place", cause, path)
+
+
+# ------------------------------------------------------------------------------------------ reading, removing
+def open_regular(path: str | os.PathLike, what: str = "file") -> BinaryIO:
+    """`path` opened for binary reading, or a one-line PopyouError when it is no regular file: a named pipe, a
+    device or a socket would block or never end. The open itself cannot block (O_NONBLOCK, cleared after)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise PopyouError(f"cannot read the {what} {path}: {e.strerror or short_error(e)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a named pipe, device or socket"
+            raise PopyouError(f"the {what} {path} is {kind}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, what: str = "file", limit: int | None = None) -> bytes:
+    """The bytes of a regular file (open_regular); `limit`: refuse a larger one in one line, before reading."""
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if limit is not None and size > limit:
+            raise PopyouError(f"the {what} {path} is {_size(size)}, more than the {_size(limit)} popyou reads")
+        return f.read()
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Removes a file, a link (never what it points to) or a folder tree; nothing there is fine."""
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def sweep_temporaries(folder: str | os.PathLike, *, prefix: str = "", locked: bool = True) -> list[str]:
+    """Removes the hidden temporary files and folders (".NAME.PID.HEX.tmp") a killed run left in `folder`; with
+    `prefix`, only those of ".<prefix>...". locked: the caller holds the folder's lock, so every temporary there
+    is an orphan; else only those whose process is gone (on this host) are. Returns the names removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            m = _TMP_RE.match(name)
+            if m and name.startswith("." + prefix) and int(m.group(1)) != os.getpid() and (
+                    locked or not _pid_alive(int(m.group(1)))):
+                with contextlib.suppress(OSError):
+                    remove(Path(folder) / name)
+                    removed.append(name)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ folders
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """tempfile.mkdtemp in `parent` with the mode the umask gives a new folder (mkdtemp makes it 0700, and a
+    folder renamed into place would keep that)."""
+    p = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(p, 0o777 & ~umask())
+    return p
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -78,7 +283,8 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise PopyouError(f"cannot write to {what} {p}: {e.strerror or e}") from None
+        raise disk_full_error(e, p / ".popyou-probe") or PopyouError(
+            f"cannot write to {what} {p}: {e.strerror or e}") from None
     return p
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bounds import MAX_BATCH, MAX_STEPS
 from .errors import PopyouError, short_error
 from .files import atomic_write, atomic_write_json, committing, fsync_dir
 from .presets import TrainPreset
@@ -119,15 +120,16 @@ def _show(changes: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the run folder
-def lock_run(acc, run_dir: Path):
+def lock_run(acc, run_dir: Path, command: str = "popyou"):
     """The run folder's lock (locks.py), taken by the main process for the whole launch; a refusal reaches every
-    process as the same one-line error. Returns the lock (release it at the end) or None on other processes."""
+    process as the same one-line error. Returns the lock (release it at the end) or None on other processes.
+    command: what a second run is told holds the folder ("popyou finetune")."""
     from .locks import FolderLock
 
     lock, error = None, None
     if acc.is_main_process:
         try:
-            lock = FolderLock(run_dir, "run folder")
+            lock = FolderLock(run_dir, "run folder", command)
         except PopyouError as e:
             error = str(e)
     if acc.num_processes > 1:
@@ -149,10 +151,26 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def remove_unfinished(run_dir: Path) -> None:
-    """Checkpoint folders a killed run left half written (step-N.tmp): never read, removed at the next start."""
+    """What a killed run left half written, removed at the next start (under the run's lock): checkpoint folders
+    (step-N.tmp) and the hidden temporary files of the run folder and of the folders popyou writes in it."""
+    from .files import remove, sweep_temporaries
+
     d = run_dir / "checkpoints"
     for p in d.glob("step-*.tmp") if d.is_dir() else []:
-        shutil.rmtree(p, ignore_errors=True)
+        remove(p)
+    for folder in (run_dir, d, run_dir / "samples", run_dir / "model", run_dir / "pipeline"):
+        sweep_temporaries(folder)
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """--overwrite: the run's checkpoints go, and only them (step-N folders): whatever else the user keeps in the
+    checkpoints folder stays."""
+    from .files import remove
+
+    d = run_dir / "checkpoints"
+    for p in d.iterdir() if d.is_dir() else []:
+        if _STEP_DIR.match(p.name) or (p.name.startswith("step-") and p.name.endswith(".tmp")):
+            remove(p)
 
 
 def resolve_resume(resume: str | None, run_dir: Path, overwrite: bool = False) -> Path | None:
@@ -178,11 +196,37 @@ def resolve_resume(resume: str | None, run_dir: Path, overwrite: bool = False) -
 
 
 def read_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint, checked against its schema before any number in it is used."""
+    from .files import read_regular
+
+    file = path / "trainer_state.json"
     try:
-        return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        state = json.loads(read_regular(file, "trainer state", 64 << 20))
+    except (OSError, ValueError, PopyouError) as e:
         raise PopyouError(f"cannot resume from {path}: its trainer_state.json is unreadable ({short_error(e, 100)}); "
                           f"delete {path} to resume from an earlier checkpoint, or pass --overwrite") from None
+    check_state(state, file)
+    return state
+
+
+def check_state(state, file: Path) -> None:
+    """A one-line error naming the file and the field for a trainer state no run could have written."""
+    def bad(field: str, want: str) -> PopyouError:
+        got = json.dumps(state.get(field) if isinstance(state, dict) else state)[:60]
+        return PopyouError(f"{file}: '{field}' {want} (got {got}); the checkpoint is damaged: delete "
+                           f"{file.parent} to resume from an earlier one, or pass --overwrite")
+
+    if not isinstance(state, dict):
+        raise bad("trainer state", "must be a JSON object")
+    limits = {"step": MAX_STEPS, "total": MAX_STEPS, "micro": MAX_STEPS * MAX_BATCH}
+    for field, high in limits.items():
+        value = state.get(field, 0 if field == "total" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise bad(field, f"must be a whole number in 0..{high:_}")
+    if not isinstance(state.get("run", {}), (dict, type(None))):
+        raise bad("run", "must be a JSON object")
+    if not isinstance(state.get("history", []), list):
+        raise bad("history", "must be a list")
 
 
 def check_resume(path: Path, run: dict, cfg: TrainPreset, run_dir: Path) -> dict:
@@ -235,10 +279,12 @@ def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_las
     def torch_file(path: Path, obj) -> None:
         atomic_write(path, lambda f: torch.save(obj, f))
 
+    from .files import disk_full_error, remove
+
     final = run_dir / "checkpoints" / f"step-{state['step']}"
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)  # a link left there is removed, never written through
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     try:
@@ -252,12 +298,15 @@ def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_las
             if acc.scaler is not None:
                 torch_file(tmp / "scaler.pt", acc.scaler.state_dict())
             atomic_write_json(tmp / "trainer_state.json", state)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception):  # a full disk: one line naming it and what a checkpoint needs
+            need = sum(p.numel() * p.element_size() for p in _trainable(acc.unwrap_model(model)).values()) * 3
+            raise disk_full_error(e, tmp, need) or e
         raise
     acc.wait_for_everyone()
     if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces it
+        remove(final)  # a rerun of the same step replaces it
         os.replace(tmp, final)
         fsync_dir(final.parent)
         for old in checkpoints(run_dir)[:-keep_last]:

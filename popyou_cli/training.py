@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,11 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bounds import MAX_STEPS
 from .errors import PopyouError
-from .files import atomic_write
+from .files import append_line, atomic_write
 from .presets import TrainPreset
-from .resume import (check_resume, load_checkpoint, remove_unfinished, resolve_resume, run_definition,
-                     save_checkpoint)
+from .resume import (check_resume, load_checkpoint, remove_checkpoints, remove_unfinished, resolve_resume,
+                     run_definition, save_checkpoint)
 from .progress import Progress
 
 # Name fragments the VAR recipe exempts from weight decay (var-spec.md section 3); 1-D params and biases too.
@@ -116,7 +116,11 @@ def total_steps(cfg: TrainPreset, n_rows: int, world: int) -> tuple[int, int]:
                           f"({cfg.batch_size} x {world}); lower --batch-size or add data")
     if cfg.max_steps is not None:
         return cfg.max_steps, per_epoch
-    return max(1, int(cfg.epochs * per_epoch / cfg.grad_accum)), per_epoch
+    steps = max(1, int(cfg.epochs * per_epoch / cfg.grad_accum))
+    if steps > MAX_STEPS:
+        raise PopyouError(f"--epochs {cfg.epochs:g} of {n_rows} rows make {steps:_} optimizer steps, more than "
+                          f"{MAX_STEPS:_}; lower --epochs to at most {MAX_STEPS * cfg.grad_accum / per_epoch:g}")
+    return steps, per_epoch
 
 
 def batch_rows(micro: int, n_rows: int, per_epoch: int, cfg: TrainPreset, rank: int, world: int) -> torch.Tensor:
@@ -146,7 +150,7 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
     changes = check_resume(start_ckpt, definition, cfg, run_dir) if start_ckpt is not None else {}
     if acc.is_main_process:
         if start_ckpt is None and overwrite:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            remove_checkpoints(run_dir)
         remove_unfinished(run_dir)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
@@ -223,8 +227,7 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
                 rec = {"step": step, "loss": mean_loss, "lr": lr, "epoch": state["micro"] / per_epoch}
                 if gnorm is not None:
                     rec["grad_norm"] = float(gnorm)
-                with metrics.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_line(metrics, json.dumps(rec))
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 tps = tok_per_step * (step - s_log) / max(now - t_log, 1e-9)

@@ -3,7 +3,6 @@ image injected: stored codes decode to the VQ-VAE's reconstruction, embeddings m
 of `python -m popyou_cli encode` and a rerun give the uninterrupted result, two processes (torchrun) give it too,
 bad input fails in one line, the bench runs. CPU only; the CLI runs in-process except where a process is the point."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -130,9 +129,10 @@ def test_stored_codes_decode_to_the_reconstruction_and_embeddings_match(chain):
 
 def test_sigkill_and_rerun_equal_the_uninterrupted_run(chain, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "popyou_cli", "encode", "--data", str(chain["cap"]), "--out", str(out), *ENCODE]
-    env = {**os.environ, "POPYOU_TEST_BATCH_PAUSE_S": "0.5"}  # keeps the tiny run alive until the kill lands
-    assert kill_after_first_shard(cmd, out, REPO, env) == -signal.SIGKILL
+    # paced_cli.py sleeps 0.5 s after each batch: the tiny run is still alive when the kill lands
+    cmd = [sys.executable, str(REPO / "popyou_cli_tests" / "paced_cli.py"), "--batch-pause", "0.5", "--", "encode",
+           "--data", str(chain["cap"]), "--out", str(out), *ENCODE]
+    assert kill_after_first_shard(cmd, out, REPO) == -signal.SIGKILL
     left = shards(out)
     assert 1 <= len(left) < N // 2 and not (out / "state.json").exists()
     res = run_cli("encode", "--data", chain["cap"], "--out", out, *ENCODE)

@@ -23,6 +23,7 @@ from popyou_cli.store import load_stage, read_manifest
 from popyou_cli.training import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
+PACED = Path(__file__).resolve().parent / "paced_cli.py"  # the CLI with a test's pauses injected
 GEN = dict(preset="tiny", size=32, shard_size=4, batch_size=4, device="cpu", progress=False)
 CAP = dict(preset="tiny", shard_size=4, batch_size=4, workers=0, device="cpu", progress=False)
 FT = ["finetune", "--preset", "tiny", "--sample-every", 0, "--n-samples", 0]
@@ -115,13 +116,15 @@ def _wait_for_lock(folder: Path, pid: int, proc) -> dict:
 
 def test_two_writers_race_on_one_folder_and_a_kill_leaves_no_stale_lock(run, tmp_path):
     out = tmp_path / "cap"
-    cmd = [sys.executable, "-m", "popyou_cli", "caption", "--data", str(run / "data"), "--out", str(out),
-           "--shard-size", "2", "--batch-size", "1", *map(str, DATA_CMD)]
-    env = {**os.environ, "POPYOU_TEST_BATCH_PAUSE_S": "3"}  # 8 batches: the first writer lives ~25 s
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = ["caption", "--data", str(run / "data"), "--out", str(out), "--shard-size", "2", "--batch-size", "1",
+            *map(str, DATA_CMD)]
+    # 8 batches, 3 s after each (paced_cli.py): the first writer lives ~25 s
+    first = subprocess.Popen([sys.executable, str(PACED), "--batch-pause", "3", "--", *args], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_lock(out, first.pid, first)
-        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        second = subprocess.run([sys.executable, "-m", "popyou_cli", *args], cwd=REPO, capture_output=True,
+                                text=True, timeout=180)
         assert first.poll() is None, "the race needs the first writer still running"
         lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
         assert second.returncode == 1 and len(lines) == 1, second.stderr

@@ -21,9 +21,8 @@ from pathlib import Path
 from .. import presets as P
 from ..bounds import MAX_BATCH, check_int
 from ..datastage import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
-                         open_input, shard_batches, undecoded)
+                         open_image, open_input, shard_batches, undecoded)
 from ..errors import short_error
-from ..images import open_rgb
 
 STAGE = "caption"
 EMPTY = "the model generated an empty caption"
@@ -44,7 +43,7 @@ class Prepare:
         self.column = column
 
     def __call__(self, row: int, cells: dict):
-        image, error = open_rgb(cells[self.column])
+        image, error = open_image(cells[self.column])
         return row, image, error
 
 

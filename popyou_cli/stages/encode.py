@@ -27,10 +27,10 @@ from typing import Sequence
 from .. import presets as P
 from ..bounds import MAX_BATCH, check_int
 from ..datastage import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
-                         open_input, shard_batches, undecoded)
+                         open_image, open_input, shard_batches, undecoded)
 from ..devices import autocast, parse_dtype
 from ..errors import PopyouError, short_error
-from ..images import default_resize, open_rgb, resize_center_crop, to_pm1
+from ..images import default_resize, resize_center_crop, to_pm1
 
 STAGE = "encode"
 EMBED_DTYPES = ("float16", "float32")
@@ -67,7 +67,7 @@ class Prepare:
 
     def __call__(self, row: int, cells: dict):
         var = pix = None
-        image, error = open_rgb(cells[self.image_column])
+        image, error = open_image(cells[self.image_column])
         if image is not None:
             try:
                 var = to_pm1(resize_center_crop(image, self.resize, self.size))

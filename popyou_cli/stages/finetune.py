@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..conditioning import ConditionedVAR, TrainingStageResult, load_encoded, load_matching_vqvae, sample_grid_fn
+from ..bounds import check_training
 from ..errors import PopyouError
 from ..files import ensure_writable_dir, portable_spec
 from ..hub import push_folder
@@ -86,9 +87,10 @@ def finetune(*, data: Path, out: Path, preset: str = "full", vae: str | None = N
              on_step=None, push: str | None = None, private: bool = False, **options) -> FinetuneResult:
     """Runs stage 1. `options` are TrainPreset fields (var, lora, lr, max_steps, ...; None = the preset's)."""
     p = train_preset(FINETUNE_PRESETS, preset, stage="finetune", **options)
+    check_training(p)  # every number in its range (bounds.py), before the folder is made
     out = ensure_writable_dir(Path(out))
     acc = make_accelerator(p, out)
-    lock = lock_run(acc, out)  # one run per folder: a second one is refused, naming this process
+    lock = lock_run(acc, out, "popyou finetune")  # one run per folder: a second one is refused, naming this process
 
     # Everything that can be wrong with the input is checked here, before the first step.
     model, meta = load_var_lora(p.var)

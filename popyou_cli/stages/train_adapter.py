@@ -17,6 +17,7 @@ import torch
 
 from ..conditioning import (ConditionedVAR, TrainingStageResult, conditioning_eval, load_encoded,
                             load_matching_vqvae, sample_grid_fn, split_rows)
+from ..bounds import check_training
 from ..errors import PopyouError
 from ..files import atomic_write_json, ensure_writable_dir, portable_spec
 from ..model_card import write_model_card
@@ -67,9 +68,10 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
     if stage not in ("image", "text") or text_field not in ("prompt", "caption"):
         raise PopyouError("--stage must be image or text, --text-field prompt or caption")
     p = train_preset(ADAPTER_PRESETS, preset, stage="train-adapter", **options)
+    check_training(p)  # every number in its range (bounds.py), before the folder is made
     out = ensure_writable_dir(Path(out))
     acc = make_accelerator(p, out)
-    lock = lock_run(acc, out)  # one run per folder: a second one is refused, naming this process
+    lock = lock_run(acc, out, "popyou train-adapter")  # one run per folder: a second one is refused
 
     # --- every input check before the first step
     adapter, init_cfg, var = _init_from(init, p.var)

@@ -13,6 +13,7 @@ On-disk layout of a stage folder::
       .shard-00002-...arrow.<pid>.<hex>.tmp   a shard being written: hidden and ignored until renamed
       .shard-00003-...arrow.damaged   a shard `popyou verify` found damaged: hidden, remade by a rerun
       .popyou.lock                    the writer's OS lock (locks.py): one writer at a time
+      .popyou-replacing               only while --overwrite empties the folder: a rerun finishes the job
       dataset_info.json, state.json   written by `finalize()`: `datasets.load_from_disk(OUT)` memory-maps the
                                       shard files above in row order (no copy)
 
@@ -25,13 +26,16 @@ was made from (lineage.py). A rerun with other settings is refused unless overwr
 command makes what is missing, and remakes shards that fail the cheap checks (size, rows) or that `popyou
 verify` set aside.
 
-`folder.py`: the folder format and `StageWriter` (`pending_shards`, `write_shard`, `finalize`; datastage.py
-runs it in several processes). `lineage.py`: shard hashes and parent records. `loading.py`: `load_stage` (a
-folder joined with its parents), `require_columns` (names the subcommand that makes a missing column),
-`materialize` (one standalone copy). `verify.py`: `popyou verify`. User errors raise `PopyouError` (one line).
+`layout.py`: the names, `ShardSpec`, and `read_manifest`, which checks a manifest against its schema before any
+count in it is used. `folder.py`: `check_can_replace` (what --overwrite may delete: only a folder popyou made,
+never a home folder or one holding an input) and `StageWriter` (`pending_shards`, `write_shard`, `finalize`;
+datastage.py runs it in several processes); every run first removes what a killed one left (temporary files,
+sidecars of shards that never appeared) and finishes an interrupted --overwrite. `lineage.py`: shard hashes
+and parent records. `loading.py`: `load_stage` (a folder joined with its parents), `require_columns` (names the
+subcommand that makes a missing column), `materialize` (one standalone copy). `verify.py`: `popyou verify`. User errors raise `PopyouError` (one line).
 Import everything from `popyou_cli.store`.
 """
-from .folder import (INDEX, INFO, MANIFEST, STATE, ShardSpec, StageWriter, check_not_same,  # noqa: F401
-                     read_manifest)
+from .folder import (INDEX, INFO, MANIFEST, STATE, ShardSpec, StageWriter, check_can_replace,  # noqa: F401
+                     check_not_same, read_manifest)
 from .loading import load_stage, materialize, producer_of, require_columns  # noqa: F401
 from .verify import verify  # noqa: F401

@@ -1,12 +1,11 @@
-"""The stage folder format (names, manifest, parents) and `StageWriter`, which writes one (see __init__.py)."""
+"""Stage folders and their parents, `check_can_replace` (the one rule for what --overwrite may delete, for every
+command that replaces a folder) and `StageWriter`, which writes a stage folder (see __init__.py)."""
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import tempfile
-from dataclasses import dataclass
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
@@ -16,68 +15,20 @@ import pyarrow as pa
 
 from popyou_cli import __version__
 from popyou_cli.errors import PopyouError
-from popyou_cli.files import TMP_SUFFIX, atomic_write, atomic_write_json, ensure_writable_dir, fsync_dir
+from popyou_cli.files import (TMP_SUFFIX, atomic_write, atomic_write_json, ensure_writable_dir, fsync_dir, remove,
+                              sweep_temporaries, temporary_name)
 from popyou_cli.locks import LOCK_FILE, FolderLock
 
 from .lineage import (DAMAGED_SUFFIX, SIDECAR_SUFFIX, HashingWriter, content_digest, lineage_problem,
                       parent_record, portable_settings, read_sidecar, shard_entries, shard_is_sound, sidecar)
-
-MANIFEST = "popyou_stage.json"
-STATE, INFO = "state.json", "dataset_info.json"  # the names datasets.load_from_disk reads
-_SHARD_RE = re.compile(r"^shard-(\d+)-(\d+)-(\d+)\.arrow$")
-INDEX = "index"
-
-
-@dataclass(frozen=True, slots=True)
-class ShardSpec:
-    """One unit of work: produce rows [start, stop) of shard `shard_id`.
-
-    `shard_start < start` when an earlier, smaller n left this shard short: its rows [shard_start, start)
-    are kept from `prefix_file` and only the missing rows are produced."""
-    shard_id: int
-    start: int
-    stop: int
-    shard_start: int
-    prefix_file: str | None = None
-
-    @property
-    def rows(self) -> range:
-        return range(self.start, self.stop)
-
-
-def _shard_name(k: int, start: int, stop: int) -> str:
-    return f"shard-{k:05d}-{start:09d}-{stop:09d}.arrow"
-
-
-def _shard_names(n_rows: int, shard_size: int) -> list[str]:
-    """The file names of a finished folder with n_rows rows, in row order."""
-    return [_shard_name(k, k * shard_size, min((k + 1) * shard_size, n_rows))
-            for k in range(-(-n_rows // shard_size))]
-
-
-def _is_complete(folder: Path, n_rows: int, shard_size: int) -> bool:
-    """True when state.json lists exactly the shards of n_rows rows (finalize ran for this n)."""
-    try:
-        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return [d.get("filename") for d in state.get("_data_files", [])] == _shard_names(n_rows, shard_size)
+from .layout import (INDEX, INFO, MANIFEST, REPLACING, SHARD_RE as _SHARD_RE, STATE, ShardSpec,  # noqa: F401
+                     _dataset_info, _is_complete, is_being_replaced, read_manifest, shard_name as _shard_name,
+                     shard_names as _shard_names)
 
 
 def _norm(obj: Any) -> Any:
     # Compare settings as they look after a JSON round trip (tuples become lists, Paths become strings).
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def read_manifest(path: str | os.PathLike) -> dict | None:
-    """The folder's popyou manifest, or None for a folder popyou did not write."""
-    p = Path(path) / MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PopyouError(f"cannot read {p}: {e}") from None
 
 
 def _parent_of(folder: Path, manifest: dict | None) -> Path | None:
@@ -119,12 +70,54 @@ def _visible_entries(folder: Path) -> list[Path]:
     return [c for c in folder.iterdir() if not c.name.startswith(".")] if folder.is_dir() else []
 
 
+def _holds_or_is(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_can_replace(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *,
+                      made_by: Iterable[str] = (MANIFEST,), what: str = "output folder") -> None:
+    """The one rule for deleting what a folder holds (--overwrite), for every command that replaces a folder:
+    a one-line PopyouError unless `out`
+    * is not the file system root, the home folder or a folder holding it, nor a folder holding the current one;
+    * neither is, holds nor lies inside an input of the run, or a folder its manifests name (check_not_same);
+    * is empty or missing, or was made by popyou: it holds one of `made_by` (the record popyou writes there: a
+      stage manifest, a pipeline.json...) as a regular file, or the mark of an interrupted replacement."""
+    o = Path(os.path.realpath(out))
+    try:
+        home = Path(os.path.realpath(Path.home()))
+    except RuntimeError:  # no HOME and no password entry: nothing to protect under that name
+        home = Path("/nonexistent-home")
+    if len(o.parts) < 2 or _holds_or_is(o, home) or o in Path(os.path.realpath(os.getcwd())).parents:
+        where = "the root folder" if len(o.parts) < 2 else "your home folder" if o == home else (
+            "a folder holding your home folder" if _holds_or_is(o, home) else "a folder holding the current folder")
+        raise PopyouError(f"refusing to replace {what} {out}: it is {where}; choose a new folder for --out")
+    check_not_same(list(inputs), out)
+    if not o.is_dir() or not _visible_entries(o) or is_being_replaced(o):
+        return
+    if not any(stat.S_ISREG(os.lstat(p).st_mode) for p in (o / name for name in made_by) if os.path.lexists(p)):
+        raise PopyouError(f"refusing to replace {what} {out}: it is not empty and popyou did not make it (no "
+                          f"{' or '.join(made_by)} in it); choose an empty or new folder")
+
+
 def _wipe(folder: Path) -> None:
-    # Empty the folder but keep it: it may be a mount point or have permissions the user set. The lock file
-    # stays: another writer would otherwise create a new one and lock it while this run still works here.
+    """Empty a popyou folder (check_can_replace first) so that a kill at any moment leaves it resumable: the
+    REPLACING mark is written before anything is deleted, and removed by the caller once the new manifest is in.
+    The folder itself stays (it may be a mount point or have permissions the user set), and so does the lock
+    file: another writer would otherwise create a new one and lock it while this run still works here."""
+    atomic_write(folder / REPLACING, "an --overwrite of this folder was interrupted; rerun it to finish\n")
     for c in folder.iterdir():
-        if c.name != LOCK_FILE:
-            shutil.rmtree(c) if c.is_dir() and not c.is_symlink() else c.unlink()
+        if c.name not in (LOCK_FILE, REPLACING):
+            remove(c)  # a link is removed, never followed
+
+
+def _sweep(folder: Path) -> None:
+    """Under the folder's lock: the temporary files a killed run left (every one is an orphan while the lock is
+    ours) and the hash sidecars of shards that never appeared (written just before a shard's rename)."""
+    sweep_temporaries(folder)
+    names = set(os.listdir(folder))
+    for name in names:
+        if name.startswith(".shard-") and name.endswith(SIDECAR_SUFFIX) and name[1:-len(SIDECAR_SUFFIX)] not in names:
+            remove(folder / name)
 
 
 class StageWriter:
@@ -190,17 +183,21 @@ class StageWriter:
         return diffs
 
     def _foreign(self) -> bool:
-        return read_manifest(self.out_dir) is None and bool(_visible_entries(self.out_dir))
+        return read_manifest(self.out_dir) is None and bool(_visible_entries(self.out_dir)) and \
+            not is_being_replaced(self.out_dir)
+
+    def _foreign_error(self) -> PopyouError:
+        # Never wipe a folder popyou did not make, even with overwrite: a typo could cost a home folder.
+        return PopyouError(f"output folder {self.out_dir} is not empty and is not a popyou {self.stage} folder; "
+                           "choose an empty or new folder")
 
     def _prepare(self, overwrite: bool, row_bytes: int | None) -> None:
         if self._parent is not None:
             check_not_same(self._parent, self.out_dir)
         ensure_writable_dir(self.out_dir)
         if self._foreign():  # checked before the lock, so that no lock file is left in someone else's folder
-            # Never wipe a folder popyou did not make, even with overwrite: a typo could cost a home folder.
-            raise PopyouError(f"output folder {self.out_dir} is not empty and is not a popyou "
-                              f"{self.stage} folder; choose an empty or new folder")
-        self._lock = FolderLock(self.out_dir)
+            raise self._foreign_error()
+        self._lock = FolderLock(self.out_dir, command=f"popyou {self.stage}")
         try:
             self._prepare_locked(overwrite, row_bytes)
         except BaseException:
@@ -208,16 +205,20 @@ class StageWriter:
             raise
 
     def _prepare_locked(self, overwrite: bool, row_bytes: int | None) -> None:
-        old = read_manifest(self.out_dir)
-        if old is None and _visible_entries(self.out_dir):  # filled by someone else since the check above
-            raise PopyouError(f"output folder {self.out_dir} is not empty and is not a popyou "
-                              f"{self.stage} folder; choose an empty or new folder")
+        replacing = is_being_replaced(self.out_dir)
+        old = None if replacing else read_manifest(self.out_dir)
+        if old is None and not replacing and _visible_entries(self.out_dir):  # filled by someone else meanwhile
+            raise self._foreign_error()
+        _sweep(self.out_dir)
         parent_manifest = read_manifest(self._parent) if self._parent is not None else None
         record = parent_record(parent_manifest, self.n_rows)
         if record is not None:
             self.manifest["parent_content"] = record
-        if old is not None and (overwrite or not self._scan() and not (self.out_dir / STATE).exists()):
-            _wipe(self.out_dir)  # --overwrite, or a run that wrote no row yet: nothing to lose, nothing to keep
+        if replacing or (old is not None and (overwrite or not self._scan() and not (self.out_dir / STATE).exists())):
+            # --overwrite, a killed --overwrite, or a run that wrote no row yet: nothing to lose, nothing to keep
+            check_can_replace(self.out_dir, [self._parent] if self._parent is not None else [])
+            _wipe(self.out_dir)
+            old = None
         elif old is not None:
             diffs = self._differences(old, parent_manifest)
             if diffs:
@@ -237,6 +238,7 @@ class StageWriter:
             self._check_space(row_bytes)
         if self.manifest is not old:
             atomic_write_json(self.out_dir / MANIFEST, self.manifest)
+        remove(self.out_dir / REPLACING)  # the new manifest is in: the folder is this run's now
 
     def _check_space(self, row_bytes: int) -> None:
         rows = sum(len(s.rows) for s in self.pending_shards())
@@ -326,7 +328,7 @@ class StageWriter:
                 w.write_table(table, max_chunksize=1000)
 
         name = _shard_name(spec.shard_id, spec.shard_start, spec.stop)
-        tmp = self.out_dir / f".{name}.{os.getpid()}{TMP_SUFFIX}"
+        tmp = temporary_name(self.out_dir / name)
         atomic_write(tmp, write)  # the bytes first, under a hidden name: hashing needs them complete
         side = {"sha256": hashed[0].sha.hexdigest(), "bytes": hashed[0].bytes}
         if spec.prefix_file is not None:  # its first rows are the short shard's: children made from it still fit
@@ -369,11 +371,3 @@ class StageWriter:
             if (_SHARD_RE.match(name) and name not in keep) or (name.startswith(".") and name not in keep and (
                     name.endswith((TMP_SUFFIX, DAMAGED_SUFFIX, SIDECAR_SUFFIX)))):
                 (self.out_dir / name).unlink(missing_ok=True)
-
-
-def _dataset_info(features: datasets.Features) -> dict:
-    """dataset_info.json as `save_to_disk` writes it, through datasets' public writer (keys sorted)."""
-    with tempfile.TemporaryDirectory(prefix="popyou-info-") as tmp:
-        datasets.DatasetInfo(features=features).write_to_directory(tmp)
-        info = json.loads((Path(tmp) / INFO).read_text(encoding="utf-8"))
-    return {k: info[k] for k in sorted(info)}

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,8 +64,10 @@ class HashingWriter:
 
 def hash_file(path: Path) -> tuple[str, int]:
     """(sha256 hex, size) of a file, read in 8 MiB blocks."""
+    from popyou_cli.files import open_regular
+
     sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+    with open_regular(path, "shard file") as f:  # a named pipe would never end
         while block := f.read(1 << 23):
             sha.update(block)
             size += len(block)
@@ -72,10 +75,16 @@ def hash_file(path: Path) -> tuple[str, int]:
 
 
 def read_sidecar(folder: Path, name: str) -> dict | None:
+    """The shard's sidecar, or None when it is missing or not one popyou wrote (then the shard is hashed)."""
+    from popyou_cli.files import read_regular
+
     try:
-        return json.loads(sidecar(folder, name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        side = json.loads(read_regular(sidecar(folder, name), "sidecar", 1 << 20))
+    except (OSError, ValueError, PopyouError):
         return None
+    ok = isinstance(side, dict) and isinstance(side.get("sha256"), str) and isinstance(side.get("bytes"), int) \
+        and isinstance(side.get("prefixes", []), list)
+    return side if ok else None
 
 
 def shard_is_sound(folder: Path, name: str) -> bool:
@@ -85,6 +94,8 @@ def shard_is_sound(folder: Path, name: str) -> bool:
     side = read_sidecar(folder, name)
     path = folder / name
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # memory-mapping a named pipe would block
+            return False
         if side is not None and path.stat().st_size != side.get("bytes"):
             return False
         _, start, stop = shard_range(name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -10,10 +11,10 @@ import datasets
 import numpy as np
 
 from popyou_cli.errors import PopyouError, short_error
-from popyou_cli.files import ensure_writable_dir, temporary_name
+from popyou_cli.files import disk_full_error, ensure_writable_dir, remove, sweep_temporaries, temporary_name
 
 from .folder import (INDEX, INFO, MANIFEST, STATE, _is_complete, _parent_of, _shard_names, _visible_entries,
-                     check_not_same, read_manifest)
+                     check_can_replace, check_not_same, is_being_replaced, read_manifest)
 from .lineage import check_lineage, shard_range
 
 # Which subcommand makes a column, for the "missing column" message.
@@ -34,6 +35,9 @@ def producer_of(column: str) -> str | None:
 def _load_one(path: Path) -> tuple[datasets.Dataset, dict | None]:
     if not path.is_dir():
         raise PopyouError(f"input folder {path} does not exist")
+    if is_being_replaced(path):
+        raise PopyouError(f"{path} is half replaced: an --overwrite of it was interrupted; rerun the command that "
+                          "made it to finish")
     manifest = read_manifest(path)
     if manifest is not None:
         if not _is_complete(path, manifest["n_rows"], manifest["shard_size"]):
@@ -59,10 +63,11 @@ def _check_shard_files(path: Path, manifest: dict) -> None:
     sizes = {e["file"]: e["bytes"] for e in manifest.get("shards", [])}
     for name in _shard_names(manifest["n_rows"], manifest["shard_size"]):
         try:
-            size = (path / name).stat().st_size
+            st = (path / name).stat()
+            size = st.st_size if stat.S_ISREG(st.st_mode) else -1  # a named pipe or device is no shard
         except OSError:
             size = None
-        if size is None or (name in sizes and size != sizes[name]):
+        if size is None or size < 0 or (name in sizes and size != sizes[name]):
             _, start, stop = shard_range(name)
             what = "is missing" if size is None else "is damaged (its size changed)"
             raise PopyouError(f"{path}: the shard file of rows {start}..{stop - 1} ({name}) {what}; rerun "
@@ -132,15 +137,16 @@ def materialize(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     if _visible_entries(out):
         if not overwrite:
             raise PopyouError(f"output folder {out} is not empty; pass --overwrite to replace it")
-        if not ((out / STATE).is_file() or (out / MANIFEST).is_file()):
-            raise PopyouError(f"output folder {out} is not a dataset folder; refusing to replace it")
+        check_can_replace(out, [path], made_by=(STATE, MANIFEST))
     ensure_writable_dir(out.parent)
+    sweep_temporaries(out.parent, prefix=f"{out.name}.", locked=False)  # copies whose process was killed
     tmp = temporary_name(out)
     try:
         ds.save_to_disk(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
+        remove(out)
         os.replace(tmp, out)
+    except Exception as e:
+        raise disk_full_error(e, tmp, ds.data.nbytes) or e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

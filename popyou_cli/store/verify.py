@@ -9,15 +9,17 @@ sees it as not made yet, and its `finalize()` deletes the set-aside file.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from popyou_cli.errors import PopyouError
 from popyou_cli.locks import FolderLock
 
-from .folder import _ancestors, _is_complete, _parent_of, _shard_names, read_manifest
+from .folder import MANIFEST, _ancestors, _is_complete, _parent_of, _shard_names, is_being_replaced, read_manifest
 from .lineage import DAMAGED_SUFFIX, hash_file, lineage_problem, shard_is_sound, shard_range
 
+MAX_LISTED = 20  # shard lines per folder and kind; the rest are counted
 
 @dataclass
 class FolderReport:
@@ -41,13 +43,16 @@ class FolderReport:
         out = []
         for names, what in ((self.damaged, "damaged" + (", set aside" if self.set_aside else "")),
                             (self.missing, "missing")):
-            for name in names:
+            for name in names[:MAX_LISTED]:
                 _, start, stop = shard_range(name)
                 out.append(f"{head}: shard {name} (rows {start}..{stop - 1}) {what}")
+            if len(names) > MAX_LISTED:
+                out.append(f"{head}: and {len(names) - MAX_LISTED} more shards {what}")
         return out + [f"{head}: {note}" for note in self.notes]
 
 
 def _check_folder(folder: Path, manifest: dict) -> FolderReport:
+    """The folder's shards against its (schema-checked) manifest: every name, file type, size, rows and hash."""
     rep = FolderReport(folder, manifest.get("stage"))
     n, size = manifest["n_rows"], manifest["shard_size"]
     names = _shard_names(n, size)
@@ -59,8 +64,10 @@ def _check_folder(folder: Path, manifest: dict) -> FolderReport:
         rep.notes.append("no content hashes recorded (made by an older popyou): only files and rows checked")
     for name in names:
         path = folder / name
-        if not path.is_file():
+        if not path.exists():
             rep.missing.append(name)
+        elif not stat.S_ISREG(path.stat().st_mode):  # a named pipe or device is no shard (and would block)
+            rep.damaged.append(name)
         elif not shard_is_sound(folder, name) or (
                 name in recorded and hash_file(path) != (recorded[name]["sha256"], recorded[name]["bytes"])):
             rep.damaged.append(name)
@@ -73,8 +80,17 @@ def verify(path: str | os.PathLike, *, set_aside: bool = True) -> list[FolderRep
     path = Path(path)
     if not path.is_dir():
         raise PopyouError(f"{path} is not a folder")
+    if read_manifest(path) is None and not is_being_replaced(path):
+        raise PopyouError(f"{path} is not a popyou stage folder (it has no {MANIFEST}): verify checks the folders "
+                          "that gen-data, caption and encode make, and their parents")
     reports = []
     for folder in _ancestors(path):
+        if is_being_replaced(folder):
+            rep = FolderReport(folder, "being replaced")
+            rep.notes.append("an --overwrite of it was interrupted: its old shards are partly deleted; rerun the "
+                             "command that made it to finish")
+            reports.append(rep)
+            continue
         manifest = read_manifest(folder) if folder.is_dir() else None
         if manifest is None:
             rep = FolderReport(folder, None)
@@ -91,8 +107,8 @@ def verify(path: str | os.PathLike, *, set_aside: bool = True) -> list[FolderRep
                                  f"'popyou {rep.stage}' and --overwrite")
         if rep.damaged and set_aside:
             try:
-                with FolderLock(folder):
-                    for name in rep.damaged:
+                with FolderLock(folder, command="popyou verify"):
+                    for name in rep.damaged:  # a rename replaces a link at the new name, never writes through it
                         os.replace(folder / name, folder / f".{name}{DAMAGED_SUFFIX}")
                 rep.set_aside = True
             except PopyouError as e:
@@ -105,7 +121,9 @@ def summary(reports: list[FolderReport]) -> str:
     """The last line: what to do next."""
     bad = [r for r in reports if not r.ok]
     if not bad:
-        return f"verify: {len(reports)} folder(s), every shard as written"
+        plain = sum(r.stage is None for r in reports)
+        return (f"verify: {len(reports) - plain} popyou folder(s), every shard as written" +
+                (f"; {plain} plain dataset folder(s) without hashes not checked" if plain else ""))
     redo = [r for r in bad if r.damaged or r.missing]
     fix = "; ".join(f"rerun 'popyou {r.stage}' with its options on {r.folder}" for r in redo if r.stage)
     return f"verify: problems in {len(bad)} of {len(reports)} folder(s)" + (f"; to remake the shards: {fix}"
