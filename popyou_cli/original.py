@@ -19,21 +19,23 @@ never runs pickled code, and the file is paged in rather than copied.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from . import hub
 from .encoders.hf_text import DEFAULT_HF_TEXT_ENCODER, build_hf_text_encoder
 from .errors import PopyouError
+from .files import atomic_write_json, disk_full_error, sweep_temporaries, temporary_name
+from .locks import LOCK_FILE, FolderLock
 from .models.adapter import AdapterConfig, CondAdapter, save_adapter
 from .models.checkpoints import DEFAULT_VAE, check_keys, infer_var_config, infer_vqvae_config, save_model
 from .models.var import VAR
@@ -130,9 +132,13 @@ def _describe_bare(sd: dict) -> str:
     return f"a state dict with keys like {', '.join(list(sd)[:4])}"
 
 
-def merge_lora(sd: dict[str, torch.Tensor], lora_alpha: float = DEFAULT_LORA_ALPHA) -> tuple[dict, int]:
+def merge_lora(sd: dict[str, torch.Tensor], lora_alpha: float = DEFAULT_LORA_ALPHA, *,
+               in_place: bool = False) -> tuple[dict, int]:
     """peft LoRA keys (`X.base_layer.weight`, `X.lora_A.<name>.weight` (r, in), `X.lora_B.<name>.weight` (out, r))
-    -> plain keys with W = W_base + (lora_alpha / r) * B @ A. Returns (state dict, number of merged layers)."""
+    -> plain keys with W = W_base + (lora_alpha / r) * B @ A. Returns (state dict, number of merged layers).
+    in_place: add into float32 base weights rather than into new tensors. The import passes True: its tensors map
+    the file privately (copy-on-write), so the file is never written and a merged page replaces the file's page
+    in memory instead of adding a second copy of the VAR (the peak stays under twice the file's size)."""
     out, lora, names = {}, {}, set()
     for k, v in sd.items():
         m = re.fullmatch(r"(.+)\.lora_([AB])\.([^.]+)\.weight", k)
@@ -155,7 +161,10 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_alpha: float = DEFAULT_LORA_ALP
             raise PopyouError(f"LoRA layer {mod}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit W "
                               f"{tuple(W.shape)}")
         delta = (B.float() @ A.float()) * (lora_alpha / r)  # peft's order: (B @ A) * scaling, then added
-        out[w_key] = (W.float() + delta).to(W.dtype)  # a new tensor: the memory-mapped file is never written
+        if in_place and W.dtype == torch.float32:
+            W.add_(delta)  # the same sum as below, bit for bit
+        else:
+            out[w_key] = (W.float() + delta).to(W.dtype)
         del delta
     return out, len(lora)
 
@@ -163,7 +172,7 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_alpha: float = DEFAULT_LORA_ALP
 def _var_state_dict(part: dict, lora_alpha: float) -> tuple[dict, int]:
     if all(k.startswith(_PEFT_PREFIX) for k in part):
         part = {k[len(_PEFT_PREFIX):]: v for k, v in part.items()}
-    return merge_lora(part, lora_alpha)
+    return merge_lora(part, lora_alpha, in_place=True)  # read_checkpoint's tensors: a private mapping
 
 
 def _adapter(part: dict, var_dim: int) -> CondAdapter:
@@ -195,7 +204,9 @@ def import_checkpoint(source: str | Path, out: str | Path, *, filename: str | No
     the text conditions (None: the file's start_class_id, else the original demo's 578). Returns a summary."""
     t0 = time.perf_counter()
     out = Path(out).expanduser()
-    _check_out(out, overwrite)
+    local = Path(str(source)).expanduser()
+    _check_out(out, overwrite, [local] if local.exists() else [])
+    sweep_temporaries(out.parent, prefix=f"{out.name}.", locked=False)  # what a killed import left beside --out
     path, prov = _locate(str(source), filename, revision)
     prov["sha256"] = _sha256(path)
     parts, hparams = split_state_dict(read_checkpoint(path), path.name)
@@ -221,32 +232,67 @@ def import_checkpoint(source: str | Path, out: str | Path, *, filename: str | No
                           f"reads {adapter.config.embed_dim}")
     class_id = _class_id(class_id, hparams, var_cfg.num_classes)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    weights = {"var": (var, var_sd), "vqvae": (vqvae, vae_sd)}
+    del var, var_sd, vqvae, vae_sd  # _write_folder frees each part once written: the merged VAR is the largest
+    with _locked(out):
+        pipeline = _write_folder(out, weights, {"provenance": prov, "lora_merged": merged, "lora_alpha": lora_alpha},
+                                 adapter, enc, class_id)
+    return {"out": out, "pipeline": pipeline, "var": var_cfg, "vqvae": vae_cfg, "adapter": adapter.config,
+            "text_encoder_dim": enc.dim, "lora_layers_merged": merged, "seconds": time.perf_counter() - t0}
+
+
+def _write_folder(out: Path, weights: dict, var_extra: dict, adapter, enc, class_id: int) -> dict:
+    """Writes the pipeline folder beside `out` (a hidden temporary), then renames it into place; pipeline.json
+    last, so a folder with it is complete. weights: {"var"|"vqvae": (model on meta, state dict)}, popped and
+    freed as each is written."""
+    prov = var_extra["provenance"]
+    tmp = temporary_name(out)
+    tmp.mkdir(mode=0o777)  # the umask's mode: the folder is renamed into place as it is
     try:
-        prov_extra = {"provenance": prov}
+        var, var_sd = weights.pop("var")
         var.load_state_dict(var_sd, strict=True, assign=True)
         var.init_buffers()
-        save_model(var, tmp / "var", {**prov_extra, "lora_merged": merged, "lora_alpha": lora_alpha})
-        del var, var_sd  # free as we go: the merged VAR is the largest part
+        save_model(var, tmp / "var", var_extra)
+        del var, var_sd
+        vqvae, vae_sd = weights.pop("vqvae")
+        vae_cfg = vqvae.config
         vae_sd["quantize.ema_vocab_hit_SV"] = torch.zeros(len(vae_cfg.patch_nums), vae_cfg.vocab_size)
         vqvae.load_state_dict({k: v.float() for k, v in vae_sd.items()}, strict=True, assign=True)
-        save_model(vqvae, tmp / "vqvae", prov_extra)
+        save_model(vqvae, tmp / "vqvae", {"provenance": prov})
         del vqvae, vae_sd
-        save_adapter(adapter, tmp, {**prov_extra, "embedding": "text"})
+        save_adapter(adapter, tmp, {"provenance": prov, "embedding": "text"})
         encoder_entry = enc.save_pretrained(tmp)
         sampling = {"class_id": class_id, **ORIGINAL_SAMPLING}
         pipeline = {"popyou_type": "pipeline", "version": 1, "var": "var", "vqvae": "vqvae", "vqvae_resize": "bilinear",
                     "vqvae_encoder": _encoder_source(vae_cfg), "encoder": encoder_entry,
                     "adapter": {"weights": "adapter.safetensors", "config": "adapter.json"},
                     "sampling": sampling, "provenance": prov}
-        (tmp / PIPELINE_JSON).write_text(json.dumps(pipeline, indent=2))  # last: a folder with it is complete
+        atomic_write_json(tmp / PIPELINE_JSON, pipeline)  # last: a folder with it is complete
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(e, out.parent) if isinstance(e, Exception) else None
+        if full is not None:  # transformers' and torch's writes say it their own way
+            raise full from None
         raise
-    return {"out": out, "pipeline": pipeline, "var": var_cfg, "vqvae": vae_cfg, "adapter": adapter.config,
-            "text_encoder_dim": enc.dim, "lora_layers_merged": merged, "seconds": time.perf_counter() - t0}
+    return pipeline
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """--out's lock for the whole write (a second import into it is refused); a failed import that made --out
+    leaves nothing there."""
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "--out", "popyou import")
+    try:
+        yield
+    except BaseException:
+        if made and not [p for p in out.iterdir() if p.name != LOCK_FILE]:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
 
 
 def _class_id(given: int | None, hparams: dict, num_classes: int) -> int:
@@ -271,17 +317,21 @@ def _encoder_source(cfg) -> str | None:
     return DEFAULT_VAE if not cfg.has_encoder and official else None
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     if out.is_file():
         raise PopyouError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PopyouError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        if not overwrite:
+            raise PopyouError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+        from .store import check_can_replace  # the one rule for what --overwrite may delete
+
+        check_can_replace(out, inputs, made_by=(PIPELINE_JSON,), what="--out")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = temporary_name(out)
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

@@ -2,6 +2,7 @@
 (shared/golden/seed_checkpoint: the Lightning checkpoint; shared/golden/space_checkpoint: the demo Space's
 VARtext_v1.pth, a plain state dict without the VQ-VAE encoder; each with the original inference's outputs)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -294,9 +295,58 @@ def test_existing_out_needs_overwrite(seed_dir, tmp_path):
             "--tokenizer", seed_dir / "tokenizer")
     assert "--overwrite" in one_line_error(invoke(*args))
     assert (out / "keep.txt").read_text() == "mine"
-    res = invoke(*args, "--overwrite")
+    # --overwrite replaces only a folder popyou made: a user's folder stays as it is
+    assert "popyou did not make it" in one_line_error(invoke(*args, "--overwrite"))
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert invoke(*args).exit_code == 0  # an empty folder takes an import
+    res = invoke(*args, "--overwrite")  # and an imported one is replaced
     assert res.exit_code == 0, res.output
-    assert (out / "pipeline.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "pipeline.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_never_deletes_home_or_the_source(seed_dir, tmp_path, monkeypatch):
+    """--out ~ or the folder holding the checkpoint (with its tokenizer) is refused, and nothing is deleted."""
+    models = tmp_path / "models"
+    shutil.copytree(seed_dir, models)
+    (models / "pipeline.json").write_text("{}")  # even a folder that looks like popyou's
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    args = ("--text-encoder", models / "text_encoder", "--tokenizer", models / "tokenizer", "--overwrite")
+    line = one_line_error(invoke("import", models / "popyou-seed-tiny.ckpt", "--out", models, *args))
+    assert "overlaps input" in line
+    assert (models / "popyou-seed-tiny.ckpt").is_file() and (models / "tokenizer").is_dir()
+    line = one_line_error(invoke("import", models / "popyou-seed-tiny.ckpt", "--out", tmp_path / "home", *args))
+    assert "home folder" in line and (tmp_path / "home" / "notes.txt").read_text() == "mine"
+
+
+def test_two_imports_into_one_out_and_a_killed_one_leaves_nothing(seed_dir, tmp_path):
+    from popyou_cli.locks import FolderLock
+
+    out = tmp_path / "out"
+    args = ("import", seed_dir / "popyou-seed-tiny.ckpt", "--out", out, "--text-encoder", seed_dir / "text_encoder",
+            "--tokenizer", seed_dir / "tokenizer")
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from popyou_cli.locks import FolderLock; "
+                               f"lock = FolderLock({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        out.mkdir()
+        assert holder.stdout.readline().strip() == "locked"
+        assert "in use by" in one_line_error(invoke(*args, "--overwrite"))
+    finally:
+        holder.kill()
+        holder.wait()
+    # what a kill -9 of an import leaves beside --out (its hidden temporary, named with its dead PID) goes away
+    orphan = tmp_path / f".out.{holder.pid}.0123abcd.tmp"
+    (orphan / "var").mkdir(parents=True)
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert not orphan.exists() and (out / "pipeline.json").is_file()
+    FolderLock(out).release()  # free again
 
 
 # ------------------------------------------------------------------------------------------ the resize mode
