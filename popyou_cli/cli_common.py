@@ -148,6 +148,23 @@ def cfg_scales_option():
                         "work; 0 = no guidance. Default: every scale (exact).")
 
 
+def fast_option():
+    """--fast of sample and eval (off by default: exact mode)."""
+    return typer.Option(False, "--fast", help="Sample in the fastest mode for this device among those within 90% of "
+                        "exact mode's tokens (exact, --quantize int8, --dtype bf16, or both; BENCHMARKS.md), picked by "
+                        "a few seconds' measurement on the model's shapes the first time, then cached per machine. "
+                        "The mode is recorded with the results. POPYOU_FAST_MODE=exact|int8|bf16|bf16+int8 forces "
+                        "one; on a GPU it is bf16 with CUDA graphs. Default: exact mode.")
+
+
+def demo_fast_option():
+    """--fast / --exact of the demo (on by default there)."""
+    return typer.Option(None, "--fast/--no-fast", " /--exact", show_default=False,
+                        help="The fastest sampling mode for this device within 90% of exact mode's tokens, as "
+                        "'popyou sample --fast' picks it (the page's header names it). Default: on, unless --dtype "
+                        "or --quantize names a mode; --exact (or --no-fast) for exact mode.")
+
+
 def revision_option():
     return typer.Option(None, "--revision", help="Hub branch, tag or commit of --pipeline (same as SPEC@REVISION; "
                         "default: the main branch).", show_default=False)

@@ -121,7 +121,7 @@ class Demo:
         args += ["--beta-sweep", sweep] if sweep else ["--n", str(n), "--beta", _number(beta)]
         args += ["--seed", str(seed), "--cfg", _number(opts["cfg"]), "--top-k", str(opts["top_k"]),
                  "--top-p", _number(opts["top_p"]), "--more-smooth" if opts["more_smooth"] else "--no-more-smooth"]
-        for flag, value in (("--device", self.device_arg), ("--dtype", self.dtype_arg)):
+        for flag, value in (("--device", self.device_arg), ("--dtype", self.dtype_flag())):
             args += [flag, value] if value != "auto" else []
         for flag, value in (("--quantize", self.pipe.quantize), ("--cfg-scales", self.cfg_scales)):
             args += [flag, str(value)] if value is not None else []
@@ -135,10 +135,33 @@ class Demo:
         return {"cfg": opts.cfg, "top_k": opts.top_k, "top_p": opts.top_p, "more_smooth": opts.more_smooth,
                 "cfg_scales": opts.cfg_scales}
 
+    def dtype_flag(self) -> str:
+        """--dtype as the reproduce command gives it: as the server was started, or what --fast picked where that
+        is not the device's auto (a command that says --fast could pick differently on another machine)."""
+        from .devices import dtype_name, resolve_dtype
+
+        if self.pipe.fast_mode is None:
+            return self.dtype_arg
+        return "auto" if self.pipe.dtype == resolve_dtype("auto", self.pipe.device) else dtype_name(self.pipe.dtype)
+
     def speed_mode(self) -> str:
-        """How the images are made, for the page's header: exact, or the fast modes the server was started with."""
-        modes = [f"--quantize {self.pipe.quantize}"] if self.pipe.quantize else []
-        modes += [f"guidance on the first {self.cfg_scales} scales"] if self.cfg_scales is not None else []
+        """How the images are made, for the page's header: exact, or the fast mode (--fast's pick, or the flags the
+        server was started with)."""
+        from .autotune import mode_named
+        from .devices import dtype_name
+
+        pipe = self.pipe
+        guided = [f"guidance on the first {self.cfg_scales} scales"] if self.cfg_scales is not None else []
+        if pipe.fast_mode is not None:
+            flags = " ".join(mode_named(pipe.fast_mode).flags)
+            if not flags and not guided:
+                return "exact mode (--fast's pick for this machine)"
+            picked = f"--fast picked {pipe.fast_mode}" + (f" ({flags})" if flags else "")
+            return "fast mode: " + ", ".join([picked] + guided)
+        dtype = dtype_name(pipe.dtype)
+        flags = [f"--dtype {dtype}"] if pipe.device.type == "cpu" and dtype != "fp32" else []
+        flags += [f"--quantize {pipe.quantize}"] if pipe.quantize else []
+        modes = ([" ".join(flags)] if flags else []) + guided
         return "fast mode: " + ", ".join(modes) if modes else "exact mode"
 
     def _seed(self, seed) -> int:
@@ -297,24 +320,30 @@ def _stopped(status: str) -> str:
 
 
 def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device: str, dtype: str, console,
-             quantize: str | None = None, cfg_scales: int | None = None) -> None:
-    """Loads the pipeline once, then serves the page until interrupted."""
+             quantize: str | None = None, cfg_scales: int | None = None, fast: bool | None = None) -> None:
+    """Loads the pipeline once, then serves the page until interrupted. fast None: on unless dtype or quantize
+    names a mode (the demo is fast by default; sample and eval are exact by default)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    from .autotune import check_fast
     from .pipeline import Pipeline, default_pipeline
     from .sampling import SamplingOptions
 
     _check_can_listen(host, port)  # before the (slow) model load
     SamplingOptions(cfg_scales=cfg_scales).check()
-    console.print(f"demo: loading {pipeline or default_pipeline()} (device {device}, dtype {dtype}) ...",
+    if fast is None:
+        fast = quantize is None and dtype in (None, "auto")
+    check_fast(fast, dtype, quantize)  # before the loading line: a refusal is one line
+    mode = "fastest mode (--fast)" if fast else f"dtype {dtype}" + (f", --quantize {quantize}" if quantize else "")
+    console.print(f"demo: loading {pipeline or default_pipeline()} (device {device}, {mode}) ...",
                   highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize)
+    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize, fast=fast)
     if not pipe.has_text:
         raise PopyouError(f"{pipe.source} is a class-conditional model with no text encoder; the demo needs a "
                           "text-to-image pipeline (popyou train-adapter, or the default original model)")
-    console.print(f"demo: loaded {pipe.description} on {pipe.device} in {time.perf_counter() - t0:.1f} s",
-                  highlight=False, soft_wrap=True)
     demo = Demo(pipe, pipeline, device=device, dtype=dtype, cfg_scales=cfg_scales)
+    console.print(f"demo: loaded {pipe.description} on {pipe.device} in {time.perf_counter() - t0:.1f} s; "
+                  f"{demo.speed_mode()}", highlight=False, soft_wrap=True)
     atexit.register(shutil.rmtree, demo.work_dir, ignore_errors=True)
     app = build_app(demo).queue(default_concurrency_limit=1, max_size=64)
     where = "every network interface" if host in ("0.0.0.0", "::") else host

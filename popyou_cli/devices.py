@@ -8,10 +8,16 @@ Dtype names: fp32 / float32 / float, fp16 / float16 / half, bf16 / bfloat16, and
 - "data" (SDXL-Turbo, BLIP-2, SigLIP in gen-data / caption / encode): fp16 on CUDA (SDXL-Turbo ships an fp16
   variant and BLIP-2 is run so), fp32 on CPU;
 - "train" (accelerate's mixed precision): bf16 on CUDA when the GPU supports it, else fp16; none on CPU.
+
+What the CPU can do (`cpu_info`): its model name and the instruction sets that decide which sampling mode is fast
+on it (AMX, AVX512-BF16, VNNI, AVX2, from /proc/cpuinfo).
 """
 from __future__ import annotations
 
 import contextlib
+import platform
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -82,3 +88,48 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def generator(device: torch.device, seed: int) -> torch.Generator:
     """A generator on the model's device: the same seed gives the same samples on that kind of device."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ CPU features
+# The /proc/cpuinfo flags that decide which sampling mode is fast: bf16 dot products (AVX512-BF16, AMX), int8 dot
+# products (VNNI: oneDNN's int8 GEMM), and the vector width oneDNN and MKL run fp32 at.
+CPU_FEATURES = {"AMX": ("amx_bf16", "amx_int8", "amx_tile"), "AVX512-BF16": ("avx512_bf16",),
+                "VNNI": ("avx512_vnni", "avx_vnni"), "AVX512": ("avx512f",), "AVX2": ("avx2",), "FMA": ("fma",)}
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: frozenset  # the CPU_FEATURES flags this CPU has
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 pays on a CPU only with bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+        return bool(self.flags & {"avx512_bf16", "amx_bf16"})
+
+    def summary(self) -> str:
+        """"AMD EPYC: AMX no, AVX512-BF16 yes, VNNI yes (avx512_vnni), ..." """
+        parts = []
+        for name, flags in CPU_FEATURES.items():
+            have = [f for f in flags if f in self.flags]
+            detail = f" ({', '.join(have)})" if len(flags) > 1 and have else ""
+            parts.append(f"{name} {'yes' if have else 'no'}{detail}")
+        return f"{self.model}: " + ", ".join(parts)
+
+
+def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
+    """This machine's CPU (`cpuinfo`: the text of /proc/cpuinfo, read when None; empty where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and not model:
+            model = value
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    known = {f for group in CPU_FEATURES.values() for f in group}
+    return CpuInfo(model or platform.processor() or "unknown CPU", frozenset(flags & known))

@@ -8,6 +8,10 @@ A text pipeline is VAR + VQ-VAE + adapter + text encoder: prompt -> text embeddi
 VAR with classifier-free guidance -> VQ-VAE decode. A plain VAR model folder (or `Pipeline.from_model`) gives a
 class-conditional pipeline with no text.
 
+`Pipeline.from_pretrained(..., fast=True)` samples in the fastest mode for this device among those within 90% of
+exact mode's tokens (autotune.py; measured once per machine and model shape, then cached; `pipe.fast_mode` names
+it); without it, sampling is exact (the reference VAR's tokens).
+
 Seeds: image k of each prompt uses seed + k, drawn from its own generator, so an image depends only on its own
 seed (not on the batch it was made in); for a single image `seed=S` means what the original PopYOU demo's
 `g_seed=S` meant. Every returned image carries `img.info["seed"]` (and "prompt", "beta").
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from . import devices
+from .autotune import check_fast
 from .errors import PopyouError
 from .models.checkpoints import DEFAULT_VAE, load_vqvae
 from .models.lora import load_var_lora
@@ -44,36 +49,39 @@ class Pipeline:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # autocast dtype of sampling
     quantize: str | None = None  # the opt-in fast mode the weights were loaded in (None: exact)
+    fast_mode: str | None = None  # what fast=True (--fast) picked: exact, int8, bf16 or bf16+int8; None: not asked
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, spec: str | None = None, *, revision: str | None = None, device="auto", dtype="auto",
-                        vae: str | None = None, quantize: str | None = None) -> "Pipeline":
+                        vae: str | None = None, quantize: str | None = None, fast: bool = False) -> "Pipeline":
         """A pipeline folder; a Hub spec (OWNER/NAME, spaces/OWNER/NAME/FILE, ...@REV, or `revision`) holding a
         popyou pipeline or the original PopYOU model, imported once into popyou's cache; or a VAR model folder,
         local weights file or "tiny" (class-conditional). None: $POPYOU_PIPELINE or the original demo's model."""
+        check_fast(fast, dtype, quantize)
         spec = spec or default_pipeline()
         local = Path(spec).expanduser()
         is_model_folder = local.is_dir() and not (local / "pipeline.json").is_file() and (local / "config.json").is_file()
         if is_model_folder or local.is_file() or spec == "tiny":
-            return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize)
+            return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
         folder = resolve_pipeline(spec, revision)
-        return cls._load_folder(folder, spec, device, dtype, vae, quantize)
+        return cls._load_folder(folder, spec, device, dtype, vae, quantize, fast)
 
     @classmethod
     def from_model(cls, var: str, vae: str | None = None, *, device="auto", dtype="auto",
-                   quantize: str | None = None) -> "Pipeline":
+                   quantize: str | None = None, fast: bool = False) -> "Pipeline":
         """Class-conditional sampling from a VAR (model folder, Hub file, official .pth or "tiny"). The VQ-VAE is
         `vae`, else the one the model folder records, else the official one."""
+        check_fast(fast, dtype, quantize)
         dev = devices.resolve_device(device)
         model, meta = load_var_lora(var, device=dev)  # a finetune folder may keep its LoRA separate
         vqvae = _load_vqvae_for(model, vae or _recorded_vqvae(var, meta), dev)
         pipe = cls(var=model, vqvae=vqvae, source=var, device=dev,
                    dtype=devices.resolve_dtype(dtype, dev, "sample"), config={"class_names": meta.get("class_names")})
-        return pipe._prepared(quantize)
+        return pipe._prepared(quantize, fast)
 
     @classmethod
-    def _load_folder(cls, folder: Path, shown: str, device, dtype, vae, quantize) -> "Pipeline":
+    def _load_folder(cls, folder: Path, shown: str, device, dtype, vae, quantize, fast: bool = False) -> "Pipeline":
         from .encoders.text import load_text_encoder
         from .models.adapter import load_adapter
 
@@ -92,16 +100,24 @@ class Pipeline:
                               f"{adapter.config.embed_dim}")
         pipe = cls(var=var, vqvae=vqvae, adapter=adapter, text_encoder=encoder, defaults=cfg.get("sampling", {}),
                    config=cfg, source=shown, device=dev, dtype=devices.resolve_dtype(dtype, dev, "sample"))
-        return pipe._prepared(quantize)
+        return pipe._prepared(quantize, fast)
 
-    def _prepared(self, mode: str | None) -> "Pipeline":
-        """Exact mode's speed-ups (always: same tokens, images within the goldens' tolerance), then the opt-in
-        `--quantize` mode; models/fast.py says what each does. Inference only, like the pipeline."""
-        from .models.fast import prepare_for_sampling
+    def _prepared(self, mode: str | None, fast: bool = False) -> "Pipeline":
+        """Exact mode's speed-ups (always: same tokens, images within the goldens' tolerance; on a CPU the kernels
+        measured fastest here), then the opt-in `--quantize` mode, or with `fast` the fastest mode within 90% of
+        exact mode's tokens (autotune.py: measured once per machine and model shape, then cached); models/fast.py
+        says what each does. Inference only, like the pipeline."""
+        from .autotune import prepare
 
-        prepare_for_sampling(self.var, self.vqvae, self.device, self.dtype, quantize=mode)
-        self.quantize = None if mode in (None, "none", "fp32") else mode  # quantize_var's spellings of exact
+        plan = prepare(self.var, self.vqvae, self.device, self.dtype, quantize=mode, fast=fast)
+        self.dtype, self.fast_mode = plan.dtype, plan.fast_mode
+        self.quantize = None if plan.quantize in (None, "none", "fp32") else plan.quantize  # quantize_var's exact
         return self
+
+    @property
+    def speed_record(self) -> dict:
+        """How the images are made, as samples.jsonl and metrics.json record it."""
+        return {"dtype": devices.dtype_name(self.dtype), "quantize": self.quantize, "fast": self.fast_mode}
 
     def to(self, device) -> "Pipeline":
         self.device = devices.resolve_device(device)

@@ -131,7 +131,7 @@ def test_cli_refusals_are_one_line(tmp_path):
         # the port is checked before the models load (this pipeline does not even exist)
         line = one_line_error(invoke("demo", "--pipeline", tmp_path / "missing", "--port", port))
         assert f"cannot listen on 127.0.0.1:{port}" in line
-    assert "--port must be 1-65535" in one_line_error(invoke("demo", "--port", 0))
+    assert "--port must be in 1..65_535 (got 0)" in one_line_error(invoke("demo", "--port", 0))
     res = invoke("demo", "--pipeline", "tiny", "--port", port)  # after the loading line, one error line
     assert res.exit_code == 1 and res.output.splitlines()[-1].startswith("error: tiny is a class-conditional")
 
@@ -154,3 +154,33 @@ def test_mp4_and_labelled_strip_writers(tmp_path):
         labelled_strip(frames, ["beta 0"])
     with pytest.raises(PopyouError, match="frames per second"):
         write_mp4(frames, 0, tmp_path / "zero.mp4")
+
+
+def test_the_default_demo_is_fast_and_its_header_says_so(demo_server):
+    """The server of these tests runs with no speed flag: its header names what --fast picked."""
+    import json
+    import urllib.request
+
+    url, _ = demo_server
+    with urllib.request.urlopen(url + "config", timeout=30) as r:
+        config = json.loads(r.read().decode())
+    header = [c["props"]["value"] for c in config["components"] if c.get("props", {}).get("elem_id") == "header"]
+    assert len(header) == 1 and "--fast" in header[0], header
+
+
+def test_exact_is_one_switch_away(tmp_path, monkeypatch):
+    """The loading line says which mode is being loaded; the tiny class-conditional model then stops the demo."""
+    import socket
+
+    monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for flags, mode in (((), "fastest mode (--fast)"), (("--exact",), "dtype auto)"), (("--no-fast",), "dtype auto)"),
+                        (("--quantize", "int8"), "dtype auto, --quantize int8)")):
+        res = invoke("demo", "--pipeline", "tiny", "--port", port, "--device", "cpu", *flags)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 1 and f"(device cpu, {mode}" in text, text
+        assert res.output.splitlines()[-1].startswith("error: tiny is a class-conditional")
+    line = one_line_error(invoke("demo", "--pipeline", "tiny", "--port", port, "--fast", "--dtype", "bf16"))
+    assert "--fast picks --dtype and --quantize itself" in line

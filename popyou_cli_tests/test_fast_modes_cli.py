@@ -63,12 +63,12 @@ def test_fast_mode_flags_refuse_bad_values_in_one_line(folder, tmp_path):
     msg = one_line_error(invoke("sample", PROMPT, "--pipeline", folder, "--quantize", "int4", "--out", tmp_path))
     assert "--quantize" in msg and "int8" in msg and "bf16" in msg
     msg = one_line_error(invoke("sample", PROMPT, "--pipeline", folder, "--cfg-scales", -1, "--out", tmp_path))
-    assert "--cfg-scales must be >= 0" in msg
+    assert "--cfg-scales must be in 0..64 (got -1)" in msg
     msg = one_line_error(invoke("eval", "--images", tmp_path, "--quantize", "int8", "--out", tmp_path / "e"))
     assert "drop --quantize/--cfg-scales" in msg
     for command in ("sample", "eval", "demo"):
         text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output.split())
-        assert "--quantize" in text and "--cfg-scales" in text, command
+        assert "--quantize" in text and "--cfg-scales" in text and "--fast" in text, command
 
 
 def test_eval_records_and_reproduces_the_fast_modes(folder, tmp_path):
@@ -96,3 +96,67 @@ def test_demo_in_a_fast_mode_says_so_and_its_command_reproduces_it(folder, tmp_p
     assert res.exit_code == 0, res.output
     for k, (img, _) in enumerate(gallery):
         assert np.array_equal(np.asarray(img), np.asarray(Image.open(tmp_path / "cli" / f"p0000_seed{9 + k}.png")))
+
+
+# ------------------------------------------------------------------------------------------ --fast
+def test_sample_fast_records_the_mode_it_picked(folder, tmp_path, monkeypatch):
+    """--fast as measured here (a cache of its own): a candidate, recorded; forced: the same images as the mode's
+    own flags, recorded by name."""
+    from popyou_cli import autotune
+
+    monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
+    _sample(folder, tmp_path / "measured", "--fast", n=2)
+    rec = json.loads((tmp_path / "measured" / "samples.jsonl").read_text().splitlines()[0])
+    assert rec["fast"] in autotune.FAST_CHOICES
+    assert (tmp_path / "cache" / autotune.CACHE_FILE).is_file()
+    monkeypatch.setenv(autotune.FAST_MODE_ENV, "int8")
+    fast = _sample(folder, tmp_path / "fast", "--fast", n=4)
+    assert np.array_equal(fast, _sample(folder, tmp_path / "named", "--quantize", "int8", n=4))
+    rec = json.loads((tmp_path / "fast" / "samples.jsonl").read_text().splitlines()[0])
+    assert (rec["fast"], rec["quantize"], rec["dtype"]) == ("int8", "int8", "fp32")
+    exact = json.loads((tmp_path / "named" / "samples.jsonl").read_text().splitlines()[0])
+    assert exact["fast"] is None  # --fast not asked
+    msg = one_line_error(invoke("sample", PROMPT, "--pipeline", folder, "--fast", "--quantize", "int8", "--out",
+                                tmp_path / "both"))
+    assert "--fast picks --dtype and --quantize itself" in msg
+
+
+def test_eval_fast_records_the_mode_and_reproduces_it_by_its_flags(folder, tmp_path, monkeypatch):
+    from popyou_cli import autotune
+
+    monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(autotune.FAST_MODE_ENV, "bf16+int8")
+    res = invoke("eval", "--pipeline", folder, "--n-prompts", 4, "--batch-size", 4, "--fast", "--max-reference", 8,
+                 "--device", "cpu", "--out", tmp_path / "e")
+    assert res.exit_code == 0, res.output
+    sampling = json.loads((tmp_path / "e" / "metrics.json").read_text())["sampling"]
+    assert (sampling["fast"], sampling["quantize"], sampling["dtype"]) == ("bf16+int8", "int8", "bf16")
+    # the reproduce command names the mode's flags, not --fast (which may pick differently on another machine)
+    args = shlex.split(json.loads((tmp_path / "e" / "metrics.json").read_text())["reproduce"])
+    assert args[args.index("--dtype") + 1] == "bf16" and args[args.index("--quantize") + 1] == "int8"
+    assert "--fast" not in args
+    msg = one_line_error(invoke("eval", "--images", tmp_path, "--fast", "--out", tmp_path / "e2"))
+    assert "drop --quantize/--cfg-scales/--fast" in msg
+
+
+def test_demo_fast_header_and_command_name_the_pick(folder, tmp_path, monkeypatch):
+    from popyou_cli import Pipeline, autotune
+    from popyou_cli.demo import Demo
+
+    monkeypatch.setenv(autotune.FAST_MODE_ENV, "bf16+int8")
+    pipe = Pipeline.from_pretrained(str(folder), device="cpu", fast=True)
+    demo = Demo(pipe, str(folder), device="cpu", work_dir=tmp_path / "work")
+    assert demo.speed_mode() == "fast mode: --fast picked bf16+int8 (--dtype bf16 --quantize int8)"
+    gallery, _, command = demo.images(PROMPT, 1.2, "9", 2, 2.0, 0, 0.0, False, progress=lambda *a, **k: None)
+    args = shlex.split(command)
+    assert args[args.index("--dtype") + 1] == "bf16" and args[args.index("--quantize") + 1] == "int8"
+    res = invoke(*args[1:-2], "--out", tmp_path / "cli")
+    assert res.exit_code == 0, res.output
+    for k, (img, _) in enumerate(gallery):
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(tmp_path / "cli" / f"p0000_seed{9 + k}.png")))
+    monkeypatch.setenv(autotune.FAST_MODE_ENV, "exact")
+    exact = Demo(Pipeline.from_pretrained(str(folder), device="cpu", fast=True), str(folder))
+    assert exact.speed_mode() == "exact mode (--fast's pick for this machine)"
+    assert "--dtype" not in exact.sample_command(PROMPT, demo.sampling(None, None, None, False), 1, n=1, beta=1.0)
+    bf16 = Demo(Pipeline.from_pretrained(str(folder), device="cpu", dtype="bf16"), str(folder), dtype="bf16")
+    assert bf16.speed_mode() == "fast mode: --dtype bf16"  # not exact mode, though no --fast

@@ -9,12 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import invoke
+from popyou_cli import autotune
 from popyou_cli.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load_var, load_vqvae
-from popyou_cli.models.fast import SubpixelUpsample, prepare_for_sampling, quantize_var
+from popyou_cli.models.fast import (DenseLinear, FusedFFN, Kernels, SubpixelUpsample, prepare_for_sampling,
+                                    quantize_var)
 from popyou_cli.models.vqvae import Upsample
 
 _CACHE = {}
+KERNEL_CHOICES = [k.spelled() for k in Kernels.exact_choices()]  # every choice autotune can make for exact mode
 
 
 def _golden_models(golden, tag):
@@ -33,6 +36,14 @@ def _prepared(golden, tag, **kw):
     return pvar, pvae, cases, meta
 
 
+def _forced_kernels(monkeypatch, spelled: str) -> Kernels:
+    """Exact mode's kernels as $POPYOU_EXACT_KERNELS forces them, through autotune's own path (no measuring)."""
+    monkeypatch.setenv(autotune.KERNELS_ENV, spelled)
+    kernels = autotune.exact_kernels(None, None, torch.device("cpu"), timer=None)
+    assert kernels.spelled() == spelled
+    return kernels
+
+
 def _run(var, vae, n, labels, seed=0, **kw):
     """Images and per-scale (tokens, guided logits) with one generator per image, as the pipeline draws."""
     steps = []
@@ -42,12 +53,14 @@ def _run(var, vae, n, labels, seed=0, **kw):
     return img, steps
 
 
+@pytest.mark.parametrize("kernels", KERNEL_CHOICES)
 @pytest.mark.parametrize("tag,run", [("tiny", "ar_greedy"), ("tiny", "ar_topk_topp"), ("tiny", "ar_topp_only"),
                                      ("tiny", "ar_smooth"), ("tiny10", "ar_greedy"), ("tiny10", "ar_topk_topp")])
-def test_exact_mode_meets_the_goldens(golden, tag, run):
-    """prepare_for_sampling (oneDNN GEMMs, fused GELU, sub-pixel channels_last decoder): the golden AR runs' tokens
-    bit for bit, logits and images within the golden README's tolerances."""
-    var, vae, c, meta = _prepared(golden, tag)
+def test_exact_mode_meets_the_goldens(golden, tag, run, kernels, monkeypatch):
+    """prepare_for_sampling with each kernel choice autotune can make (oneDNN or MKL GEMMs, fused GELU or not,
+    sub-pixel or nearest upsampling), forced through $POPYOU_EXACT_KERNELS: the golden AR runs' tokens bit for
+    bit, logits and images within the golden README's tolerances."""
+    var, vae, c, meta = _prepared(golden, tag, kernels=_forced_kernels(monkeypatch, kernels))
     call = meta["ar_runs"][run]["call"]
     steps = []
     img = var.generate(vae, call["B"], torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
@@ -61,10 +74,38 @@ def test_exact_mode_meets_the_goldens(golden, tag, run):
     torch.testing.assert_close(img, c[f"{run}_img"], atol=1e-4, rtol=0)
 
 
-def test_exact_mode_decodes_the_golden_codes(golden):
-    _, vae, c, _ = _prepared(golden, "tiny10")
+@pytest.mark.parametrize("kernels", KERNEL_CHOICES)
+def test_exact_mode_decodes_the_golden_codes(golden, kernels, monkeypatch):
+    _, vae, c, _ = _prepared(golden, "tiny10", kernels=_forced_kernels(monkeypatch, kernels))
     codes = [c[f"idx_s{k}"] for k in range(10)]
     torch.testing.assert_close(vae.decode_codes(codes), c["recon_from_idx"], atol=1e-4, rtol=0)
+
+
+def test_each_kernel_choice_changes_what_runs():
+    """The choices are not names only: the GEMM, the GELU's place and the upsampling differ in the modules."""
+    for kernels in Kernels.exact_choices():
+        var, vae = build_tiny_var(), build_tiny_vqvae()
+        prepare_for_sampling(var, vae, "cpu", kernels=kernels)
+        block = var.blocks[0]
+        assert isinstance(block.attn.proj, DenseLinear) == (kernels.gemm == "onednn")
+        assert isinstance(block.ffn, FusedFFN) == (kernels.gemm == "onednn" and kernels.fused_gelu)
+        ups = [getattr(level, level.resample) for level in vae.decoder.up if level.resample]
+        assert all(isinstance(u, SubpixelUpsample) == (kernels.upsample == "subpixel") for u in ups) and ups
+
+
+@pytest.mark.parametrize("quantize, dtype", [(None, torch.bfloat16), ("int8", torch.bfloat16)])
+def test_the_bf16_candidates_of_fast_keep_90_percent_of_exact_tokens(golden, quantize, dtype):
+    """--fast's bf16 candidates, as the int8 one below: greedy tokens of 8 classes on tiny10, every scale >= 90%
+    of exact mode's (the documented agreement that makes them candidates)."""
+    exact_var, vae, _, _ = _prepared(golden, "tiny10")
+    fast_var, fast_vae, _, _ = _prepared(golden, "tiny10", quantize=quantize, dtype=dtype)
+    labels = torch.arange(8) % 10
+    with torch.autocast("cpu", dtype=dtype):
+        _, f_steps = _run(fast_var, fast_vae, 8, labels, cfg=1.5, top_k=1)
+    _, e_steps = _run(exact_var, vae, 8, labels, cfg=1.5, top_k=1)
+    agreement = [(x[0] == y[0]).float().mean().item() for x, y in zip(f_steps, e_steps)]
+    assert min(agreement) >= autotune.MIN_AGREEMENT, agreement
+    assert sum(not torch.equal(x[1], y[1]) for x, y in zip(f_steps, e_steps)) > 0  # bf16 logits are not exact
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -174,7 +215,8 @@ def test_static_steps_replayed_across_calls_equal_eager_sampling():
     assert len(static._scale_steps[(4, "cpu", torch.float32)].graphs) == 4 + 2  # (scale, rows) keys
 
 
-def test_bench_sample_tiny_reports_every_mode(tmp_path):
+def test_bench_sample_tiny_reports_every_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sample.json"
     res = invoke("bench", "sample", "--tiny", "--batch-sizes", "1", "--repeats", "1", "--video-frames", "2",
                  "--no-distances", "--out", out)
@@ -184,3 +226,20 @@ def test_bench_sample_tiny_reports_every_mode(tmp_path):
     assert modes[:4] == ["reference pattern", "exact", "--quantize int8", "--cfg-scales 8"]
     assert all(r["s_per_image"] > 0 and r["vs_reference"] > 0 for r in result["results"])
     assert [v["frames"] for v in result["beta_video"]] == [2, 2, 2]
+    assert modes[-1].startswith("--fast (= ") and result["autotune"]["used_fast_mode"] in autotune.FAST_CHOICES
+    assert result["beta_video"][-1]["mode"] == modes[-1]  # the demo's default
+
+
+def test_bench_sample_names_the_cpu_the_kernels_and_the_fast_pick(tmp_path, monkeypatch):
+    monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(autotune.FAST_MODE_ENV, "int8")
+    res = invoke("bench", "sample", "--arch", "tiny", "--batch-sizes", "1", "--repeats", "1", "--video-frames", "0",
+                 "--no-distances", "--out", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    for fact in ("CPU: ", "AMX ", "AVX512-BF16 ", "VNNI ", "AVX2 ", "exact-mode kernels gemm=", "--fast picks ",
+                 "forced by POPYOU_FAST_MODE=int8", "--fast (= --quantize int8)"):
+        assert fact in text, fact
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["autotune"]["cached"] is False and "cpu_flags" in result["machine"]
+    assert result["results"][-1]["mode"] == "--fast (= --quantize int8)"

@@ -1,12 +1,14 @@
 """Inference-only speed-ups of VAR sampling: what exact mode turns on, and the opt-in quantized modes.
 
-Exact mode, `prepare_for_sampling(var, vqvae, device, dtype)` (same fp32 math, other summation orders: greedy
-tokens stay identical on the goldens, images within their tolerances):
+Exact mode, `prepare_for_sampling(var, vqvae, device, dtype, kernels=...)` (same fp32 math, other summation
+orders: greedy tokens stay identical on the goldens, images within their tolerances, with every `Kernels` choice):
 - CPU: the transformer's Linear layers go through oneDNN's fp32 GEMM (`torch.ops.mkldnn._linear_pointwise`, an
   internal PyTorch op; checked at preparation, plain F.linear otherwise) instead of MKL's sgemm, with fc1's
-  tanh-GELU fused into it; on the AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster. The VQ-VAE
-  decoder's upsampling convolutions run sub-pixel (SubpixelUpsample: 2.25x fewer multiply-adds there).
-  torch.compile is not used: measured on a d16 block it was no faster on a CPU, after 20 s of compiling per shape.
+  tanh-GELU fused into it; on the AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster, elsewhere it can be
+  slower. The VQ-VAE decoder's upsampling convolutions run sub-pixel (SubpixelUpsample: 2.25x fewer
+  multiply-adds there). Each of these is a `Kernels` choice: autotune.py keeps those that are faster on this
+  machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU, after 20 s of compiling
+  per shape.
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
   call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps). With a
   reduced-precision dtype the decoder also runs in channels_last.
@@ -20,6 +22,8 @@ Opt-in, `quantize_var(var, mode, device)`:
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,9 +31,63 @@ from torch import nn
 from ..errors import PopyouError
 
 QUANTIZE_MODES = ("int8", "bf16")
+_KERNEL_SPELLINGS = {"gemm": ("onednn", "plain"), "gelu": ("fused", "separate"),
+                     "upsample": ("subpixel", "nearest"), "layout": ("channels_last", "nchw")}
 
 
-def _onednn_linear_available() -> bool:
+@dataclass(frozen=True)
+class Kernels:
+    """How sampling computes on a CPU; every choice keeps exact mode within the goldens (test_fast_sampling
+    checks each one). The defaults are the choices measured fastest on the AMD EPYC of BENCHMARKS.md; autotune.py
+    measures them on the machine at hand. Spelled "gemm=onednn,gelu=fused,upsample=subpixel,layout=channels_last"."""
+
+    gemm: str = "onednn"  # fp32 Linear layers: "onednn" (oneDNN's GEMM) or "plain" (F.linear: MKL's sgemm)
+    fused_gelu: bool = True  # fc1's tanh-GELU inside oneDNN's GEMM (with gemm "onednn" only)
+    upsample: str = "subpixel"  # the decoder's upsampling: "subpixel" or "nearest" (upsample, then the 3x3 conv)
+    channels_last: bool = True  # the decoder's memory format under bf16/fp16 autocast; never in fp32 (goldens)
+
+    def __post_init__(self):
+        if self.gemm not in _KERNEL_SPELLINGS["gemm"] or self.upsample not in _KERNEL_SPELLINGS["upsample"]:
+            raise PopyouError(f"unknown kernels gemm={self.gemm}, upsample={self.upsample}")
+        if self.gemm != "onednn":  # only oneDNN's GEMM can fuse the GELU: one spelling per behaviour
+            object.__setattr__(self, "fused_gelu", False)
+
+    @classmethod
+    def parse(cls, text: str) -> "Kernels":
+        """From "key=value,..." (keys gemm, gelu, upsample, layout); keys left out keep the default."""
+        given = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = (x.strip().lower() for x in part.partition("="))
+            if value not in _KERNEL_SPELLINGS.get(key, ()):
+                choices = "; ".join(f"{k}={'|'.join(v)}" for k, v in _KERNEL_SPELLINGS.items())
+                raise PopyouError(f"unknown kernel choice '{part}' (use {choices})")
+            given[key] = value
+        values = dict(part.split("=") for part in cls().spelled().split(","))  # the defaults, then the given
+        values.update(given)
+        return cls(gemm=values["gemm"], fused_gelu=values["gelu"] == "fused", upsample=values["upsample"],
+                   channels_last=values["layout"] == "channels_last")
+
+    def spelled(self) -> str:
+        """The parse() spelling; gelu says "separate" wherever it is not fused (plain GEMM included)."""
+        gelu = "fused" if self.fused_gelu and self.gemm == "onednn" else "separate"
+        layout = "channels_last" if self.channels_last else "nchw"
+        return f"gemm={self.gemm},gelu={gelu},upsample={self.upsample},layout={layout}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def exact_choices(cls) -> list["Kernels"]:
+        """Every distinct combination exact mode (fp32) can run: the GEMM with or without the fused GELU, and the
+        upsampling (the memory format applies to reduced precision only)."""
+        gemms = [("onednn", True), ("onednn", False), ("plain", False)]
+        return [cls(gemm=g, fused_gelu=f, upsample=u) for g, f in gemms for u in ("subpixel", "nearest")]
+
+
+DEFAULT_KERNELS = Kernels()
+
+
+def onednn_linear_available() -> bool:
     try:
         x, w = torch.ones(1, 8), torch.ones(4, 8)
         return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), x @ w.T)
@@ -37,7 +95,7 @@ def _onednn_linear_available() -> bool:
         return False
 
 
-def _onednn_int8_available() -> bool:
+def onednn_int8_available() -> bool:
     try:
         torch.ops.onednn.qlinear_prepack(torch.ones(4, 8, dtype=torch.int8), None)
         return True
@@ -172,15 +230,18 @@ class SubpixelUpsample(nn.Module):
         return out.view(B, cout, 2 * H, 2 * W)
 
 
-def _replace_linears(var, make) -> None:
-    """make(linear, gelu) -> module, for the attention, FFN and head Linears (ada_lin runs once per call)."""
+def _replace_linears(var, make, fuse_gelu: bool = True) -> None:
+    """make(linear, gelu) -> module, for the attention, FFN and head Linears (ada_lin runs once per call). With
+    fuse_gelu, fc1's module applies the GELU (FusedFFN); without, the FFN keeps applying it after fc1."""
     for block in var.blocks:
         attn, ffn = block.attn, block.ffn
         if isinstance(attn.mat_qkv, nn.Linear):
             attn.mat_qkv = make(attn.mat_qkv, False)
         if isinstance(attn.proj, nn.Linear):
             attn.proj = make(attn.proj, False)
-        if not isinstance(ffn, FusedFFN):
+        if not isinstance(ffn, FusedFFN) and not fuse_gelu:
+            ffn.fc1, ffn.fc2 = (make(lin, False) if isinstance(lin, nn.Linear) else lin for lin in (ffn.fc1, ffn.fc2))
+        elif not isinstance(ffn, FusedFFN):
             block.ffn = FusedFFN(make(ffn.fc1, True), make(ffn.fc2, False))
         else:
             for name in ("fc1", "fc2"):
@@ -200,7 +261,7 @@ def quantize_var(var, mode: str | None, device: str | torch.device | None = None
     if mode == "bf16" or dev.type != "cpu":
         _replace_linears(var, lambda lin, gelu: CastLinear(lin, torch.bfloat16, gelu))
         return var
-    if not _onednn_int8_available():
+    if not onednn_int8_available():
         raise PopyouError("--quantize int8 needs PyTorch's oneDNN int8 kernels, which this build lacks")
     head = var.head
     _replace_linears(var, lambda lin, gelu: Int8Linear(lin, gelu) if lin is not head else DenseLinear(lin))
@@ -208,14 +269,14 @@ def quantize_var(var, mode: str | None, device: str | torch.device | None = None
 
 
 def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                         *, quantize: str | None = None, cuda_graphs: bool = True):
-    """Exact-mode speed-ups in place (module docstring), then `quantize`. dtype is the autocast dtype sampling runs
-    under. Inference only: the replaced layers do not train. Returns (var, vqvae)."""
+                         *, quantize: str | None = None, cuda_graphs: bool = True, kernels: Kernels = DEFAULT_KERNELS):
+    """Exact-mode speed-ups in place (module docstring; `kernels` picks among them), then `quantize`. dtype is the
+    autocast dtype sampling runs under. Inference only: the replaced layers do not train. Returns (var, vqvae)."""
     dev = torch.device(device) if device is not None else var.pos_1LC.device
     quantize_var(var, quantize, dev)
     if dev.type == "cpu":
-        if dtype == torch.float32 and _onednn_linear_available():
-            _replace_linears(var, lambda lin, gelu: DenseLinear(lin, gelu))
+        if dtype == torch.float32 and kernels.gemm == "onednn" and onednn_linear_available():
+            _replace_linears(var, lambda lin, gelu: DenseLinear(lin, gelu), fuse_gelu=kernels.fused_gelu)
         elif dtype != torch.float32:
             _replace_linears(var, lambda lin, gelu: CastLinear(lin, dtype, gelu))
     elif dtype in (torch.bfloat16, torch.float16):
@@ -225,18 +286,19 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
 
         var.sampling_graphs = CudaGraph
     if vqvae is not None:
-        prepare_decoder(vqvae, channels_last=dtype != torch.float32)
+        prepare_decoder(vqvae, channels_last=dtype != torch.float32 and kernels.channels_last,
+                        subpixel=kernels.upsample == "subpixel")
     return var, vqvae
 
 
-def prepare_decoder(vqvae, channels_last: bool = False) -> None:
+def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True) -> None:
     """The decoder's speed-ups in place: sub-pixel upsampling (exact), and channels_last for reduced precision.
     In fp32, channels_last is left out of exact mode: 9% faster decoding on the BENCHMARKS.md CPU, but oneDNN's
     NHWC kernels move the golden tiny10 image by up to 1.003e-4, past the goldens' 1e-4."""
     from .vqvae import Upsample
 
     for level in vqvae.decoder.up:
-        if level.resample and isinstance(getattr(level, level.resample), Upsample):
+        if subpixel and level.resample and isinstance(getattr(level, level.resample), Upsample):
             setattr(level, level.resample, SubpixelUpsample(getattr(level, level.resample)))
     if channels_last:
         vqvae.decoder.to(memory_format=torch.channels_last)

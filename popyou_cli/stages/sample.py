@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write, ensure_writable_dir, portable_spec
-from ..images import grid, save_png
+from ..images import grid, image_label, save_png
 from ..pipeline import Pipeline
 from ..progress import Progress
 from ..sampling import SamplingOptions, check_counts, check_disk, check_seed, parse_sweep
@@ -40,17 +40,18 @@ def _write_grid(images, out: Path, name: str, ncol: int | None = None) -> Path:
     import torch
 
     u8 = torch.stack([torch.from_numpy(np.array(im)) for im in images])
-    return save_png(grid(u8, ncol=ncol), out / name)
+    labels = [image_label(im.info.get("prompt"), im.info.get("seed")) for im in images]  # beta: one for all
+    return save_png(grid(u8, ncol=ncol, labels=labels), out / name)
 
 
 def sample_classes(*, var: str, vae: str | None, class_id: int, n: int, batch_size: int, opts: SamplingOptions,
                    seed: int, device: str, dtype: str, out: Path, quantize: str | None = None,
-                   console=None) -> SampleResult:
+                   console=None, fast: bool = False) -> SampleResult:
     """n images of one class; image k uses seed + k."""
     check_counts(n, batch_size)
     seed = check_seed(seed)
     opts.check()
-    pipe = Pipeline.from_model(var, vae, device=device, dtype=dtype, quantize=quantize)
+    pipe = Pipeline.from_model(var, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
     pipe.options(**opts.as_dict())  # range checks against this model before any file is written
     pipe._check_class(class_id)
     ensure_writable_dir(out)
@@ -66,19 +67,19 @@ def sample_classes(*, var: str, vae: str | None, class_id: int, n: int, batch_si
 
 def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size: int, opts: SamplingOptions,
                 seed: int, device: str, dtype: str, out: Path, beta_sweep: str | None = None,
-                quantize: str | None = None, console=None) -> SampleResult:
+                quantize: str | None = None, console=None, fast: bool = False) -> SampleResult:
     """Text-to-image. Writes p{prompt}_seed{seed}.png per image, a grid and samples.jsonl."""
     check_counts(n, batch_size)
     seed = check_seed(seed)
     sweep = parse_sweep(beta_sweep) if beta_sweep else None
     opts.check()
-    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize)
+    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize, fast=fast)
     resolved = pipe.options(**opts.as_dict())
     ensure_writable_dir(out)
     check_disk(out, len(sweep) if sweep else len(prompts) * n, pipe.image_size)
     # A local pipeline is recorded relative to OUT (samples.jsonl is shared and uploaded), a Hub id as it is.
     settings = {**resolved.as_dict(), "class_id": pipe.class_id, "pipeline": portable_spec(pipe.source, out),
-                "quantize": pipe.quantize}
+                **pipe.speed_record}
     if sweep:
         return _beta_sweep(pipe, prompts[0], sweep, seed, opts, batch_size, out, settings, console)
     with Progress("sample", len(prompts) * n, console=console) as progress:

@@ -1,0 +1,283 @@
+"""Which kernels exact mode uses and which mode `--fast` picks, on this machine: a short measurement on the model's
+real shapes, done once and cached.
+
+`--fast` picks the fastest documented mode whose lowest per-scale token agreement with exact mode on the golden
+tiny10 model is at least 90% (BENCHMARKS.md: `--quantize int8` 0.955, `--dtype bf16` 0.985, both 0.965;
+`--cfg-scales 8`, 0.42, is no candidate). On CUDA nothing is measured: --fast is bf16 with CUDA graphs (popyou's
+default there). $POPYOU_FAST_MODE (exact, int8, bf16 or bf16+int8) forces the pick; $POPYOU_EXACT_KERNELS (e.g.
+"gemm=plain,upsample=nearest", see models.fast.Kernels) forces exact mode's kernels.
+
+The measurement (CPU, `measure`; every case called once untimed, then timed in 3 rounds over all cases, medians):
+- one transformer block at the model's width, on the largest scale's tokens of one image with guidance (2 rows),
+  attending over the whole KV cache: MKL's GEMM, oneDNN's, oneDNN's with the GELU fused (exact mode's choices),
+  int8, and where the CPU has bf16 dot products (AVX512-BF16, AMX) bf16 and bf16 + int8;
+- the decoder's heaviest convolution at its real size: fp32, and (bf16 CPUs) bf16 in NCHW and in channels_last;
+- the decoder's largest upsampling: nearest + 3x3 conv against sub-pixel.
+A mode's seconds per image are estimated as depth x block x (all tokens / the largest scale's) + heaviest conv x
+(the decoder's multiply-adds / that conv's). It takes a few seconds for VAR-d16 on 2 cores, a fraction of one for
+the tiny models, and is cached in `cache_root()/sampling-autotune.json`: one entry per CPU model + flags + torch
+version + threads + model shape. A missing or unreadable cache is measured again and rewritten.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import devices
+from .errors import PopyouError
+from .models.fast import (DEFAULT_KERNELS, Kernels, onednn_int8_available, onednn_linear_available,
+                          prepare_for_sampling)
+
+FAST_MODE_ENV = "POPYOU_FAST_MODE"
+KERNELS_ENV = "POPYOU_EXACT_KERNELS"
+MIN_AGREEMENT = 0.9  # a --fast candidate keeps at least this share of exact mode's tokens at every scale
+CACHE_FILE = "sampling-autotune.json"
+CACHE_VERSION = 1
+REPEATS = 3  # timed rounds over every case, after one untimed call of each; the median counts
+
+Timer = Callable[[str, Callable[[], object]], float]  # (case label, the call) -> seconds of one call
+
+
+@dataclass(frozen=True)
+class SpeedMode:
+    """A documented sampling mode and its distance from exact mode (BENCHMARKS.md, tiny10 greedy)."""
+    name: str
+    dtype: torch.dtype
+    quantize: str | None
+    agreement: float  # the lowest per-scale token agreement with exact mode
+    cfg_scales: int | None = None
+
+    @property
+    def candidate(self) -> bool:
+        """Whether --fast may pick it."""
+        return self.agreement >= MIN_AGREEMENT and self.cfg_scales is None
+
+    @property
+    def flags(self) -> list[str]:
+        """The sample / eval / demo flags that select it on a CPU."""
+        out = ["--dtype", devices.dtype_name(self.dtype)] if self.dtype != torch.float32 else []
+        out += ["--quantize", self.quantize] if self.quantize else []
+        return out + (["--cfg-scales", str(self.cfg_scales)] if self.cfg_scales is not None else [])
+
+
+MODES = (SpeedMode("exact", torch.float32, None, 1.0), SpeedMode("int8", torch.float32, "int8", 0.955),
+         SpeedMode("bf16", torch.bfloat16, None, 0.985), SpeedMode("bf16+int8", torch.bfloat16, "int8", 0.965),
+         SpeedMode("cfg-scales 8", torch.float32, None, 0.422, cfg_scales=8))
+FAST_CHOICES = tuple(m.name for m in MODES if m.candidate)
+
+
+def mode_named(name: str) -> SpeedMode:
+    for m in MODES:
+        if m.name == name and m.candidate:
+            return m
+    raise PopyouError(f"unknown fast mode '{name}' (use {', '.join(FAST_CHOICES)})")
+
+
+def fastest(estimates: dict[str, float]) -> str:
+    """The candidate with the fewest estimated seconds; modes below MIN_AGREEMENT never win."""
+    allowed = {name: s for name, s in estimates.items() if any(m.name == name and m.candidate for m in MODES)}
+    if not allowed:
+        raise PopyouError(f"no --fast candidate among the measured modes {sorted(estimates)}")
+    return min(allowed, key=allowed.get)
+
+
+@dataclass
+class Tuning:
+    """What the measurement chose, and from which numbers."""
+    kernels: Kernels  # exact mode's kernels
+    fast_mode: str  # what --fast picks
+    estimates_s: dict  # mode -> estimated seconds per image
+    timings_ms: dict  # case -> median milliseconds of one call
+    seconds: float  # how long the measurement took
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "kernels": self.kernels.as_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tuning":
+        """Raises (KeyError, TypeError, ValueError, PopyouError) on an entry that is not one."""
+        tuning = cls(Kernels(**d["kernels"]), mode_named(d["fast_mode"]).name, dict(d["estimates_s"]),
+                     dict(d["timings_ms"]), float(d["seconds"]))
+        if not isinstance(tuning.kernels.fused_gelu, bool) or not isinstance(tuning.kernels.channels_last, bool):
+            raise ValueError("kernel flags are not booleans")
+        return tuning
+
+    def summary(self) -> str:
+        est = ", ".join(f"{m} {s:.3g} s" for m, s in sorted(self.estimates_s.items(), key=lambda kv: kv[1]))
+        return (f"exact-mode kernels {self.kernels.spelled()}; --fast picks {self.fast_mode} (estimated s/image: "
+                f"{est}; measured in {self.seconds:.1f} s)")
+
+
+# ------------------------------------------------------------------------------------------ the choices
+def check_fast(fast: bool, dtype, quantize) -> None:
+    """fast=True picks the dtype and quantize itself: both must be left at their defaults."""
+    if fast and (quantize is not None or dtype not in (None, "auto")):
+        raise PopyouError("--fast picks --dtype and --quantize itself: drop --dtype/--quantize, or drop --fast")
+
+
+def exact_kernels(var, vqvae, device: torch.device, timer: Timer | None = None) -> Kernels:
+    """$POPYOU_EXACT_KERNELS, else on a CPU the measured choice, else the defaults."""
+    return _kernels(device, lambda: tune(var, vqvae, timer))
+
+
+def fast_mode(var, vqvae, device: torch.device, timer: Timer | None = None) -> SpeedMode:
+    """$POPYOU_FAST_MODE, else on a CPU the measured pick, else bf16 (with CUDA graphs on CUDA)."""
+    return _fast_mode(device, lambda: tune(var, vqvae, timer))
+
+
+def _kernels(device: torch.device, tuned: Callable[[], Tuning]) -> Kernels:
+    if os.environ.get(KERNELS_ENV):
+        try:
+            return Kernels.parse(os.environ[KERNELS_ENV])
+        except PopyouError as e:
+            raise PopyouError(f"${KERNELS_ENV}: {e}") from None
+    return tuned().kernels if device.type == "cpu" else DEFAULT_KERNELS
+
+
+def _fast_mode(device: torch.device, tuned: Callable[[], Tuning]) -> SpeedMode:
+    if os.environ.get(FAST_MODE_ENV):
+        try:
+            return mode_named(os.environ[FAST_MODE_ENV].strip().lower())
+        except PopyouError as e:
+            raise PopyouError(f"${FAST_MODE_ENV}: {e}") from None
+    return mode_named(tuned().fast_mode if device.type == "cpu" else "bf16")
+
+
+@dataclass
+class Plan:
+    dtype: torch.dtype
+    quantize: str | None
+    fast_mode: str | None  # what --fast picked; None without --fast
+    kernels: Kernels
+
+
+def prepare(var, vqvae, device: torch.device, dtype: torch.dtype, *, quantize: str | None = None,
+            fast: bool = False, timer: Timer | None = None) -> Plan:
+    """Chooses (measuring at most once, the first time on this machine) and applies, in place: exact mode's
+    kernels, and with `fast` the mode."""
+    tuned = functools.cache(lambda: tune(var, vqvae, timer))
+    picked = _fast_mode(device, tuned) if fast else None
+    if picked is not None:
+        dtype, quantize = picked.dtype, picked.quantize
+    kernels = _kernels(device, tuned)
+    prepare_for_sampling(var, vqvae, device, dtype, quantize=quantize, kernels=kernels)
+    return Plan(dtype, quantize, picked.name if picked is not None else None, kernels)
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def cache_key(var, vqvae, cpu: devices.CpuInfo | None = None) -> str:
+    cpu = cpu or devices.cpu_info()
+    c, v = var.config, vqvae.config
+    shape = (f"VAR depth {c.depth} width {c.embed_dim} heads {c.num_heads} tokens {c.L} last scale "
+             f"{c.patch_nums[-1]}; VQ-VAE ch {v.ch} x {list(v.ch_mult)} {v.image_size} px")
+    return (f"{cpu.model} | {','.join(sorted(cpu.flags))} | torch {torch.__version__} | "
+            f"threads {torch.get_num_threads()} | {shape}")
+
+
+def cache_path() -> Path:
+    from .original import cache_root
+
+    return cache_root() / CACHE_FILE
+
+
+def _read_entries(path: Path) -> dict:
+    """The cache's entries; {} for a missing, unreadable or foreign file (it is rewritten after measuring)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict)
+    return data["entries"] if ok else {}
+
+
+def cached(key: str) -> Tuning | None:
+    entry = _read_entries(cache_path()).get(key)
+    try:
+        return Tuning.from_dict(entry) if entry is not None else None
+    except (KeyError, TypeError, ValueError, AttributeError, PopyouError):
+        return None
+
+
+def tune(var, vqvae, timer: Timer | None = None) -> Tuning:
+    """The cached choice for this machine and model shape, else a measurement (then cached)."""
+    key = cache_key(var, vqvae)
+    found = cached(key)
+    if found is not None:
+        return found
+    tuning = measure(var, vqvae, timer or time_call)
+    path = cache_path()
+    entries = _read_entries(path)  # read again: another process may have added its own model's entry
+    entries[key] = tuning.as_dict()
+    try:
+        from .files import atomic_write_json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
+    except (OSError, PopyouError) as e:
+        warnings.warn(f"could not write {path} ({e}); the sampling kernels are measured again next time",
+                      RuntimeWarning, stacklevel=2)
+    return tuning
+
+
+# ------------------------------------------------------------------------------------------ the measurement
+def time_call(label: str, fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(var, vqvae, timer: Timer = time_call, cpu: devices.CpuInfo | None = None) -> Tuning:
+    """Times the cases of the module docstring on the (unprepared) CPU models and returns the choices. Every case
+    is called once untimed (first-call setup, the allocator), then REPEATS rounds time every case in turn, so that
+    another program's load hits all of them alike; each case's median counts."""
+    from .autotune_cases import block_case, conv_cases, upsample_cases
+
+    cpu, start = cpu or devices.cpu_info(), time.perf_counter()
+    int8 = onednn_int8_available()
+    exact = {"plain": Kernels(gemm="plain")}
+    if onednn_linear_available():
+        exact.update({"onednn": Kernels(fused_gelu=False), "onednn+gelu": DEFAULT_KERNELS})
+    cases = {f"block {name}": block_case(var, torch.float32, None, k) for name, k in exact.items()}
+    modes = {"exact": torch.float32} | ({"int8": torch.float32} if int8 else {})
+    if cpu.native_bf16:
+        modes |= {"bf16": torch.bfloat16} | ({"bf16+int8": torch.bfloat16} if int8 else {})
+    for name in modes:  # int8 and bf16 replace every Linear of the block: exact's kernel choice is moot there
+        if name != "exact":
+            cases[f"block {name}"] = block_case(var, modes[name], mode_named(name).quantize, DEFAULT_KERNELS)
+    convs, conv_share = conv_cases(vqvae, bf16=cpu.native_bf16)
+    cases |= {f"conv {k}": fn for k, fn in convs.items()}
+    cases |= {f"upsample {k}": fn for k, fn in upsample_cases(vqvae).items()}
+    for label, fn in cases.items():
+        timer(label, fn)
+    runs = {label: [] for label in cases}
+    for _ in range(REPEATS):
+        for label, fn in cases.items():
+            runs[label].append(timer(label, fn))
+    ms = {label: round(1000 * statistics.median(times), 4) for label, times in runs.items()}
+
+    best = min(exact, key=lambda name: ms[f"block {name}"])
+    channels_last = (ms["conv bf16 channels_last"] <= ms["conv bf16 nchw"] if "conv bf16 nchw" in ms
+                     else DEFAULT_KERNELS.channels_last)
+    bf16_conv = "conv bf16 channels_last" if channels_last else "conv bf16 nchw"
+    ups = {k: ms[f"upsample {k}"] for k in ("subpixel", "nearest") if f"upsample {k}" in ms}
+    kernels = Kernels(gemm=exact[best].gemm, fused_gelu=exact[best].fused_gelu,
+                      upsample=min(ups, key=ups.get) if ups else DEFAULT_KERNELS.upsample,
+                      channels_last=channels_last)
+    c = var.config
+    blocks = c.depth * c.L / c.patch_nums[-1] ** 2  # blocks x (all tokens / the largest scale's tokens)
+    estimates = {}
+    for name, dtype in modes.items():
+        block = ms[f"block {best}" if name == "exact" else f"block {name}"]
+        conv = ms["conv fp32" if dtype == torch.float32 else bf16_conv]
+        estimates[name] = round((block * blocks + conv * conv_share) / 1000, 4)
+    return Tuning(kernels, fastest(estimates), estimates, ms, round(time.perf_counter() - start, 2))

@@ -1,0 +1,122 @@
+"""The calls autotune.py times, built on the model's real shapes: one transformer block per way of running its
+Linear layers, the decoder's heaviest convolution and its largest upsampling. Each builder returns argument-free
+callables; building copies only the part it needs (one block, one conv), so the models stay as they were."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import devices
+from .models.fast import Kernels, SubpixelUpsample, prepare_for_sampling
+from .models.var import KVCache
+from .models.vqvae import Upsample
+
+CPU = torch.device("cpu")
+GUIDED_ROWS = 2  # one image with classifier-free guidance: its conditional and unconditional rows
+
+
+class _OneBlock(nn.Module):
+    """One transformer block, shaped as prepare_for_sampling expects a VAR (blocks, no head)."""
+    head = None
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList([copy.deepcopy(block)])
+
+
+def block_case(var, dtype: torch.dtype, quantize: str | None, kernels: Kernels) -> Callable[[], torch.Tensor]:
+    """A copy of the first block, prepared as sampling in this mode prepares it, run on the largest scale's tokens
+    of one guided image while the KV cache holds every earlier scale."""
+    one = _OneBlock(var.blocks[0]).to(CPU).eval()
+    prepare_for_sampling(one, None, CPU, dtype, quantize=quantize, kernels=kernels)
+    block, cfg = one.blocks[0], var.config
+    last = cfg.patch_nums[-1] ** 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(GUIDED_ROWS, last, cfg.embed_dim, generator=gen)
+    ada = torch.randn(GUIDED_ROWS, 1, 6, cfg.embed_dim, generator=gen).mul_(0.1)
+    cache = block.attn.kv_cache = KVCache(cfg.L)
+    primed = []
+
+    def call() -> torch.Tensor:
+        cache.reset()
+        cache.len = cfg.L - last  # the earlier scales' keys and values are in the cache
+        with torch.no_grad(), devices.autocast(CPU, dtype):
+            out = block(x, ada)
+        if not primed:  # the first call allocated the cache: zeros where the earlier scales would be
+            primed.append(True)
+            for t in cache._full:
+                t.zero_()
+        return out
+
+    return call
+
+
+def _traced_convs(vqvae) -> list[tuple[nn.Conv2d, tuple[int, ...], int]]:
+    """Every decoder convolution with its input shape and multiply-adds at the model's real size: traced on a 1x1
+    latent (every size in the decoder scales with the latent's), then scaled to the last scale's side."""
+    side, found = vqvae.config.patch_nums[-1], []
+
+    def hook(conv, inputs, out):
+        kh, kw = conv.kernel_size
+        n, c, h, w = inputs[0].shape
+        macs = out.shape[2] * out.shape[3] * side * side * conv.out_channels * conv.in_channels // conv.groups * kh * kw
+        found.append((conv, (n, c, h * side, w * side), macs))
+
+    decoder = vqvae.decoder
+    handles = [m.register_forward_hook(hook) for m in decoder.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            decoder(torch.zeros(1, vqvae.config.z_channels, 1, 1, device=next(decoder.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def conv_cases(vqvae, bf16: bool) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
+    """({"fp32": call, and with bf16 "bf16 nchw" and "bf16 channels_last"}, the decoder's multiply-adds over the
+    heaviest convolution's): that convolution, on one image at its real size."""
+    traced = _traced_convs(vqvae)
+    conv, shape, macs = max(traced, key=lambda t: t[2])
+    conv = copy.deepcopy(conv).to(CPU).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def run(module, inp, dtype):
+        def call():
+            with torch.no_grad(), devices.autocast(CPU, dtype):
+                return module(inp)
+        return call
+
+    cases = {"fp32": run(conv, x, torch.float32)}
+    if bf16:
+        cases.update({"bf16 nchw": run(conv, x, torch.bfloat16), "bf16 channels_last": run(conv_cl, x_cl,
+                                                                                           torch.bfloat16)})
+    return cases, sum(t[2] for t in traced) / macs
+
+
+def upsample_cases(vqvae) -> dict[str, Callable[[], torch.Tensor]]:
+    """{"nearest": upsample then 3x3 conv, "subpixel": SubpixelUpsample} for the decoder's largest upsampling, in
+    fp32 on one image; {} for a decoder without one."""
+    traced = {id(conv): (shape, macs) for conv, shape, macs in _traced_convs(vqvae)}
+    ups = [getattr(level, level.resample) for level in vqvae.decoder.up if level.resample]
+    ups = [u for u in ups if isinstance(u, Upsample) and id(u.conv) in traced]
+    if not ups:
+        return {}
+    largest = max(ups, key=lambda u: traced[id(u.conv)][1])
+    n, c, h, w = traced[id(largest.conv)][0]  # the conv's input: the upsampled map
+    up = copy.deepcopy(largest).to(CPU).eval()
+    x = torch.randn(n, c, h // 2, w // 2, generator=torch.Generator().manual_seed(0))
+    sub = SubpixelUpsample(up)
+
+    def run(module):
+        def call():
+            with torch.no_grad():
+                return module(x)
+        return call
+
+    return {"nearest": run(up), "subpixel": run(sub)}
