@@ -1,4 +1,4 @@
-"""Pixels: images in (robust decoding, VAR's resize and crop) and images out (uint8 tensors, grids, PNG files).
+"""Pixels: images in (robust decoding, VAR's resize and crop) and images out (uint8 tensors, labelled grids, PNGs).
 
 A stage must get through whatever a user's dataset holds. `open_rgb` turns one image cell into an 8-bit RGB
 PIL image, or into an error message, and never raises:
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import short_error
 from .files import atomic_write
@@ -30,6 +30,8 @@ MIN_SIDE = 8
 RESIZE_RATIO = (9, 8)  # VAR's data pipeline: resize the short side to 9/8 of the crop (288 -> 256), then crop
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WHITE = (255, 255, 255)
+LABEL_INK = (32, 32, 32)  # grid labels: dark grey on the white band under each tile
+LABEL_MAX_PX = 14  # label font size: a tenth of the tile width, 8 to 14 px
 
 
 def open_rgb(cell: Any) -> tuple[Image.Image | None, str]:
@@ -145,18 +147,56 @@ def to_uint8(images):
     return images.float().mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def grid(images_u8, ncol: int | None = None, pad: int = 2):
-    """(N, H, W, 3) uint8 tensor -> one (rows*H, cols*W, 3) image with white gaps."""
+def label_font(height: int) -> ImageFont.ImageFont:
+    """Pillow's built-in scalable font at `height` px (at least 8): no font file needed, the same pixels everywhere."""
+    return ImageFont.load_default(size=max(8, height))
+
+
+def image_label(prompt: str | None, seed: int | None, beta: float | None = None) -> str:
+    """The caption under a grid tile: the prompt (the grid shortens it to the tile's width), then its seed, and its
+    beta when the grid's images differ in beta."""
+    numbers = ([f"seed {seed}"] if seed is not None else []) + ([f"beta {beta:.2f}"] if beta is not None else [])
+    return "\n".join(line for line in ((prompt or "").strip(), ", ".join(numbers)) if line)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text` cut (with an ellipsis) to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
+def grid(images_u8, ncol: int | None = None, pad: int = 2, labels: list[str] | None = None):
+    """(N, H, W, 3) uint8 tensor -> one image with white gaps, `ncol` tiles a row (default: about square). With
+    `labels` (one per image, lines split by newlines), a white band under each tile holds its label, each line
+    shortened with an ellipsis to the tile's width."""
     import torch
 
     n, h, w, _ = images_u8.shape
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"a grid of {n} images needs {n} labels (got {len(labels)})")
     ncol = ncol or min(n, max(1, round(n**0.5 + 0.49)))
     nrow = -(-n // ncol)
-    out = torch.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=torch.uint8)
+    font_px = min(LABEL_MAX_PX, max(8, w // 10))
+    lines = max((len(label.split("\n")) for label in labels), default=0) if labels else 0
+    band = lines * (font_px + 2) + 2 if lines else 0
+    cell = h + band
+    out = torch.full((nrow * (cell + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, ncol)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images_u8[i]
-    return out
+        out[pad + r * (cell + pad):pad + r * (cell + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images_u8[i]
+    if not band:
+        return out
+    canvas = Image.fromarray(out.numpy())
+    draw, font = ImageDraw.Draw(canvas), label_font(font_px)
+    for i, label in enumerate(labels):
+        r, c = divmod(i, ncol)
+        for k, line in enumerate(label.split("\n")):
+            xy = (pad + c * (w + pad), pad + r * (cell + pad) + h + 1 + k * (font_px + 2))
+            draw.text(xy, _fit(draw, line, font, w), fill=LABEL_INK, font=font)
+    return torch.from_numpy(np.asarray(canvas).copy())
 
 
 def save_png(image, path: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ Reproducibility
     (options, probabilities, the figure list in ``data/figures.txt``) changes the prompts.
 
 The scheme itself (attributes, grammar, the built-in figures, user attribute files) is in prompt_scheme.py;
-its public names are importable from here too.
+its public names are importable from here too. `read_prompt_file` reads a user's file of prompts (--prompt-file).
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from __future__ import annotations
 import hashlib
 import operator
 import random
+from pathlib import Path
 from typing import Iterator, NamedTuple
+
+from .errors import PopyouError
 
 from .prompt_scheme import (  # noqa: F401 - the scheme's public names, importable from popyou_cli.prompts
     DEFAULT_TEMPLATE,
@@ -152,3 +155,28 @@ def iter_prompts(scheme: PromptScheme, seed: int, start: int, stop: int) -> Iter
     for i in range(start, stop):
         prompt, attributes = make_prompt(scheme, seed, i)
         yield PromptRow(i, prompt, attributes)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading prompts
+# --------------------------------------------------------------------------------------------
+
+
+class PromptFile(NamedTuple):
+    prompts: list[str]
+    blank_lines: int  # blank lines between prompts, skipped (a note tells the user how many)
+
+
+def read_prompt_file(path: str | Path) -> PromptFile:
+    """The prompts of a UTF-8 text file, one a line, stripped. A blank line between prompts is skipped, not an
+    error (an empty line in a pasted list is common), and counted; blank lines at the end are not counted."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PopyouError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise PopyouError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+    while lines and not lines[-1].strip():  # trailing newlines at the end of a file are not prompts
+        lines.pop()
+    prompts = [line.strip() for line in lines if line.strip()]
+    return PromptFile(prompts, len(lines) - len(prompts))

@@ -2,10 +2,14 @@
 
 A reference set is a data set's images (a popyou stage folder or any datasets.save_to_disk folder, column
 `image`) or a folder of image files, each resized and centre-cropped to the generated images' size as encode
-does. Its Inception features are cached next to it, `FOLDER/.popyou-fid-stats-<key>.npz` (features and their
-mean), keyed by everything that changes them: the feature network, the image size, which images, and the
-data set's manifest (or the files' names, sizes and times). A later eval with the same reference reads the file
-instead of decoding and featurising thousands of images again; a read-only folder is simply not cached.
+does. Its Inception features are cached in popyou's cache folder (original.cache_root(), i.e. $POPYOU_CACHE or
+~/.cache/popyou), `fid-reference/<key>.npz`, never in the reference folder (which may be read-only or shared). The
+key is a hash of everything that changes the features: the feature network, the image size, which images, and
+the data set's manifest with its content hash (for a folder of image files: the folder and its files' names,
+sizes and times). The file holds the features themselves, not only their mean and covariance: KID needs them,
+and FID with fewer images than dimensions is computed from them (metrics.py). A later eval with the same
+reference reads the file instead of decoding and featurising thousands of images again; an unwritable cache
+folder only costs that time.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 
 from .errors import PopyouError
 
-CACHE_PREFIX = ".popyou-fid-stats-"
+CACHE_SUBFOLDER = "fid-reference"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SAMPLES_JSONL = "samples.jsonl"
 
@@ -29,8 +33,8 @@ SAMPLES_JSONL = "samples.jsonl"
 @dataclass
 class ReferenceSet:
     """Where the reference images are and which ones; `load()` decodes them (N, size, size, 3) uint8."""
-    folder: Path  # where the feature cache goes
-    description: str  # for the report, e.g. "data/enc (2000 training rows)"
+    folder: Path  # where the images are
+    what: str  # which of them, for the report, e.g. "2000 training rows"
     key: dict  # what identifies the images (part of the cache key)
     load: Callable[[], torch.Tensor]
     count: int
@@ -69,7 +73,7 @@ def dataset_reference(folder: Path, rows: Sequence[int], size: int, what: str, d
     except Exception:  # noqa: BLE001 - a plain datasets folder: its state file stands for its content
         manifest = _file_stamp(folder / "state.json")
     key = {"data": manifest, "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()}
-    return ReferenceSet(Path(folder), f"{folder} ({len(rows)} {what})", key,
+    return ReferenceSet(Path(folder), f"{len(rows)} {what}", key,
                         lambda: dataset_images(ds, rows, size), len(rows))
 
 
@@ -93,8 +97,9 @@ def folder_reference(folder: Path, size: int, max_images: int) -> ReferenceSet:
             raise PopyouError(f"none of the image files in {folder} could be read")
         return torch.stack(out)
 
-    key = {"files": [[str(p.relative_to(folder)), *_file_stamp(p)] for p in files]}
-    return ReferenceSet(Path(folder), f"{folder} ({len(files)} image files)", key, load, len(files))
+    # No content hash here: the folder itself (the cache is shared by every folder) and its files' stamps.
+    key = {"folder": str(Path(folder).resolve()), "files": [[str(p.relative_to(folder)), *_file_stamp(p)] for p in files]}
+    return ReferenceSet(Path(folder), f"{len(files)} image files", key, load, len(files))
 
 
 def any_reference(path: Path, size: int, max_images: int) -> ReferenceSet:
@@ -118,8 +123,10 @@ def _file_stamp(path: Path) -> list:
 def reference_features(ref: ReferenceSet, network: str, size: int, featurise: Callable[[torch.Tensor], torch.Tensor],
                        console=None) -> tuple[torch.Tensor, bool]:
     """(features of the reference images, whether they came from the cache)."""
+    from .original import cache_root
+
     key = json.dumps({"version": 1, "network": network, "size": size, **ref.key}, sort_keys=True, default=str)
-    path = ref.folder / f"{CACHE_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    path = cache_root() / CACHE_SUBFOLDER / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as stored:
@@ -136,16 +143,17 @@ def _save(path: Path, key: str, features: torch.Tensor, console) -> None:
     f64 = features.double().numpy()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             # The features (KID needs them; FID's mean and covariance follow from them), not the 2048^2 covariance.
             np.savez(f, key=np.array(key), features=f64.astype(np.float32), mu=f64.mean(0))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a read-only data set: eval still works, only slower next time
+    except OSError as e:  # an unwritable cache: eval still works, only slower next time
         tmp.unlink(missing_ok=True)
         if console is not None:
-            console.print(f"note: cannot cache the FID reference statistics in {path.parent} ({e.strerror})",
+            console.print(f"note: cannot cache the FID reference features in {path.parent} ({e.strerror})",
                           highlight=False, markup=False)
 
 

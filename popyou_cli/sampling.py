@@ -91,26 +91,22 @@ def parse_sweep(spec: str) -> list[float]:
     return [start + (end - start) * i / (count - 1) for i in range(count)]
 
 
-def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
-    """Prompts from the command line and/or a file (one per line). Blank prompts are errors, not skipped."""
+def read_prompts(prompts: list[str], prompt_file: Path | None, console=None) -> list[str]:
+    """Prompts from the command line and/or a file (one per line). An empty prompt argument is an error; blank
+    lines of the file are skipped (prompts.read_prompt_file), and a note on `console` says how many."""
+    from .prompts import read_prompt_file
+
     out = []
     for i, p in enumerate(prompts):
         if not p.strip():
             raise PopyouError(f"prompt {i + 1} is empty; give some text, e.g. \"a wizard funko pop\"")
         out.append(p.strip())
     if prompt_file is not None:
-        try:
-            lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise PopyouError(f"{prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-        except OSError as e:
-            raise PopyouError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}") from None
-        while lines and not lines[-1].strip():  # trailing newlines at the end of a file are not prompts
-            lines.pop()
-        for ln, line in enumerate(lines, 1):
-            if not line.strip():
-                raise PopyouError(f"{prompt_file} line {ln} is blank; remove blank lines (one prompt per line)")
-            out.append(line.strip())
+        read = read_prompt_file(prompt_file)
+        if read.blank_lines and console is not None:
+            console.print(f"note: skipped {read.blank_lines} blank line(s) in {prompt_file}", highlight=False,
+                          markup=False)
+        out += read.prompts
     return out
 
 

