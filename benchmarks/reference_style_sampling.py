@@ -1,6 +1,6 @@
 """Same-machine comparison of popyou's exact sampling mode with the reference's inference pattern, standalone.
 
-The reference VAR code cannot be vendored here, so `popyou_cli.bench_sample.reference_pattern` re-creates its
+The reference VAR code cannot be vendored here, so `popyou_cli.bench.sampling.reference_pattern` re-creates its
 per-call work with popyou's own (unprepared) modules: each block's AdaLN modulation recomputed at every scale, a KV
 cache grown with torch.cat per scale and block, plain nn.Linear (MKL sgemm), the decoder's nearest-upsample-then-
 convolve in NCHW. popyou's exact mode is `prepare_for_sampling` (models/fast.py) on a copy of the same weights.
@@ -18,9 +18,10 @@ import time
 
 import torch
 
-from popyou_cli.bench import random_models
-from popyou_cli.bench_sample import reference_pattern
+from popyou_cli.bench.common import random_models
+from popyou_cli.bench.sampling import reference_pattern
 from popyou_cli.models.fast import prepare_for_sampling
+from popyou_cli.models.generate import generate
 
 
 def main():
@@ -43,7 +44,7 @@ def main():
     def exact(B, top_k, top_p, on_step=None):
         gens = [torch.Generator().manual_seed(i) for i in range(B)]
         step = None if on_step is None else (lambda si, logits, idx, fh: on_step(si, idx))
-        return fast_var.generate(fast_vae, B, 1, cfg=1.5, top_k=top_k, top_p=top_p, generator=gens, on_step=step)
+        return generate(fast_var, fast_vae, B, 1, cfg=1.5, top_k=top_k, top_p=top_p, generator=gens, on_step=step)
 
     got = {"reference pattern": [], "exact": []}
     reference(1, top_k=1, top_p=0.0, on_step=lambda si, idx: got["reference pattern"].append(idx))

@@ -1,15 +1,15 @@
 """popyou: VAR text-to-image, specialised by synthetic data.
 
-`from popyou_cli import Pipeline` is the inference API (popyou_cli/pipeline.py); it is imported on first use so
+`from popyou_cli import Pipeline` is the inference API (popyou_cli/infer/pipeline.py); it is imported on first use so
 that `popyou --help` does not pay for torch.
 """
-__version__ = "0.1.0"
+from popyou_cli.core.version import __version__
 __all__ = ["Pipeline", "__version__"]
 
 
 def __getattr__(name: str):
     if name == "Pipeline":
-        from .pipeline import Pipeline
+        from popyou_cli.infer.pipeline import Pipeline
 
         return Pipeline
     raise AttributeError(f"module 'popyou_cli' has no attribute {name!r}")

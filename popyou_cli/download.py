@@ -20,7 +20,7 @@ huggingface_hub's progress bar; files already there are not fetched again. The c
 loaders in a fresh process with HF_HUB_OFFLINE=1 (`python -m popyou_cli.download PLAN.json`), one stage at a
 time, freeing memory between them: what loads there loads in every later offline run.
 
-Hub access goes through popyou_cli.hub (`file_sizes`, `download_file`); a `Fetch.repo` is a Hub spec as users
+Hub access goes through popyou_cli.core.hub (`file_sizes`, `download_file`); a `Fetch.repo` is a Hub spec as users
 write it (`spaces/OWNER/NAME` for a Space), so the repo type travels with it.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hub
-from . import presets as P
-from .errors import PopyouError
+from popyou_cli.core import hub
+from popyou_cli.core import presets as P
+from popyou_cli.core.errors import PopyouError
 
 STAGES = ("gen-data", "caption", "encode", "finetune", "train-adapter", "sample", "eval")
 _DOCS = (".md", ".gitattributes", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".py")
@@ -67,7 +67,7 @@ class Plan:
 # ------------------------------------------------------------------------------------------ what stages need
 def _weights_spec(spec: str | None, kind: str) -> tuple[str, list] | None:
     """(repo, files) of a VAR / VQ-VAE weights spec on the Hub (None: tiny, a local path or nothing)."""
-    from .models.checkpoints import _OFFICIAL_DEFAULT_FILE, OFFICIAL_REPO
+    from popyou_cli.models.checkpoints import _OFFICIAL_DEFAULT_FILE, OFFICIAL_REPO
 
     if not spec or spec == "tiny" or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
         return None
@@ -81,8 +81,8 @@ def _weights_spec(spec: str | None, kind: str) -> tuple[str, list] | None:
 
 
 def _siglip_needs(plan: Plan, stage: str, model: str, pretrained: str | None) -> None:
-    from .encoders.common import is_tiny
-    from .encoders.siglip import TINY_SIGLIP_NAME, open_clip_text_config, open_clip_weight_files
+    from popyou_cli.third_party.common import is_tiny
+    from popyou_cli.third_party.siglip import TINY_SIGLIP_NAME, open_clip_text_config, open_clip_weight_files
 
     if is_tiny(model) or model == TINY_SIGLIP_NAME or model.startswith("local-dir:"):
         return
@@ -107,8 +107,8 @@ def _weights_needs(plan: Plan, stage: str, spec: str | None, kind: str) -> None:
 def _pipeline_needs(plan: Plan, stage: str, spec: str | None) -> None:
     """A pipeline on the Hub. One that names the original model's file needs the file, then its text encoder's
     config and tokenizer (the import builds the text tower from them); both show with their sizes."""
-    from .encoders.hf_text import DEFAULT_HF_TEXT_ENCODER
-    from .original import default_pipeline
+    from popyou_cli.third_party.hf_text import DEFAULT_HF_TEXT_ENCODER
+    from popyou_cli.infer.resolve import default_pipeline
 
     spec = spec or default_pipeline()
     if Path(spec).expanduser().exists():
@@ -124,9 +124,9 @@ def _pipeline_needs(plan: Plan, stage: str, spec: str | None) -> None:
 
 def make_plan(stages: list[str], *, preset: str = "full", pipeline: str | None = None, device=None,
               dtype: str = "auto") -> Plan:
-    from .devices import dtype_name, resolve_dtype
-    from .encoders.common import is_tiny
-    from .models.checkpoints import DEFAULT_VAE
+    from popyou_cli.core.devices import dtype_name, resolve_dtype
+    from popyou_cli.third_party.common import is_tiny
+    from popyou_cli.models.checkpoints import DEFAULT_VAE
 
     plan = Plan()
     for stage in stages:
@@ -156,7 +156,7 @@ def make_plan(stages: list[str], *, preset: str = "full", pipeline: str | None =
                 _siglip_needs(plan, stage, e.siglip_model, e.siglip_pretrained)
         elif stage in ("sample", "eval"):
             if stage == "eval" and preset != "tiny":
-                from .encoders.siglip import DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED
+                from popyou_cli.third_party.siglip import DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED
 
                 _siglip_needs(plan, stage, DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED)
             if preset != "tiny" and (stage == "sample" or pipeline):
@@ -203,7 +203,7 @@ def choose_files(fetch: Fetch, sizes: dict[str, int | None]) -> dict[str, int | 
                 raise PopyouError(f"{fetch.stage}: the Hub repo '{fetch.repo}' has no {' or '.join(options)}")
             out.append(have[0])
     elif fetch.kind == "tokenizer":
-        from .encoders.siglip import tokenizer_files
+        from popyou_cli.third_party.siglip import tokenizer_files
 
         out = tokenizer_files(names)
         if not out:
@@ -217,7 +217,7 @@ def choose_files(fetch: Fetch, sizes: dict[str, int | None]) -> dict[str, int | 
 
 
 def _diffusers_files(fetch: Fetch, names: list[str]) -> list[str]:
-    from .encoders.sdxl import FP16_VARIANT
+    from popyou_cli.third_party.sdxl import FP16_VARIANT
 
     if "model_index.json" not in names:
         raise PopyouError(f"{fetch.stage}: the Hub repo '{fetch.repo}' is not a diffusers pipeline "
@@ -255,8 +255,8 @@ def download(*, stages: list[str] | None = None, preset: str = "full", pipeline:
     """Fetch what `stages` (default: all) need; then, unless check is False, load each offline in a child."""
     from rich.console import Console
 
-    from .devices import resolve_device
-    from .original import resolve_pipeline
+    from popyou_cli.core.devices import resolve_device
+    from popyou_cli.infer.resolve import resolve_pipeline
 
     console = console or Console(stderr=True)
     stages = list(stages or STAGES)
@@ -314,31 +314,31 @@ def _load(check: dict, device: str) -> str:
     """Load what one check names (in this process, offline); returns what was loaded, for the report."""
     load = check["load"]
     if load == "text_to_image":
-        from .encoders import load_text_to_image
+        from popyou_cli.third_party import load_text_to_image
 
-        from .devices import parse_dtype
-        from .encoders.sdxl import text_to_image_variant
+        from popyou_cli.core.devices import parse_dtype
+        from popyou_cli.third_party.sdxl import text_to_image_variant
 
         load_text_to_image(check["model"], device=device, dtype=check["dtype"])
         variant = text_to_image_variant(check["model"], parse_dtype(check["dtype"]))
         return f"{check['model']} ({check['dtype']}{f', {variant} weights' if variant else ''})"
     if load == "captioner":
-        from .encoders import load_captioner
+        from popyou_cli.third_party import load_captioner
 
         load_captioner(check["model"], device=device, dtype=check["dtype"])
         return f"{check['model']} ({check['dtype']})"
     if load == "siglip":
-        from .encoders import load_siglip
+        from popyou_cli.third_party import load_siglip
 
         _, _, tokenizer = load_siglip(check["model"], check["pretrained"], device=device)
         tokenizer(["a funko pop figure"])
         return f"{check['model']}{' ' + check['pretrained'] if check['pretrained'] else ''} and its tokenizer"
     if load in ("var", "vqvae"):
-        from .models.checkpoints import load_var, load_vqvae
+        from popyou_cli.models.checkpoints import load_var, load_vqvae
 
         (load_var if load == "var" else load_vqvae)(check["spec"], device=device)
         return f"{load} {check['spec']}"
-    from .pipeline import Pipeline
+    from popyou_cli.infer.pipeline import Pipeline
 
     Pipeline.from_pretrained(check["spec"], device=device)
     return f"pipeline {check['spec']}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from popyou_cli.cli import app
+from popyou_cli.cli.app import app
 
 
 def invoke(*args):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _pace_batches(seconds: float) -> None:
-    from popyou_cli.datastage import DataStage
+    from popyou_cli.data.runner import DataStage
 
     real = DataStage.write_in_shards
 
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
         _pace_batches(opts.batch_pause)
     if opts.hold_wipe_after:
         _hold_wipe(opts.hold_wipe_after, opts.ready)
-    from popyou_cli.cli import app
+    from popyou_cli.cli.app import app
 
     sys.argv = ["popyou", *argv[split + 1:]]
     app()

@@ -1,4 +1,4 @@
-"""How `--fast` and exact mode's kernels are chosen (popyou_cli/autotune.py), with a fake timer: no assertion here
+"""How `--fast` and exact mode's kernels are chosen (popyou_cli/models/autotune.py), with a fake timer: no assertion here
 depends on how fast this machine is. The timer says how long each measured case takes; the tests check what is
 chosen from that, what is cached, and what the environment variables force."""
 import json
@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from popyou_cli import autotune, devices
-from popyou_cli.errors import PopyouError
+from popyou_cli.models import autotune
+
+from popyou_cli.core import devices
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae
 from popyou_cli.models.fast import DEFAULT_KERNELS, Kernels
 from popyou_cli.models.var import VAR

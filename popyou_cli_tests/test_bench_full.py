@@ -1,4 +1,4 @@
-"""The real architectures popyou ships configs for (popyou_cli/data/arch) and `popyou bench ... --arch full`.
+"""The real architectures popyou ships configs for (popyou_cli/third_party/arch) and `popyou bench ... --arch full`.
 
 Quick, run by default: the bundled configs build (on the meta device: no memory) to the published parameter
 counts; a random-weight BLIP-2 gets the per-part dtypes a real float16 load gives; `bench all --arch tiny` runs
@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import invoke
 
-from popyou_cli.arch import BLIP2_OPT, SDXL_TURBO, read_config
+from popyou_cli.third_party.arch import BLIP2_OPT, SDXL_TURBO, read_config
 
 
 def _count(module) -> int:
@@ -41,8 +41,8 @@ def test_bundled_configs_build_the_published_sizes():
 def test_random_blip2_has_the_dtypes_of_a_real_fp16_load(tmp_path):
     """captioner_from_config (what the full bench builds) and from_pretrained (what caption loads) agree per
     parameter: float16, except the Q-Former and query tokens in float32."""
-    from popyou_cli.encoders import build_tiny_captioner, load_captioner
-    from popyou_cli.encoders.blip2 import captioner_from_config
+    from popyou_cli.third_party import build_tiny_captioner, load_captioner
+    from popyou_cli.third_party.blip2 import captioner_from_config
 
     net, processor = build_tiny_captioner()
     net.save_pretrained(tmp_path)
@@ -58,8 +58,8 @@ def test_random_blip2_has_the_dtypes_of_a_real_fp16_load(tmp_path):
 def test_full_gen_data_bench_reports_each_batch_size(monkeypatch, tmp_path):
     """The --arch full path of bench gen-data (512 px, one row per batch size) with the tiny pipeline standing
     in for SDXL-Turbo's architecture, whose CPU run is the slow test below."""
-    from popyou_cli import arch
-    from popyou_cli.encoders import build_tiny_text_to_image
+    from popyou_cli.third_party import arch
+    from popyou_cli.third_party import build_tiny_text_to_image
 
     monkeypatch.setattr(arch, "full_text_to_image", lambda device, dtype: build_tiny_text_to_image(64))
     res = invoke("bench", "gen-data", "--arch", "full", "--device", "cpu", "--batch-sizes", "1,2", "--repeats", "1",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from popyou_cli.encoders import build_tiny_captioner, load_captioner
-from popyou_cli.errors import PopyouError
+from popyou_cli.third_party import build_tiny_captioner, load_captioner
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.stages import caption as C
 
 

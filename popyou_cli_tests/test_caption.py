@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from helpers import invoke as run_cli, one_line_error
-from popyou_cli.encoders import load_captioner
-from popyou_cli.images import open_rgb
-from popyou_cli.stages.caption import Collate, generate
+from popyou_cli.third_party import load_captioner
+from popyou_cli.core.images import open_rgb
+from popyou_cli.data.caption import Collate, generate
 from popyou_cli.store import load_stage, read_manifest
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
@@ -188,7 +188,7 @@ def test_progress_bar_shows_images_per_second(gen, tmp_path):
 
     from rich.console import Console
 
-    from popyou_cli.stages.caption import caption
+    from popyou_cli.data.caption import caption
 
     buf = _io.StringIO()
     res = caption(dataset=gen, out=tmp_path / "bar", preset="tiny", device="cpu", workers=0, shard_size=8,

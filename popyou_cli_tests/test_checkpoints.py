@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from popyou_cli.errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import (check_keys, infer_var_config, infer_vqvae_config, load_var, load_vqvae,
                                            read_state_dict, save_model)
 from popyou_cli.models.var import VAR, VARConfig

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from popyou_cli.cli import app
+from popyou_cli.cli.app import app
 
 
 def test_installed_command_lists_subcommands():

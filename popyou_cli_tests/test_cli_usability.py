@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import encoded_stage, invoke, one_line_error
-from popyou_cli.cli import app
+from popyou_cli.cli.app import app
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 COMMANDS = ("download", "gen-data", "caption", "encode", "finetune", "train-adapter", "import", "sample", "demo", "eval",
@@ -60,10 +60,10 @@ def test_fixed_value_sets_are_listed_and_completed(command, flag, values):
 def test_dtype_spellings_agree_with_devices():
     import torch
 
-    from popyou_cli import devices
-    from popyou_cli.cli_common import DTYPE_ALIASES, DTYPES, PRESETS, QUANTIZE_MODES
+    from popyou_cli.core import devices
+    from popyou_cli.cli.common import DTYPE_ALIASES, DTYPES, PRESETS, QUANTIZE_MODES
     from popyou_cli.models.fast import QUANTIZE_MODES as FAST_MODES
-    from popyou_cli.presets import FINETUNE_PRESETS
+    from popyou_cli.core.presets import FINETUNE_PRESETS
 
     assert DTYPES == devices.DTYPE_CHOICES and set(PRESETS) == set(FINETUNE_PRESETS)
     assert QUANTIZE_MODES == FAST_MODES
@@ -83,7 +83,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal():
 
     from rich.console import Console
 
-    from popyou_cli.progress import Progress
+    from popyou_cli.core.progress import Progress
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=False, width=200)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from helpers import invoke, one_line_error
-from popyou_cli.errors import PopyouError
-from popyou_cli.video import labelled_strip, read_mp4, write_beta_sweep, write_mp4
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.infer.video import labelled_strip, read_mp4, write_beta_sweep, write_mp4
 
 PROMPT = "a wizard funko pop"
 # beta, seed, n, cfg, top-k, top-p, more-smooth: the Image tab's inputs in order

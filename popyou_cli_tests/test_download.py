@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from popyou_cli import hub
-from popyou_cli import presets as P
-from popyou_cli.errors import PopyouError
+from popyou_cli.core import hub
+from popyou_cli.core import presets as P
+from popyou_cli.core.errors import PopyouError
 
 from helpers import invoke
 from hub_server import go_offline, local_hub_fixture  # noqa: F401 - the local_hub fixture
@@ -40,7 +40,7 @@ class TinyHub:
 
 # ------------------------------------------------------------------------------------------ tiny repos
 def _sdxl_repo(folder: Path) -> None:
-    from popyou_cli.encoders import build_tiny_text_to_image
+    from popyou_cli.third_party import build_tiny_text_to_image
 
     pipe = build_tiny_text_to_image(64)
     pipe.save_pretrained(folder)
@@ -49,7 +49,7 @@ def _sdxl_repo(folder: Path) -> None:
 
 
 def _blip2_repo(folder: Path) -> None:
-    from popyou_cli.encoders import build_tiny_captioner
+    from popyou_cli.third_party import build_tiny_captioner
 
     net, processor = build_tiny_captioner()
     net.save_pretrained(folder)
@@ -82,7 +82,7 @@ def _siglip_repo(folder: Path, tokenizer_repo: str) -> None:
     from open_clip.model import CustomTextCLIP
     from safetensors.torch import save_file
 
-    from popyou_cli.encoders.siglip import tiny_siglip_config
+    from popyou_cli.third_party.siglip import tiny_siglip_config
 
     model_cfg = tiny_siglip_config()
     model_cfg["text_cfg"].update(vocab_size=64, context_length=16, hf_tokenizer_name=tokenizer_repo,
@@ -149,7 +149,7 @@ def test_download_then_every_stage_loads_offline(fake_hub):
 
 def test_fp16_picks_the_fp16_variant_and_the_loader_agrees(fake_hub):
     from popyou_cli.download import Fetch, choose_files
-    from popyou_cli.encoders.sdxl import text_to_image_variant
+    from popyou_cli.third_party.sdxl import text_to_image_variant
 
     chosen = choose_files(Fetch("gen-data", "fake/sdxl", "diffusers", dtype="fp16"), hub.file_sizes("fake/sdxl"))
     weights = [f for f in chosen if f.endswith(".safetensors")]
@@ -162,7 +162,7 @@ def test_fp16_picks_the_fp16_variant_and_the_loader_agrees(fake_hub):
 def test_loader_errors_name_the_missing_file_and_the_command(fake_hub, monkeypatch):
     from huggingface_hub import constants
 
-    from popyou_cli.encoders import load_captioner, load_siglip
+    from popyou_cli.third_party import load_captioner, load_siglip
 
     go_offline(monkeypatch)
     with pytest.raises(PopyouError) as info:
@@ -215,8 +215,8 @@ def test_no_bare_except_pass_in_loaders():
     import re
 
     root = Path(__file__).resolve().parents[1] / "popyou_cli"
-    loaders = [*root.glob("encoders/*.py"), *root.glob("models/*.py"), *root.glob("pipeline*.py"),
-               *(root / name for name in ("hub.py", "original.py", "download.py", "arch.py"))]
+    loaders = [*root.glob("third_party/*.py"), *root.glob("models/*.py"), *root.glob("infer/*.py"),
+               root / "core" / "hub.py", root / "download.py"]
     bare = re.compile(r"except\s*(?:\(?[\w., ]*Exception\)?)?\s*(?:as\s+\w+)?\s*:\s*(?:#[^\n]*)?\n\s*pass\b")
     assert len(loaders) > 10
     found = [str(path.relative_to(root)) for path in loaders if bare.search(path.read_text())]
@@ -228,8 +228,8 @@ def test_known_library_warnings_are_filtered_at_the_source():
     """diffusers' SDXL pipeline calls its deprecated upcast_vae() on every fp16 batch: no FutureWarning per batch."""
     import warnings
 
-    from popyou_cli.encoders import load_text_to_image
-    from popyou_cli.encoders.common import filter_known_warnings
+    from popyou_cli.third_party import load_text_to_image
+    from popyou_cli.third_party.common import filter_known_warnings
 
     filter_known_warnings.cache_clear()  # pytest restores the warning filters after every test
     pipe = load_text_to_image("tiny", device="cpu")

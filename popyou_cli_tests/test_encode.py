@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from helpers import invoke as run_cli, kill_after_first_shard, one_line_error
-from popyou_cli.encoders import encode_images, encode_texts, load_siglip
-from popyou_cli.images import resize_center_crop, to_pm1
+from popyou_cli.third_party import encode_images, encode_texts, load_siglip
+from popyou_cli.core.images import resize_center_crop, to_pm1
 from popyou_cli.models.checkpoints import load_vqvae
 from popyou_cli.store import load_stage, read_manifest
 
@@ -147,7 +147,7 @@ def test_two_processes_equal_one(chain, tmp_path):
     script = tmp_path / "both.py"
     cap, enc = tmp_path / "cap", tmp_path / "enc"
     script.write_text(
-        "from popyou_cli.cli import app\n"
+        "from popyou_cli.cli.app import app\n"
         f"app({['caption', str(chain['gen']), '--out', str(cap), *CAPTION]!r}, standalone_mode=False)\n"
         f"app({['encode', str(cap), '--out', str(enc), *ENCODE]!r}, standalone_mode=False)\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]

@@ -1,4 +1,4 @@
-"""Tests of popyou_cli.encoders: the tiny stand-ins (offline, CPU) and the errors for real models not in the cache."""
+"""Tests of popyou_cli.third_party: the tiny stand-ins (offline, CPU) and the errors for real models not in the cache."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from popyou_cli import encoders
-from popyou_cli.errors import PopyouError
+from popyou_cli import third_party as encoders
+from popyou_cli.core.errors import PopyouError
 
 # diffusers' Euler-ancestral scheduler calls np.array() on a torch tensor: numpy 2 warns, harmlessly
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -179,7 +179,7 @@ def test_tiny_siglip_is_the_same_across_builds():
 
 _DIGEST_SCRIPT = r"""
 import hashlib, json, sys
-from popyou_cli import encoders
+from popyou_cli import third_party as encoders
 
 def digest(module):
     h = hashlib.sha256()

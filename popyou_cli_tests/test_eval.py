@@ -118,7 +118,7 @@ def test_eval_scores_existing_samples_without_training_data(work, tmp_path):
 
 
 def _nll(right, shuffled, class_only) -> dict:
-    from popyou_cli.heldout import heldout_summary
+    from popyou_cli.eval.heldout import heldout_summary
 
     return heldout_summary({"right": right, "shuffled": shuffled, "class_only": class_only})
 
@@ -128,7 +128,7 @@ def _centred(mean: float, noise) -> np.ndarray:
 
 
 def test_verdicts_state_the_finding_with_its_numbers():
-    from popyou_cli.report import render_html, render_markdown, verdicts
+    from popyou_cli.eval.report import render_html, render_markdown, verdicts
 
     rng = np.random.default_rng(0)
     # 50 rows, the means 0.0005 apart, rows scattered by 0.05: the interval straddles zero
@@ -148,7 +148,7 @@ def test_verdicts_state_the_finding_with_its_numbers():
 
 
 def test_tiny_random_models_never_get_works():
-    from popyou_cli.report import verdicts
+    from popyou_cli.eval.report import verdicts
 
     # the per-row held-out NLL of the quick-start's tiny text pipeline (10 held-out rows)
     right = [3.3591, 3.2823, 2.7369, 2.7366, 3.0072, 3.0906, 3.0037, 3.1362, 3.1732, 3.1646]
@@ -164,10 +164,10 @@ def test_tiny_random_models_never_get_works():
 
 
 def test_other_verdicts_need_their_evidence():
-    from popyou_cli.report import caveats, verdicts
+    from popyou_cli.eval.report import caveats, verdicts
 
     base = {"siglip_score": 0.30, "siglip_score_dataset": 0.29, "n_images": 8}
-    from popyou_cli.metrics import paired_difference
+    from popyou_cli.eval.metrics import paired_difference
 
     close = paired_difference([0.30, 0.35, 0.25, 0.31], [0.29, 0.27, 0.33, 0.27]).as_dict()
     line = verdicts({**base, "siglip_score_difference": close})[0]
@@ -189,7 +189,7 @@ def _copy_data(work, dest):
 
 
 def test_grown_data_keeps_the_held_out_rows_the_pipeline_held_out(work, tmp_path):
-    from popyou_cli.conditioning import split_rows
+    from popyou_cli.train.conditioning import split_rows
 
     pipe = work / "txt" / "pipeline"
     enc = _copy_data(work, tmp_path)
@@ -213,7 +213,7 @@ def test_grown_data_keeps_the_held_out_rows_the_pipeline_held_out(work, tmp_path
 
 
 def test_the_rows_a_pipeline_saw_are_found_in_a_grown_folder():
-    from popyou_cli.heldout import rows_seen
+    from popyou_cli.eval.heldout import rows_seen
     from popyou_cli.store.lineage import content_digest
 
     s0 = {"file": "shard-00000-000000000-000000016.arrow", "sha256": "a"}

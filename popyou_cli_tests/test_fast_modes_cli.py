@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import invoke, one_line_error
-from popyou_cli.cli import app
+from popyou_cli.cli.app import app
 
 PROMPT = "a wizard funko pop"
 
@@ -83,7 +83,7 @@ def test_eval_records_and_reproduces_the_fast_modes(folder, tmp_path):
 
 def test_demo_in_a_fast_mode_says_so_and_its_command_reproduces_it(folder, tmp_path):
     from popyou_cli import Pipeline
-    from popyou_cli.demo import Demo
+    from popyou_cli.infer.demo import Demo
 
     pipe = Pipeline.from_pretrained(str(folder), device="cpu", quantize="int8")
     demo = Demo(pipe, str(folder), device="cpu", work_dir=tmp_path / "work", cfg_scales=4)
@@ -102,7 +102,7 @@ def test_demo_in_a_fast_mode_says_so_and_its_command_reproduces_it(folder, tmp_p
 def test_sample_fast_records_the_mode_it_picked(folder, tmp_path, monkeypatch):
     """--fast as measured here (a cache of its own): a candidate, recorded; forced: the same images as the mode's
     own flags, recorded by name."""
-    from popyou_cli import autotune
+    from popyou_cli.models import autotune
 
     monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
     _sample(folder, tmp_path / "measured", "--fast", n=2)
@@ -122,7 +122,7 @@ def test_sample_fast_records_the_mode_it_picked(folder, tmp_path, monkeypatch):
 
 
 def test_eval_fast_records_the_mode_and_reproduces_it_by_its_flags(folder, tmp_path, monkeypatch):
-    from popyou_cli import autotune
+    from popyou_cli.models import autotune
 
     monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(autotune.FAST_MODE_ENV, "bf16+int8")
@@ -140,8 +140,9 @@ def test_eval_fast_records_the_mode_and_reproduces_it_by_its_flags(folder, tmp_p
 
 
 def test_demo_fast_header_and_command_name_the_pick(folder, tmp_path, monkeypatch):
-    from popyou_cli import Pipeline, autotune
-    from popyou_cli.demo import Demo
+    from popyou_cli import Pipeline
+    from popyou_cli.models import autotune
+    from popyou_cli.infer.demo import Demo
 
     monkeypatch.setenv(autotune.FAST_MODE_ENV, "bf16+int8")
     pipe = Pipeline.from_pretrained(str(folder), device="cpu", fast=True)

@@ -1,4 +1,4 @@
-"""Sampling speed-ups (models/fast.py, models/sampler.py): exact mode still meets the goldens; each fast mode runs,
+"""Sampling speed-ups (models/fast.py, models/generate.py): exact mode still meets the goldens; each fast mode runs,
 is deterministic for a seed and differs from exact mode only as documented. Expected values come from the
 goldens (the reference implementation), from an unprepared model, or from a teacher-forced forward pass."""
 import copy
@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import invoke
-from popyou_cli import autotune
-from popyou_cli.errors import PopyouError
+from popyou_cli.models import autotune
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load_var, load_vqvae
 from popyou_cli.models.fast import (DenseLinear, FusedFFN, Kernels, SubpixelUpsample, prepare_for_sampling,
                                     quantize_var)
 from popyou_cli.models.vqvae import Upsample
+from popyou_cli.models.generate import SamplingGraphs, generate
 
 _CACHE = {}
 KERNEL_CHOICES = [k.spelled() for k in Kernels.exact_choices()]  # every choice autotune can make for exact mode
@@ -48,8 +49,8 @@ def _run(var, vae, n, labels, seed=0, **kw):
     """Images and per-scale (tokens, guided logits) with one generator per image, as the pipeline draws."""
     steps = []
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    img = var.generate(vae, n, labels, generator=gens,
-                       on_step=lambda si, logits, idx, fh: steps.append((idx, logits)), **kw)
+    img = generate(var, vae, n, labels, generator=gens,
+                   on_step=lambda si, logits, idx, fh: steps.append((idx, logits)), **kw)
     return img, steps
 
 
@@ -63,10 +64,10 @@ def test_exact_mode_meets_the_goldens(golden, tag, run, kernels, monkeypatch):
     var, vae, c, meta = _prepared(golden, tag, kernels=_forced_kernels(monkeypatch, kernels))
     call = meta["ar_runs"][run]["call"]
     steps = []
-    img = var.generate(vae, call["B"], torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
-                       top_p=call["top_p"], more_smooth=call["more_smooth"],
-                       generator=torch.Generator().manual_seed(call["g_seed"]),
-                       on_step=lambda si, logits, idx, fh: steps.append((logits, idx, fh)))
+    img = generate(var, vae, call["B"], torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
+                   top_p=call["top_p"], more_smooth=call["more_smooth"],
+                   generator=torch.Generator().manual_seed(call["g_seed"]),
+                   on_step=lambda si, logits, idx, fh: steps.append((logits, idx, fh)))
     for k, (logits, idx, fh) in enumerate(steps):
         assert torch.equal(idx, c[f"{run}_idx_s{k}"]), f"{run}: tokens differ at scale {k}"
         torch.testing.assert_close(logits, c[f"{run}_logits_s{k}"], atol=1e-4, rtol=1e-5)
@@ -202,7 +203,7 @@ def test_static_steps_replayed_across_calls_equal_eager_sampling():
     vae = build_tiny_vqvae()
     eager = build_tiny_var()
     static = copy.deepcopy(eager)
-    static.sampling_graphs = CallAgain
+    graphs = SamplingGraphs(CallAgain)  # what the Pipeline keeps and passes to every call
     delta = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
     calls = [dict(labels=torch.tensor([1, 2]), seed=0, cfg_scales=None),
              dict(labels=torch.tensor([5, 7]), seed=9, cfg_scales=2, cond_delta=delta),
@@ -210,9 +211,9 @@ def test_static_steps_replayed_across_calls_equal_eager_sampling():
     for call in calls:
         kw = dict(cfg=2.0, top_k=8, top_p=0.9, **call)
         want, _ = _run(eager, vae, 2, kw.pop("labels"), seed=kw.pop("seed"), **kw)
-        got, _ = _run(static, vae, 2, call["labels"], seed=call["seed"], **kw)
+        got, _ = _run(static, vae, 2, call["labels"], seed=call["seed"], graphs=graphs, **kw)
         assert torch.equal(got, want)
-    assert len(static._scale_steps[(4, "cpu", torch.float32)].graphs) == 4 + 2  # (scale, rows) keys
+    assert len(graphs.steps[(4, "cpu", torch.float32)].graphs) == 4 + 2  # (scale, rows) keys
 
 
 def test_bench_sample_tiny_reports_every_mode(tmp_path, monkeypatch):

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from popyou_cli.errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, load_var
 from popyou_cli.models.lora import apply_lora, load_var_lora
-from popyou_cli.stages.finetune import add_class
-from popyou_cli.training import read_metrics
+from popyou_cli.train.finetune import add_class
+from popyou_cli.train.loop import read_metrics
 from helpers import encoded_stage, invoke
 
 TINY = ["--preset", "tiny"]

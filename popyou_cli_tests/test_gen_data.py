@@ -15,8 +15,8 @@ import pytest
 
 import helpers
 from helpers import invoke as run_cli, kill_after_first_shard
-from popyou_cli.prompts import default_scheme, make_prompt
-from popyou_cli.stages.gen_data import gen_data, image_seed, remake_image
+from popyou_cli.data.prompts import default_scheme, make_prompt
+from popyou_cli.data.gen_data import gen_data, image_seed, remake_image
 from popyou_cli.store import load_stage, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent

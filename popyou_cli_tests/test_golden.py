@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from popyou_cli.models.checkpoints import load_var, load_vqvae
 from popyou_cli.models.var import next_scale_loss as var_loss
+from popyou_cli.models.generate import generate
 
 CONFIGS = ["tiny", "tiny10"]
 _CACHE = {}
@@ -108,9 +109,9 @@ def test_autoregressive_runs(golden, tag, run):
     call = meta["ar_runs"][run]["call"]
     g = torch.Generator("cpu").manual_seed(call["g_seed"])
     steps = []
-    img = var.generate(vae, call["B"], torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
-                       top_p=call["top_p"], more_smooth=call["more_smooth"], generator=g,
-                       on_step=lambda si, logits, idx, fh: steps.append((logits, idx, fh)))
+    img = generate(var, vae, call["B"], torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
+                   top_p=call["top_p"], more_smooth=call["more_smooth"], generator=g,
+                   on_step=lambda si, logits, idx, fh: steps.append((logits, idx, fh)))
     assert len(steps) == len(var.config.patch_nums)
     for k, (logits, idx, fh) in enumerate(steps):
         close(logits, c[f"{run}_logits_s{k}"], atol=1e-4, rtol=1e-5)
@@ -124,8 +125,8 @@ def test_kv_cache_equals_block_causal_forward(case):
     tag, var, vae, c, _ = case
     steps = []
     g = torch.Generator("cpu").manual_seed(0)
-    var.generate(vae, 2, torch.tensor([1, 3]), cfg=0.0, top_k=1, generator=g,
-                 on_step=lambda si, logits, idx, fh: steps.append((logits, idx)))
+    generate(var, vae, 2, torch.tensor([1, 3]), cfg=0.0, top_k=1, generator=g,
+             on_step=lambda si, logits, idx, fh: steps.append((logits, idx)))
     codes = [idx for _, idx in steps]
     with torch.no_grad():
         full = var(torch.tensor([1, 3]), vae.quantize.codes_to_var_input(codes))

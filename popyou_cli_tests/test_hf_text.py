@@ -1,10 +1,10 @@
-"""The transformers SigLIP text encoder object (encoders/hf_text.py) on the seed checkpoint's tiny text tower."""
+"""The transformers SigLIP text encoder object (third_party/hf_text.py) on the seed checkpoint's tiny text tower."""
 import pytest
 import torch
 
 from conftest import golden_dir
-from popyou_cli.encoders.hf_text import build_hf_text_encoder, load_hf_text_encoder
-from popyou_cli.errors import PopyouError
+from popyou_cli.third_party.hf_text import build_hf_text_encoder, load_hf_text_encoder
+from popyou_cli.core.errors import PopyouError
 
 
 @pytest.fixture(scope="module")

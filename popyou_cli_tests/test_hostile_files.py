@@ -85,7 +85,7 @@ def test_a_named_pipe_or_an_unreadable_file_in_an_image_column_is_a_row_error(tm
 def test_an_unreadable_image_file_is_reported_as_unreadable():
     import tempfile
 
-    from popyou_cli.datastage import open_image
+    from popyou_cli.data.runner import open_image
 
     with tempfile.TemporaryDirectory() as folder:
         secret = Path(folder) / "secret.png"
@@ -97,8 +97,8 @@ def test_an_unreadable_image_file_is_reported_as_unreadable():
         else:  # root reads any file: ask as nobody, in a process of its own
             if any(not os.stat(p).st_mode & stat.S_IXOTH for p in [*secret.parents][:-1]):
                 pytest.skip(f"{folder} is not reachable by another user")
-            proc = subprocess.run([sys.executable, "-c", "import os, sys, popyou_cli.files, popyou_cli.images; "
-                                   "from popyou_cli.datastage import open_image; os.setgid(65534); os.setuid(65534); "
+            proc = subprocess.run([sys.executable, "-c", "import os, sys, popyou_cli.core.files, popyou_cli.core.images; "
+                                   "from popyou_cli.data.runner import open_image; os.setgid(65534); os.setuid(65534); "
                                    "print(open_image(sys.argv[1])[1])", str(secret)], cwd=REPO, capture_output=True,
                                   text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from conftest import golden_dir
 from helpers import invoke, one_line_error
 from hub_server import go_offline, hub_env, local_hub_fixture  # noqa: F401 - the local_hub fixture
-from popyou_cli import hub, original
+from popyou_cli.core import hub
+from popyou_cli.infer import original
+from popyou_cli.infer.resolve import resolve_pipeline
 
 SPACE, SPACE_FILE, SIGLIP = "AmitIsraeli/PopYou", "VARtext_v1.pth", "google/siglip-base-patch16-224"
 README_ONLY = b"---\nlicense: mit\ndatasets:\n- AmitIsraeli/pops_all\n---\n"  # what AmitIsraeli/VARpop shows
@@ -205,10 +207,10 @@ def test_a_popyou_pipeline_repo_is_a_snapshot_and_resolves_offline(popyou_hub, s
     assert invoke("import", space_dir / SPACE_FILE, "--out", made, "--text-encoder", space_dir / "text_encoder",
                   "--tokenizer", space_dir / "tokenizer").exit_code == 0
     popyou_hub.add_repo("someone/pipe", {str(p.relative_to(made)): p for p in made.rglob("*") if p.is_file()})
-    folder = original.resolve_pipeline("someone/pipe")
+    folder = resolve_pipeline("someone/pipe")
     assert (folder / "pipeline.json").read_bytes() == (made / "pipeline.json").read_bytes()
     go_offline(monkeypatch)
-    assert original.resolve_pipeline("someone/pipe") == folder
+    assert resolve_pipeline("someone/pipe") == folder
 
 
 # ------------------------------------------------------------------------------------------ downloads

@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from conftest import golden_dir
 from helpers import invoke, one_line_error
-from popyou_cli import original
-from popyou_cli.encoders.hf_text import load_hf_text_encoder
-from popyou_cli.errors import PopyouError
+from popyou_cli.infer import original
+from popyou_cli.third_party.hf_text import load_hf_text_encoder
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.adapter import load_adapter
 from popyou_cli.models.checkpoints import build_tiny_var, load_var, load_vqvae, save_model
+from popyou_cli.models.generate import generate
 
 # golden folder -> the model file in it; both hold cases.json, expected.safetensors, tokenizer/, text_encoder/
 LAYOUTS = {"seed_checkpoint": "popyou-seed-tiny.ckpt", "space_checkpoint": "VARtext_v1.pth"}
@@ -137,9 +138,9 @@ def test_image_matches_original(parts, cases, name):
     meta, case, expected = cases[0], cases[1][name], cases[2]
     with torch.no_grad():
         delta = adapter(enc([case["prompt"]]))
-    img = var.generate(vqvae, 1, meta["class_id"], cfg=case["cfg"], top_k=case["top_k"], top_p=case["top_p"],
-                       generator=torch.Generator().manual_seed(case["seed"]), cond_delta=delta, alpha=1.0,
-                       beta=case["beta"])
+    img = generate(var, vqvae, 1, meta["class_id"], cfg=case["cfg"], top_k=case["top_k"], top_p=case["top_p"],
+                   generator=torch.Generator().manual_seed(case["seed"]), cond_delta=delta, alpha=1.0,
+                   beta=case["beta"])
     torch.testing.assert_close(img, expected[f"{name}_img"], atol=1e-4, rtol=0)
 
 
@@ -322,7 +323,7 @@ def test_overwrite_never_deletes_home_or_the_source(seed_dir, tmp_path, monkeypa
 
 
 def test_two_imports_into_one_out_and_a_killed_one_leaves_nothing(seed_dir, tmp_path):
-    from popyou_cli.locks import FolderLock
+    from popyou_cli.core.locks import FolderLock
 
     out = tmp_path / "out"
     args = ("import", seed_dir / "popyou-seed-tiny.ckpt", "--out", out, "--text-encoder", seed_dir / "text_encoder",
@@ -330,7 +331,7 @@ def test_two_imports_into_one_out_and_a_killed_one_leaves_nothing(seed_dir, tmp_
     import subprocess
     import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from popyou_cli.locks import FolderLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from popyou_cli.core.locks import FolderLock; "
                                f"lock = FolderLock({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -357,8 +358,8 @@ def test_reference_resize_would_not_match(parts, imported, cases):
     reference = load_vqvae(str(imported / "vqvae"), resize="reference")
     with torch.no_grad():
         delta = adapter(enc([case["prompt"]]))
-    img = var.generate(reference, 1, meta["class_id"], cfg=case["cfg"], top_k=case["top_k"], top_p=case["top_p"],
-                       generator=torch.Generator().manual_seed(case["seed"]), cond_delta=delta, beta=case["beta"])
+    img = generate(var, reference, 1, meta["class_id"], cfg=case["cfg"], top_k=case["top_k"], top_p=case["top_p"],
+                   generator=torch.Generator().manual_seed(case["seed"]), cond_delta=delta, beta=case["beta"])
     assert (img - expected["astronaut_defaults_img"]).abs().max() > 1e-2
 
 

@@ -1,5 +1,6 @@
-"""The shape of the code base, checked by reading the sources (no imports of popyou_cli needed):
-stages never import each other, and the declared dependencies are exactly the libraries the code imports."""
+"""The shape of the code base, checked by reading the sources (no imports of popyou_cli needed): the phase
+packages and their import rules (docs/architecture.md), no circle, no command importing another, no file over 400
+lines, and the declared dependencies are exactly the libraries the code imports."""
 import ast
 import importlib.metadata
 import re
@@ -38,20 +39,116 @@ def _imported_modules(path: Path) -> list[tuple[int, str, list[str]]]:
     return found
 
 
-def test_no_stage_imports_another_stage():
-    """A stage (popyou_cli/stages/*.py) may import the shared layers below it, never another stage: what two
-    stages share moves down a layer under a public name."""
-    stages = {p.stem for p in (PACKAGE / "stages").glob("*.py") if p.stem != "__init__"}
+# Layers, bottom to top: a module imports its own layer and those below (docs/architecture.md).
+LAYERS = {"core": 0, "models": 1, "third_party": 1, "store": 1, "data": 2, "train": 2, "infer": 2, "eval": 3,
+          "download": 4, "bench": 5, "cli": 6}
+# Within a layer, packages that must not use each other: (importer, imported).
+FORBIDDEN = {("data", "train"), ("data", "infer"), ("data", "eval"), ("infer", "train"), ("infer", "eval"),
+             ("store", "models"), ("store", "third_party"), ("models", "store"), ("models", "third_party")}
+# The command modules: each is one command's entry; what two of them share lives below them.
+COMMANDS = {"popyou_cli.data.gen_data", "popyou_cli.data.caption", "popyou_cli.data.encode",
+            "popyou_cli.train.finetune", "popyou_cli.train.train_adapter", "popyou_cli.infer.sample",
+            "popyou_cli.infer.demo", "popyou_cli.eval.evaluate"}
+TOP_LEVEL_MODULES = {"__init__", "__main__", "download"}  # the rest of the top level is phase packages
+
+
+def _graph() -> dict[str, set[str]]:
+    """{module: popyou_cli modules it imports}, function-level imports included; `from package import module`
+    counts as importing the module."""
+    modules = {_module_of(p).removesuffix(".__init__"): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for _, module, names in _imported_modules(path):
+            if not module.startswith("popyou_cli"):
+                continue
+            found = [f"{module}.{n}" for n in names if f"{module}.{n}" in modules]
+            deps |= set(found) or ({module} if module in modules else set())
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_imports_point_down_only():
     offences = []
-    for path in sorted((PACKAGE / "stages").glob("*.py")):
-        for line, module, names in _imported_modules(path):
-            targets = []
-            if module.startswith("popyou_cli.stages."):
-                targets.append(module.split(".")[2])
-            elif module == "popyou_cli.stages":
-                targets += [n for n in names if n in stages]
-            offences += [f"stages/{path.name}:{line} imports stages/{t}.py" for t in targets if t != path.stem]
+    for module, deps in sorted(_graph().items()):
+        mine = _package(module)
+        for dep in sorted(deps):
+            theirs = _package(dep)
+            if not mine or not theirs or mine == theirs or module == "popyou_cli.__main__":
+                continue
+            if LAYERS[theirs] > LAYERS[mine] or (mine, theirs) in FORBIDDEN:
+                offences.append(f"{module} imports {dep} ({mine} may not use {theirs})")
     assert not offences, "\n".join(offences)
+
+
+def test_no_command_module_imports_another():
+    offences = [f"{m} imports {d}" for m, deps in _graph().items() if m in COMMANDS for d in deps if d in COMMANDS]
+    assert not offences, "\n".join(offences)
+
+
+def test_nothing_imports_cli_or_bench():
+    offences = [f"{m} imports {d}" for m, deps in _graph().items() for d in deps
+                if _package(d) in ("cli", "bench") and _package(m) not in ("cli", _package(d))
+                and m != "popyou_cli.__main__"]
+    assert not offences, "\n".join(offences)
+
+
+def test_no_import_circle():
+    """Tarjan's strongly connected components over every import (lazy ones too): none larger than one module."""
+    graph, index, low, stack, on_stack, circles = _graph(), {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not circles, circles
+
+
+def test_the_top_level_is_phase_packages():
+    loose = {p.stem for p in PACKAGE.glob("*.py")} - TOP_LEVEL_MODULES
+    assert not loose, f"loose modules at the top of popyou_cli: {sorted(loose)}"
+    assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} == set(LAYERS) - {"download"}
+
+
+def test_no_file_over_400_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_nothing_cites_files_outside_the_repo():
+    """Users never get ../shared: the package and tests name only the golden data's location (an env var)."""
+    sources = [*PACKAGE.rglob("*.py"), *(p for p in (PACKAGE.parent / "popyou_cli_tests").glob("*.py")
+                                         if p.name != "test_layout.py")]  # this file spells the pattern
+    offences = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in sources
+                for i, line in enumerate(p.read_text().splitlines(), 1)
+                if re.search(r"shared/docs|docs/(var-spec|seed-system|style)\.md", line)]
+    assert not offences, offences
 
 
 def _normalise(name: str) -> str:

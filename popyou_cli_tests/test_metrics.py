@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from popyou_cli.metrics import (frechet_distance, inception_features, kernel_inception_distance, load_inception,
+from popyou_cli.eval.metrics import (frechet_distance, inception_features, kernel_inception_distance, load_inception,
                                 mean_cosine)
 
 
@@ -73,7 +73,7 @@ def test_fid_features_are_fid_helper_pytorchs_standard_ones(tmp_path):
 def test_reference_features_are_cached_in_popyous_cache_and_reused(tmp_path, monkeypatch):
     from PIL import Image
 
-    from popyou_cli.reference import folder_reference, reference_features
+    from popyou_cli.eval.fid_reference import folder_reference, reference_features
 
     cache, ref_dir = tmp_path / "cache", tmp_path / "ref"
     ref_dir.mkdir()
@@ -108,7 +108,7 @@ def test_a_read_only_reference_folder_works_and_stays_untouched(tmp_path, monkey
 
     from PIL import Image
 
-    from popyou_cli.reference import folder_reference, reference_features
+    from popyou_cli.eval.fid_reference import folder_reference, reference_features
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -146,7 +146,7 @@ def test_fid_with_fewer_images_than_dimensions_equals_scipys_sqrtm(n_a, n_b):
 
 
 def test_fid_standard_error_is_seeded_and_only_where_the_small_space_applies():
-    from popyou_cli.metrics import frechet_standard_error
+    from popyou_cli.eval.metrics import frechet_standard_error
 
     a, b = _features(n=12, d=64, seed=3), _features(n=30, d=64, seed=4) + 0.5
     se = frechet_standard_error(a, b)
@@ -156,7 +156,7 @@ def test_fid_standard_error_is_seeded_and_only_where_the_small_space_applies():
 
 
 def test_paired_difference_is_students_t_interval():
-    from popyou_cli.metrics import paired_difference
+    from popyou_cli.eval.metrics import paired_difference
 
     d = paired_difference([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])  # differences 1, 2, 3: mean 2, sd 1
     half = 4.302652729911275 / np.sqrt(3)  # t(0.975, 2 degrees of freedom), from a t table

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from helpers import invoke
-from popyou_cli.images import grid, image_label
-from popyou_cli.video import labelled_strip
+from popyou_cli.core.images import grid, image_label
+from popyou_cli.infer.video import labelled_strip
 
 TILE = 64
 PAD = 2  # grid's default gap

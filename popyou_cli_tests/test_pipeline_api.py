@@ -68,7 +68,7 @@ def test_no_seed_draws_one_and_records_it(pipe):
 
 def test_class_conditional_pipeline_from_a_model(golden):
     from popyou_cli import Pipeline
-    from popyou_cli.errors import PopyouError
+    from popyou_cli.core.errors import PopyouError
 
     pipe = Pipeline.from_model(str(golden / "tiny_var.safetensors"), str(golden / "tiny_vae.safetensors"), device="cpu")
     a, b = pipe(class_id=1, seed=0, top_k=8)[0], pipe(class_id=2, seed=0, top_k=8)[0]
@@ -81,7 +81,7 @@ def test_class_conditional_pipeline_from_a_model(golden):
                                         ({"beta": float("nan")}, "finite"), ({"cfg": float("inf")}, "finite"),
                                         ({"top_p": 2.0}, "--top-p"), ({"n": 0}, "at least 1")])
 def test_bad_settings_are_one_line_errors(pipe, kw, message):
-    from popyou_cli.errors import PopyouError
+    from popyou_cli.core.errors import PopyouError
 
     with pytest.raises(PopyouError, match=message):
         pipe("a wizard funko pop", **kw)

@@ -2,11 +2,11 @@
 errors."""
 import pytest
 
-from popyou_cli.errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 
 def test_blank_lines_inside_a_prompt_file_are_skipped_and_counted(tmp_path):
-    from popyou_cli.prompts import read_prompt_file
+    from popyou_cli.data.prompts import read_prompt_file
 
     path = tmp_path / "p.txt"
     path.write_text("a wizard funko pop\n\n   \n  a knight funko pop  \n\n\n", encoding="utf-8")
@@ -20,7 +20,7 @@ def test_the_blank_line_count_reaches_the_user(tmp_path):
 
     from rich.console import Console
 
-    from popyou_cli.sampling import read_prompts
+    from popyou_cli.infer.options import read_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("a wizard\n\na knight\n", encoding="utf-8")
@@ -30,7 +30,7 @@ def test_the_blank_line_count_reaches_the_user(tmp_path):
 
 
 def test_unreadable_prompt_files_are_one_line_errors(tmp_path):
-    from popyou_cli.prompts import read_prompt_file
+    from popyou_cli.data.prompts import read_prompt_file
 
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9 funko pop\n".encode("latin-1"))

@@ -1,4 +1,4 @@
-"""Tests for popyou_cli/prompts.py: the Funko attribute scheme, prompt i = f(seed, i)."""
+"""Tests for popyou_cli/data/prompts.py: the Funko attribute scheme, prompt i = f(seed, i)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from popyou_cli.errors import PopyouError
-from popyou_cli.prompts import (
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.data.prompts import (
     Attribute,
     PromptScheme,
     builtin_figures,
@@ -126,7 +126,7 @@ def test_default_prompts_are_pinned(scheme):
 
 def test_prompts_are_the_same_in_another_process():
     # A fresh interpreter with a different hash salt must agree: no dependence on hash().
-    code = ("import json; from popyou_cli.prompts import default_scheme, make_prompt; "
+    code = ("import json; from popyou_cli.data.prompts import default_scheme, make_prompt; "
             "s = default_scheme(); print(json.dumps([make_prompt(s, 3, i) for i in (0, 1, 99999)]))")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)

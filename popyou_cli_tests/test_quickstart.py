@@ -5,7 +5,7 @@ import numpy as np
 from datasets import load_from_disk
 from PIL import Image
 
-from popyou_cli.video import read_mp4
+from popyou_cli.infer.video import read_mp4
 
 
 def test_quickstart_runs_every_stage(quickstart):

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from helpers import encoded_stage, invoke, one_line_error
-from popyou_cli.errors import PopyouError
-from popyou_cli.stages.caption import caption
-from popyou_cli.stages.gen_data import gen_data
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.data.caption import caption
+from popyou_cli.data.gen_data import gen_data
 from popyou_cli.store import load_stage, read_manifest
-from popyou_cli.training import read_metrics
+from popyou_cli.train.loop import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 PACED = Path(__file__).resolve().parent / "paced_cli.py"  # the CLI with a test's pauses injected
@@ -142,7 +142,7 @@ def test_two_writers_race_on_one_folder_and_a_kill_leaves_no_stale_lock(run, tmp
 
 
 def test_a_training_run_refuses_a_folder_another_process_holds(tmp_path):
-    from popyou_cli.locks import FolderLock
+    from popyou_cli.core.locks import FolderLock
 
     out = tmp_path / "ft"
     out.mkdir()
@@ -159,8 +159,8 @@ def test_a_training_run_refuses_a_folder_another_process_holds(tmp_path):
 
 # ------------------------------------------------------------------------------------------ 3. resume
 def test_resume_checks_the_run_and_with_changes_uses_and_records_the_new_settings(tmp_path):
-    from popyou_cli.presets import FINETUNE_PRESETS
-    from popyou_cli.training import lr_factor
+    from popyou_cli.core.presets import FINETUNE_PRESETS
+    from popyou_cli.train.loop import lr_factor
 
     data = encoded_stage()
     base = [*FT, "--data", data, "--max-steps", 8, "--save-every", 4, "--keep-last", 5]
@@ -193,8 +193,8 @@ def test_resume_checks_the_run_and_with_changes_uses_and_records_the_new_setting
 def test_every_training_option_either_defines_the_run_or_may_change_on_resume():
     from dataclasses import fields
 
-    from popyou_cli.presets import TrainPreset
-    from popyou_cli.resume import DEFINING_FIELDS, RUN_OPTIONS
+    from popyou_cli.core.presets import TrainPreset
+    from popyou_cli.train.resume import DEFINING_FIELDS, RUN_OPTIONS
 
     names = [f.name for f in fields(TrainPreset)]
     assert sorted(DEFINING_FIELDS + RUN_OPTIONS) == sorted(names)  # a new option must be put in one of them
@@ -271,8 +271,8 @@ def test_gen_data_estimates_disk_need_up_front(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ 5. one error path
 def test_disk_full_is_one_line_and_leaves_no_half_written_file(run, tmp_path, monkeypatch):
-    import popyou_cli.files as files
-    import popyou_cli.resume as resume
+    import popyou_cli.core.files as files
+    import popyou_cli.train.resume as resume
 
     real_fsync = os.fsync
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import encoded_stage, invoke, one_line_error
-from popyou_cli.errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.store import check_can_replace, load_stage, read_manifest
 
 HERE = Path(__file__).resolve().parent
@@ -112,7 +112,7 @@ def test_verify_sets_aside_without_writing_through_links(run, tmp_path):
 def test_committed_files_replace_a_link_and_never_reuse_a_planted_temporary_name(tmp_path, monkeypatch):
     import uuid
 
-    import popyou_cli.files as files
+    import popyou_cli.core.files as files
 
     victim = victim_file(tmp_path)
     target = tmp_path / "record.json"
@@ -248,7 +248,7 @@ workers = [int(pid) for task in Path(f"/proc/{run.pid}/task").iterdir()
            for pid in (task / "children").read_text().split()]
 os.kill(run.pid, signal.SIGKILL)
 run.wait()
-from popyou_cli.locks import FolderLock
+from popyou_cli.core.locks import FolderLock
 try:
     FolderLock(out).release()
     holder = None
@@ -301,7 +301,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_disk(small
 
 
 def test_disk_full_error_reads_every_library_wording(tmp_path):
-    from popyou_cli.files import disk_full_error
+    from popyou_cli.core.files import disk_full_error
 
     for err in (OSError(errno.ENOSPC, "No space left on device"),
                 RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '

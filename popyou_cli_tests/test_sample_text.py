@@ -39,7 +39,7 @@ def test_prompts_batched_named_and_reproducible(pipe, tmp_path):
 
 
 def test_beta_sweep_strip_and_mp4(pipe, tmp_path):
-    from popyou_cli.video import read_mp4
+    from popyou_cli.infer.video import read_mp4
 
     res = invoke("sample", "a wizard funko pop", "--pipeline", pipe, "--beta-sweep", "0:2:4", "--out", tmp_path)
     assert res.exit_code == 0, res.output
@@ -81,6 +81,6 @@ def test_bad_input(pipe, tmp_path, monkeypatch):
     (wrong / "adapter.json").write_text(json.dumps(cfg))
     _one_line_error(invoke("sample", "a wizard", "--pipeline", wrong, "--out", out), "adapter")
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr("popyou_cli.sampling.shutil.disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr("popyou_cli.infer.options.shutil.disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
     _one_line_error(invoke("sample", "a wizard", "--pipeline", pipe, "--n", 100, "--out", out), "GiB free")
     assert not any(out.glob("*.png")) and not (out / "samples.jsonl").exists()

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from popyou_cli.errors import PopyouError
-from popyou_cli.files import ensure_writable_dir
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import ensure_writable_dir
 from popyou_cli.store import (StageWriter, check_not_same, load_stage, materialize, read_manifest,
                               require_columns)
 

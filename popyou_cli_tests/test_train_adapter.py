@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from popyou_cli import pipeline as P
+from popyou_cli.infer import pipeline as P
 from popyou_cli.models.adapter import AdapterConfig, CondAdapter
-from popyou_cli.stages.finetune import finetune
+from popyou_cli.train.finetune import finetune
+from popyou_cli.models.generate import generate
 from helpers import encoded_stage, invoke
 
 TINY = ["--preset", "tiny"]
@@ -54,7 +55,7 @@ def test_pipeline_folder_loads_with_its_parts(image_stage):
     delta = pipe.adapter(emb)
     assert torch.allclose(delta.norm(dim=-1), torch.ones(2), atol=1e-5)
     g = torch.Generator().manual_seed(0)
-    img = pipe.var.generate(pipe.vqvae, 2, 10, cfg=1.5, top_k=8, cond_delta=delta, generator=g)
+    img = generate(pipe.var, pipe.vqvae, 2, 10, cfg=1.5, top_k=8, cond_delta=delta, generator=g)
     assert img.shape == (2, 3, 64, 64)
 
 

@@ -1,4 +1,4 @@
-"""The training loop (popyou_cli/training.py): schedule, decay groups, data order, NaN stop, kill + resume,
+"""The training loop (popyou_cli/train/loop.py): schedule, decay groups, data order, NaN stop, kill + resume,
 two processes under torchrun, `bench train`, and the options of the training presets."""
 import json
 import os
@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import encoded_stage, invoke, one_line_error
-from popyou_cli.conditioning import ConditionedVAR, teacher_forcing
-from popyou_cli.errors import PopyouError
+from popyou_cli.train.conditioning import ConditionedVAR, teacher_forcing
+from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var
-from popyou_cli.presets import TrainPreset
-from popyou_cli.training import batch_rows, lr_factor, make_accelerator, param_groups, read_metrics, train
+from popyou_cli.core.presets import TrainPreset
+from popyou_cli.train.loop import batch_rows, lr_factor, make_accelerator, param_groups, read_metrics, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ class Killed(Exception):
 
 
 def test_killed_run_resumes_on_the_same_curve(tmp_path):
-    from popyou_cli.stages.finetune import finetune
+    from popyou_cli.train.finetune import finetune
 
     data = encoded_stage()
     args = ["finetune", "--preset", "tiny", "--data", data, "--max-steps", 12, "--save-every", 4, "--keep-last", 2,
@@ -194,7 +194,7 @@ def test_every_training_option_has_a_flag_and_reaches_the_preset(tmp_path):
 
     import typer.main
 
-    from popyou_cli.cli import app
+    from popyou_cli.cli.app import app
 
     commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
     params = {p.name for name in ("finetune", "train-adapter") for p in commands[name].params}

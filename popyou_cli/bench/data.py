@@ -1,5 +1,5 @@
 """Benchmarks of the data stages behind `popyou bench gen-data|caption|encode`: random weights, no download.
-`--arch full` builds the real architectures from popyou's bundled configs (popyou_cli/arch.py) and runs them
+`--arch full` builds the real architectures from popyou's bundled configs (popyou_cli/third_party/arch.py) and runs them
 through the stages' own code; `--arch tiny` the offline stand-ins, plus the whole stage end to end."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import _timed, machine_info
+from popyou_cli.bench.common import machine_info, timed
 
 
 def bench_gen_data(*, n: int, batch_size: int, size: int, workers: int | None, repeats: int, device: str,
@@ -22,9 +22,9 @@ def bench_gen_data(*, n: int, batch_size: int, size: int, workers: int | None, r
     weights, as the real load makes it) through the stage's own generate(), 512 px, 1 step, per batch size."""
     import tempfile
 
-    from .devices import resolve_device, resolve_dtype
-    from .prompts import default_scheme, make_prompt
-    from .stages import gen_data as G
+    from popyou_cli.core.devices import resolve_device, resolve_dtype
+    from popyou_cli.data.prompts import default_scheme, make_prompt
+    from popyou_cli.stages import gen_data as G
 
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev, "data")
@@ -48,8 +48,8 @@ def bench_gen_data(*, n: int, batch_size: int, size: int, workers: int | None, r
                      "images_per_s": round(n / med, 1), "runs_s": [round(t, 4) for t in times]})
         console.print(f"{mode:<34} {n / med:8.1f} images/s  (median {med:.3f} s for {n} images)", soft_wrap=True)
 
-    report("pipeline only", [_timed(generate_all, dev) for _ in range(repeats)])
-    report("PNG encoding only (1 thread)", [_timed(lambda: [G.encode_image(px) for px in pixels], dev)
+    report("pipeline only", [timed(generate_all, dev) for _ in range(repeats)])
+    report("PNG encoding only (1 thread)", [timed(lambda: [G.encode_image(px) for px in pixels], dev)
                                             for _ in range(repeats)])
     with tempfile.TemporaryDirectory(prefix="popyou-bench-") as tmp:
         times = []
@@ -69,10 +69,10 @@ def bench_gen_data(*, n: int, batch_size: int, size: int, workers: int | None, r
 
 def _bench_gen_data_full(batch_sizes: list[int], repeats: int, dev: torch.device, dtype: torch.dtype,
                          out: Path | None, console) -> list[dict]:
-    from .arch import full_text_to_image
-    from .devices import dtype_name
-    from .prompts import default_scheme, make_prompt
-    from .stages import gen_data as G
+    from popyou_cli.third_party.arch import full_text_to_image
+    from popyou_cli.core.devices import dtype_name
+    from popyou_cli.data.prompts import default_scheme, make_prompt
+    from popyou_cli.stages import gen_data as G
 
     size = 512
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def _bench_gen_data_full(batch_sizes: list[int], repeats: int, dev: torch.device
             return G.generate(pipe, prompts, seeds, size=size, steps=1, guidance=0.0)
 
         shape = tuple(run().shape)  # also the warm-up (kernels, allocator, the VAE upcast)
-        _median_rate(f"SDXL-Turbo 512 px, 1 step, batch {bs}", bs, [_timed(run, dev) for _ in range(repeats)],
+        _median_rate(f"SDXL-Turbo 512 px, 1 step, batch {bs}", bs, [timed(run, dev) for _ in range(repeats)],
                      rows, console, batch=bs, size=size, dtype=dtype_name(dtype), output=list(shape))
     _peak(dev, rows, console)
     return _save({"benchmark": "gen-data", "arch": "full", "machine": machine_info(dev), "results": rows}, out)
@@ -102,7 +102,7 @@ def _bench_dataset(folder: Path, n: int, size: int) -> Path:
     import datasets
     import numpy as np
 
-    from .stages.gen_data import encode_image
+    from popyou_cli.data.gen_data import encode_image
 
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
@@ -143,7 +143,7 @@ def _arch(arch: str, dev: torch.device) -> str:
     if arch == "auto":
         return "full" if dev.type == "cuda" else "tiny"
     if arch not in ("tiny", "full"):
-        from .errors import PopyouError
+        from popyou_cli.core.errors import PopyouError
 
         raise PopyouError(f"unknown --arch '{arch}' (use auto, tiny or full)")
     return arch
@@ -157,16 +157,16 @@ def bench_caption(*, n: int, batch_size: int, workers: int, repeats: int, device
     the stage stops at the model's end-of-text as it does in real use."""
     import tempfile
 
-    from .datastage import loader, open_input, undecoded
-    from .devices import resolve_device, resolve_dtype
-    from .encoders import load_captioner
-    from .stages import caption as C
+    from popyou_cli.data.runner import loader, open_input, undecoded
+    from popyou_cli.core.devices import resolve_device, resolve_dtype
+    from popyou_cli.third_party import load_captioner
+    from popyou_cli.stages import caption as C
 
     dev = resolve_device(device)
     arch = _arch(arch, dev)
     dtype = resolve_dtype("auto", dev, "data")
     if arch == "full":
-        from .arch import full_captioner
+        from popyou_cli.third_party.arch import full_captioner
 
         net, processor = full_captioner(dev, dtype)
     else:
@@ -186,12 +186,12 @@ def bench_caption(*, n: int, batch_size: int, workers: int, repeats: int, device
 
         ready = list(make_loader())  # also the warm-up of the decoders
         C.generate(net, processor, ready[0][3], **gen)  # warm-up: kernels, allocator
-        _median_rate(f"loader only ({workers} workers)", n, [_timed(lambda: list(make_loader()), dev)
+        _median_rate(f"loader only ({workers} workers)", n, [timed(lambda: list(make_loader()), dev)
                                                              for _ in range(repeats)], rows, console)
         _median_rate(f"generate only ({arch}, {str(dtype)[6:]}, beams {num_beams})", n,
-                     [_timed(lambda: [C.generate(net, processor, b[3], **gen) for b in ready], dev)
+                     [timed(lambda: [C.generate(net, processor, b[3], **gen) for b in ready], dev)
                       for _ in range(repeats)], rows, console)
-        _median_rate("loader + generate", n, [_timed(lambda: list(C.caption_batches(make_loader(), net, processor,
+        _median_rate("loader + generate", n, [timed(lambda: list(C.caption_batches(make_loader(), net, processor,
                                                                                      **gen)), dev)
                                               for _ in range(repeats)], rows, console)
         if arch == "tiny":
@@ -211,18 +211,18 @@ def bench_encode(*, n: int, batch_size: int, workers: int, repeats: int, device:
     tiny arch also the whole stage. full = VAR's VQ-VAE (ch 160, 4096 codes, 256 px) and ViT-B-16-SigLIP."""
     import tempfile
 
-    from .datastage import loader, open_input, undecoded
-    from .encoders import load_siglip
-    from .devices import resolve_device, resolve_dtype
-    from .images import default_resize
-    from .models.checkpoints import build_tiny_vqvae
-    from .stages import encode as E
+    from popyou_cli.data.runner import loader, open_input, undecoded
+    from popyou_cli.third_party import load_siglip
+    from popyou_cli.core.devices import resolve_device, resolve_dtype
+    from popyou_cli.core.images import default_resize
+    from popyou_cli.models.checkpoints import build_tiny_vqvae
+    from popyou_cli.stages import encode as E
 
     dev = resolve_device(device)
     arch = _arch(arch, dev)
     dtype = resolve_dtype("auto", dev, "data")
     if arch == "full":
-        from .arch import full_siglip, full_vqvae
+        from popyou_cli.third_party.arch import full_siglip, full_vqvae
 
         vae = full_vqvae(dev)
         siglip, preprocess, tokenizer = full_siglip(dev)
@@ -246,11 +246,11 @@ def bench_encode(*, n: int, batch_size: int, workers: int, repeats: int, device:
 
         ready = list(make_loader())
         enc(ready[0])  # warm-up
-        _median_rate(f"loader only ({workers} workers)", n, [_timed(lambda: list(make_loader()), dev)
+        _median_rate(f"loader only ({workers} workers)", n, [timed(lambda: list(make_loader()), dev)
                                                              for _ in range(repeats)], rows, console)
         what = f"models only ({arch}, VQ-VAE fp32, SigLIP {str(dtype)[6:]}{', flip' if flip else ''})"
-        _median_rate(what, n, [_timed(lambda: [enc(b) for b in ready], dev) for _ in range(repeats)], rows, console)
-        _median_rate("loader + models", n, [_timed(lambda: [enc(b) for b in make_loader()], dev)
+        _median_rate(what, n, [timed(lambda: [enc(b) for b in ready], dev) for _ in range(repeats)], rows, console)
+        _median_rate("loader + models", n, [timed(lambda: [enc(b) for b in make_loader()], dev)
                                             for _ in range(repeats)], rows, console)
         if arch == "tiny":
             times = [E.encode(dataset=data, out=Path(tmp) / f"run{k}", preset="tiny", batch_size=batch_size,

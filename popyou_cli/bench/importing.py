@@ -19,22 +19,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import machine_info
-from .errors import PopyouError
-from .models.var import VAR, VARConfig
-from .models.vqvae import VQVAE, VQVAEConfig
+from popyou_cli.bench.common import machine_info
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.models.var import VAR, VARConfig
+from popyou_cli.models.vqvae import VQVAE, VQVAEConfig
 
 _LORA_R = 8
 
 # What runs in the children: the same imports in both, the import itself only in the measured one.
 _CHILD = """
 import json, resource, sys, time
-from popyou_cli.original import import_checkpoint
+from popyou_cli.infer.import_model import import_checkpoint
 t = time.perf_counter()
 if sys.argv[1] == "import":
     import_checkpoint(sys.argv[2], sys.argv[3], text_encoder=sys.argv[4], tokenizer=sys.argv[4])
 elif sys.argv[1] == "sample":
-    from popyou_cli.pipeline import Pipeline
+    from popyou_cli.infer.pipeline import Pipeline
     Pipeline.from_pretrained(sys.argv[2], device="cpu")("a wizard funko pop", seed=0)[0].save(sys.argv[3])
 seconds = time.perf_counter() - t
 try:  # VmHWM: this process image's own peak (ru_maxrss would also count the parent's peak at fork time)

@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 
-from . import autotune, devices
-from .models.fast import DEFAULT_KERNELS, prepare_for_sampling
-from .models.sampler import gumbel_softmax, sample_top_k_top_p_  # noqa: F401 - the reference loop below samples so
+from popyou_cli.models import autotune
+
+from popyou_cli.core import devices
+from popyou_cli.models.fast import DEFAULT_KERNELS, prepare_for_sampling
+from popyou_cli.models.generate import gumbel_softmax, sample_top_k_top_p_  # noqa: F401 - the reference loop below samples so
+from popyou_cli.models.generate import generate
 
 
 # ------------------------------------------------------------------------------------------ the reference pattern
@@ -100,9 +103,9 @@ class Mode:
                 return reference_pattern(self.var, self.vae, B, labels, cfg=cfg, top_k=top_k, top_p=top_p,
                                          generator=gens, cond_delta=cond_delta, on_step=on_step)
             step = None if on_step is None else (lambda si, logits, idx, fh: on_step(si, idx))
-            return self.var.generate(self.vae, B, labels, cfg=cfg, top_k=top_k, top_p=top_p, cond_delta=cond_delta,
-                                     generator=gens, on_step=step,
-                                     cfg_scales=self.cfg_scales)
+            return generate(self.var, self.vae, B, labels, cfg=cfg, top_k=top_k, top_p=top_p, cond_delta=cond_delta,
+                            generator=gens, on_step=step,
+                            cfg_scales=self.cfg_scales)
 
 
 def build_modes(var, vae, dev: torch.device, cfg_scales: int, kernels=DEFAULT_KERNELS,
@@ -166,9 +169,9 @@ def distance_from_exact(modes: list[Mode], dev, *, n: int, label: int, cfg: floa
 
 
 def _golden_tiny10():
-    from .models.checkpoints import load_var, load_vqvae
+    from popyou_cli.models.checkpoints import load_var, load_vqvae
 
-    root = os.environ.get("POPYOU_GOLDEN_DIR") or Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
+    root = os.environ.get("POPYOU_GOLDEN_DIR") or Path(__file__).resolve().parents[3] / "shared" / "golden"
     folder = Path(root) / "var"
     if not (folder / "tiny10_var.safetensors").is_file():
         return None
@@ -214,7 +217,7 @@ def _timed(fn, dev) -> tuple[float, float]:
 def bench_sampling(*, depth: int = 16, batch_sizes: list[int] = (1, 4), repeats: int = 3, device: str = "auto",
                    threads: int = 0, tiny: bool = False, out: Path | None = None, console=None,
                    cfg_scales: int = 8, video_frames: int = 10, distances: bool = True) -> list[dict]:
-    from .bench import machine_info, random_models
+    from popyou_cli.bench.common import machine_info, random_models
 
     dev = devices.resolve_device(device)
     if threads > 0:

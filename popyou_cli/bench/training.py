@@ -1,64 +1,14 @@
-"""Benchmarks behind `popyou bench`. They build models with random weights, so they need no download."""
+"""`popyou bench train`: training tokens/s through popyou's own loop. Random weights, no download."""
 from __future__ import annotations
 
-import datetime
 import json
-import platform
-import time
 from pathlib import Path
 
 import torch
 
-from .models.var import VAR, VARConfig
-from .models.vqvae import VQVAE, VQVAEConfig
-
-
-def machine_info(dev: torch.device) -> dict:
-    info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": __import__("os").cpu_count(),
-            "threads": torch.get_num_threads(), "device": str(dev)}
-    if dev.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(dev)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def random_models(depth: int, tiny: bool, dev: torch.device) -> tuple[VAR, VQVAE]:
-    torch.manual_seed(0)
-    if tiny:
-        var_cfg = VARConfig(depth=2, embed_dim=128, num_heads=2, num_classes=10, vocab_size=64, z_channels=8)
-        vae_cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=32)
-    else:
-        var_cfg, vae_cfg = VARConfig.official(depth), VQVAEConfig()
-    var = VAR(var_cfg)
-    var.init_weights(init_adaln_gamma=1e-3)  # the training recipe's d16 setting, so attention actually matters
-    return var.to(dev).eval(), VQVAE(vae_cfg).to(dev).eval()
-
-
-def _timed(fn, dev: torch.device) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t = time.perf_counter()
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter() - t
-
-
-def bench_sampling(**kw) -> list[dict]:
-    """`popyou bench sample`: see bench_sample.py."""
-    from .bench_sample import bench_sampling as run
-
-    return run(**kw)
+from popyou_cli.bench.common import machine_info, sync_time
+from popyou_cli.models.var import VAR, VARConfig
+from popyou_cli.models.vqvae import VQVAE, VQVAEConfig
 
 
 def bench_training(*, tiny: bool, depth: int, steps: int, warmup: int, batch_size: int, device: str, threads: int,
@@ -68,12 +18,12 @@ def bench_training(*, tiny: bool, depth: int, steps: int, warmup: int, batch_siz
     original recipe: every step runs the VQ-VAE encoder on the images first). Random weights, no download."""
     import tempfile
 
-    from .models.checkpoints import build_tiny_var, build_tiny_vqvae
-    from .models.var import next_scale_loss
-    from .conditioning import teacher_forcing
-    from .devices import resolve_device
-    from .presets import TrainPreset
-    from .training import make_accelerator, train
+    from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae
+    from popyou_cli.models.var import next_scale_loss
+    from popyou_cli.train.conditioning import teacher_forcing
+    from popyou_cli.core.devices import resolve_device
+    from popyou_cli.core.presets import TrainPreset
+    from popyou_cli.train.loop import make_accelerator, train
 
     dev = resolve_device(device)
     if threads > 0:
@@ -114,7 +64,7 @@ def bench_training(*, tiny: bool, depth: int, steps: int, warmup: int, batch_siz
         with tempfile.TemporaryDirectory(prefix="popyou-bench-train-") as tmp:
             acc = make_accelerator(cfg, Path(tmp))
             train(Step(reencode).train(), data, lambda m, b: m(b), cfg, Path(tmp), accelerator=acc,
-                  tokens_per_row=var.config.L, on_step=lambda s, loss: stamps.append(_sync_time(dev)))
+                  tokens_per_row=var.config.L, on_step=lambda s, loss: stamps.append(sync_time(dev)))
         sec = stamps[-1] - stamps[warmup - 1] if warmup > 0 else stamps[-1] - stamps[0]
         n_steps = steps if warmup > 0 else steps - 1
         tps = n_steps * batch_size * var.config.L / sec
@@ -130,9 +80,3 @@ def bench_training(*, tiny: bool, depth: int, steps: int, warmup: int, batch_siz
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     return result
-
-
-def _sync_time(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter()

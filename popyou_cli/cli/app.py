@@ -12,15 +12,15 @@ from typing import Optional
 
 import typer
 
-from .cli_bench import bench_app
-from .cli_common import (DTYPE_ALIASES, DTYPES, PRESETS, cfg_scales_option, choice_option, console, hidden_alias,
+from popyou_cli.cli.bench import bench_app
+from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, cfg_scales_option, choice_option, console, hidden_alias,
                          pipeline_at, progress_every_option, quantize_option, renamed, revision_option,
                          show_help_literally, user_errors, demo_fast_option, fast_option)
-from .cli_data import caption_cmd, encode_cmd, gen_data_cmd
-from .cli_train import finetune_cmd, train_adapter_cmd
-from .bounds import check_demo_options, check_eval_options, check_sample_options
-from .errors import PopyouError
-from .progress import set_progress_every
+from popyou_cli.cli.data import caption_cmd, encode_cmd, gen_data_cmd
+from popyou_cli.cli.train import finetune_cmd, train_adapter_cmd
+from popyou_cli.core.bounds import check_demo_options, check_eval_options, check_sample_options
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.progress import set_progress_every
 
 show_help_literally()  # help texts say "[preset: 3e-4]" and "START:END:N" and mean them as written
 app = typer.Typer(
@@ -35,7 +35,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from popyou_cli.core.version import __version__
 
         typer.echo(f"popyou {__version__}")
         raise typer.Exit()
@@ -48,7 +48,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
                                      "POPYOU_DEBUG=1 does); give it before the command: popyou --debug gen-data ...")
           ) -> None:
     """popyou: a text-to-image generator built on VAR, specialised by synthetic data."""
-    from . import failures
+    from popyou_cli.core import failures
 
     failures.debug_flag = debug  # set on every invocation: an in-process caller's next command starts without it
 
@@ -87,7 +87,7 @@ def download_cmd(
 ):
     """Fetch every file the stages need (weights, configs, processors, tokenizers, the original PopYOU model) into
     the Hugging Face cache, then check that each stage loads offline. Example: popyou download --stages gen-data,caption"""
-    from .download import download
+    from popyou_cli.download import download
 
     download(stages=[s.strip() for s in stages.split(",") if s.strip()] if stages else None, preset=preset,
              pipeline=pipeline_at(pipeline, revision), device=device, dtype=dtype, check=check, dry_run=dry_run,
@@ -116,9 +116,9 @@ def import_cmd(
 ):
     """Make a popyou pipeline folder from the original PopYOU model (LoRA merged, bilinear VQ-VAE, adapter, SigLIP
     text encoder and tokenizer; runs offline afterwards). Example: popyou import spaces/AmitIsraeli/PopYou/VARtext_v1.pth --out models/popyou"""
-    from .stages.import_model import import_model, summary
+    from popyou_cli.infer.import_model import import_checkpoint, summary
 
-    res = import_model(source, out, filename=filename, revision=revision, text_encoder=text_encoder,
+    res = import_checkpoint(source, out, filename=filename, revision=revision, text_encoder=text_encoder,
                        tokenizer=tokenizer, class_id=class_id, overwrite=overwrite)
     console.print(summary(res), highlight=False, soft_wrap=True)
     typer.echo(str(res["out"]))
@@ -155,8 +155,8 @@ def sample(
 ):
     """Generate images. Text: popyou sample "a wizard funko pop" (the original PopYOU model unless --pipeline says
     otherwise, e.g. --pipeline runs/txt/pipeline, the pipeline/ folder inside a train-adapter run). Class: popyou sample --class-id 207 --var FoundationVision/var/var_d16.pth."""
-    from .sampling import SamplingOptions, read_prompts
-    from .stages.sample import sample_classes, sample_text
+    from popyou_cli.infer.options import SamplingOptions, read_prompts
+    from popyou_cli.infer.sample import sample_classes, sample_text
 
     set_progress_every(progress_every)
     check_sample_options(n=n, batch_size=batch_size, seed=seed, alpha=alpha, beta=beta, beta_sweep=beta_sweep,
@@ -198,7 +198,7 @@ def demo_cmd(
 ):
     """The original PopYOU Space, locally: a web page with a prompt, a beta slider, a seed and a beta video.
     Loads the models once, then serves until Ctrl+C. Example: popyou demo --pipeline runs/txt/pipeline"""
-    from .demo import run_demo
+    from popyou_cli.infer.demo import run_demo
 
     check_demo_options(port=port, cfg_scales=cfg_scales)
     run_demo(pipeline=pipeline_at(pipeline, revision), host=host, port=port, share=share, device=device, dtype=dtype, quantize=quantize,
@@ -238,9 +238,9 @@ def eval_cmd(
     shuffled conditioning, images/s; plus a report (report.md, report.html) that says what the numbers mean, with
     each generated image beside the data set's image of the same prompt. Examples: popyou eval --pipeline
     runs/txt/pipeline --out eval/ ; popyou eval --images samples/ --reference data/funko --out eval-samples/"""
-    from .report import summary_line
-    from .sampling import SamplingOptions
-    from .stages.evaluate import evaluate, evaluate_images
+    from popyou_cli.eval.report import summary_line
+    from popyou_cli.infer.options import SamplingOptions
+    from popyou_cli.eval.evaluate import evaluate, evaluate_images
 
     set_progress_every(progress_every)
     check_eval_options(n_prompts=n_prompts, batch_size=batch_size, seed=seed, max_reference=max_reference, cfg=cfg,
@@ -262,7 +262,7 @@ def eval_cmd(
                               "or --data ENCODE_FOLDER to score the original model on it, or --images DIR to score "
                               "a 'popyou sample' folder")
         if pipeline is None:
-            from .original import default_pipeline
+            from popyou_cli.infer.resolve import default_pipeline
 
             pipeline = default_pipeline()
         opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, cfg_scales=cfg_scales)
@@ -285,7 +285,7 @@ def materialize_cmd(
 ):
     """Copy a stage folder joined with all its parent folders into one standalone dataset
     (datasets.load_from_disk(OUT) then needs nothing else). Example: popyou materialize data/enc data/enc-full"""
-    from .store import materialize
+    from popyou_cli.store import materialize
 
     path = materialize(src, out, overwrite=overwrite)
     console.print(f"materialize: wrote {path}", highlight=False, soft_wrap=True)
@@ -301,7 +301,7 @@ def verify_cmd(
     written; report damaged and missing shards and stale parents. Damaged shards are set aside (hidden), so that
     rerunning the command that made the folder remakes exactly them. Exit status 1 when anything is wrong.
     Example: popyou verify data/enc"""
-    from .store.verify import summary, verify
+    from popyou_cli.store.verify import summary, verify
 
     reports = verify(folder, set_aside=not report_only)
     for report in reports:

@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from .bounds import MAX_BATCH, MAX_BENCH_IMAGES, check_int
-from .cli_common import console, hidden_alias, renamed, user_errors
-from .errors import PopyouError
+from popyou_cli.core.bounds import MAX_BATCH, MAX_BENCH_IMAGES, check_int
+from popyou_cli.cli.common import console, hidden_alias, renamed, user_errors
+from popyou_cli.core.errors import PopyouError
 
 bench_app = typer.Typer(help="Benchmarks (random weights, no downloads); results are meant for BENCHMARKS.md.",
                         no_args_is_help=True)
@@ -32,7 +32,7 @@ def bench_sample(
     """Seconds per image of VAR sampling, the reference's pattern against exact mode and every fast mode, in one
     run (random weights, 256 px, cfg 1.5, top-k 900, top-p 0.96, decode included); the demo's beta video; each
     fast mode's distance from exact. About `--repeats` images are timed per setting (runs = repeats / batch)."""
-    from .bench import bench_sampling
+    from popyou_cli.bench.sampling import bench_sampling
 
     _check_counts(repeats=repeats)
     check_int("--depth", depth, 1, 64)
@@ -60,7 +60,7 @@ def bench_gen_data_cmd(
 ):
     """images/s of gen-data: tiny (generation alone, then with PNG encoding and shard writing) or full (SDXL-Turbo
     at real size, images/s per batch size)."""
-    from .bench_data import bench_gen_data
+    from popyou_cli.bench.data import bench_gen_data
 
     size = renamed(None, size_old, new_flag="--image-size", old_flag="--size") or size
     _check_counts(n=n, batch_size=batch_size, repeats=repeats)
@@ -98,9 +98,10 @@ def bench_all_cmd(
     """Every stage's benchmark in one run: gen-data (batch 1/4/16 at 512 px), caption, encode, sample and train.
     On a GPU, `popyou bench all --arch full --device cuda` takes a few minutes: the source of BENCHMARKS.md's GPU
     rows."""
-    from .bench import bench_sampling, bench_training
-    from .bench_data import bench_caption, bench_encode, bench_gen_data
-    from .devices import resolve_device
+    from popyou_cli.bench.sampling import bench_sampling
+    from popyou_cli.bench.training import bench_training
+    from popyou_cli.bench.data import bench_caption, bench_encode, bench_gen_data
+    from popyou_cli.core.devices import resolve_device
 
     full = arch == "full"
     if arch not in ("full", "tiny"):
@@ -141,8 +142,8 @@ def bench_caption_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
     """images/s of caption: loader alone, generate alone, both, and (tiny) the whole stage."""
-    from .bench_data import bench_caption
-    from .datastage import default_workers
+    from popyou_cli.bench.data import bench_caption
+    from popyou_cli.data.runner import default_workers
 
     _check_counts(n=n, batch_size=batch_size, repeats=repeats)
 
@@ -165,8 +166,8 @@ def bench_encode_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
     """images/s of encode: loader alone, models alone, both, and (tiny) the whole stage."""
-    from .bench_data import bench_encode
-    from .datastage import default_workers
+    from popyou_cli.bench.data import bench_encode
+    from popyou_cli.data.runner import default_workers
 
     _check_counts(n=n, batch_size=batch_size, repeats=repeats)
 
@@ -189,8 +190,8 @@ def bench_train_cmd(
 ):
     """Training tokens/s from stored codes (popyou) vs re-encoding the images through the VQ-VAE every step
     (the original recipe), through the same training loop."""
-    from .bench import bench_training
-    from .devices import resolve_device
+    from popyou_cli.bench.training import bench_training
+    from popyou_cli.core.devices import resolve_device
 
     if tiny is None:
         tiny = resolve_device(device).type != "cuda"
@@ -216,6 +217,6 @@ def bench_import_cmd(
     """Seconds and peak RSS of `popyou import` on a file in the original PopYOU layout with random weights (VAR
     with LoRA on every Linear, VQ-VAE ch160, SigLIP-B text tower, adapter; about 1.96 GB in float32 in the Space's
     layout), then one image sampled from the imported folder."""
-    from .bench_import import bench_import
+    from popyou_cli.bench.importing import bench_import
 
     bench_import(depth=depth, tiny=tiny, work=work, out=out, console=console, layout=layout)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 console = Console(stderr=True)
 
@@ -21,7 +21,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .failures import debug_enabled, describe
+        from popyou_cli.core.failures import debug_enabled, describe
 
         try:
             return fn(*args, **kwargs)
@@ -176,7 +176,7 @@ def pipeline_at(pipeline: Optional[str], revision: Optional[str]) -> Optional[st
         return pipeline
     from pathlib import Path
 
-    from .original import default_pipeline
+    from popyou_cli.infer.resolve import default_pipeline
 
     spec = pipeline or default_pipeline()
     if Path(spec).expanduser().exists():

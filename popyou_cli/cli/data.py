@@ -10,10 +10,10 @@ from typing import Optional
 
 import typer
 
-from .cli_common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, int_list,
+from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, int_list,
                          progress_every_option, renamed, user_errors)
-from .errors import PopyouError
-from .progress import set_progress_every
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.progress import set_progress_every
 
 # Options shared by the data stages (gen-data, caption, encode).
 _D_SHARD = typer.Option(None, "--shard-size", help="Rows per shard file: the unit of resume and of the split across processes. Default: full 1000, tiny 16.", show_default=False)
@@ -49,7 +49,7 @@ def gen_data_cmd(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale; SDXL-Turbo uses 0. Default: 0.", show_default=False),
     image_format: Optional[str] = choice_option(None, "--format", choices=("png", "jpeg", "webp"), show_default=False, help="png (lossless), jpeg or webp. Default: png."),
     quality: Optional[int] = typer.Option(None, "--quality", help="jpeg/webp quality 1-100. Default: jpeg 95, webp 90.", show_default=False),
-    attributes: Optional[Path] = typer.Option(None, "--attributes", help="YAML/JSON attribute file changing the prompt scheme (format: popyou_cli/prompt_scheme.py). Default: the built-in scheme.", show_default=False),
+    attributes: Optional[Path] = typer.Option(None, "--attributes", help="YAML/JSON attribute file changing the prompt scheme (format: popyou_cli/data/prompt_scheme.py). Default: the built-in scheme.", show_default=False),
     attributes_old: Optional[Path] = hidden_alias(None, "--prompt-file", "--attributes"),
     device: str = _D_DEVICE,
     dtype: Optional[str] = _D_DTYPE,
@@ -61,7 +61,7 @@ def gen_data_cmd(
     """Generate the synthetic Funko Pop! data set. Resumable; spread over GPUs with
     `accelerate launch --num_processes 8 -- $(which popyou) gen-data ...` (note the --). Example:
     popyou gen-data --n 100000 --preset full --batch-size 16 --dtype fp16 --out data/funko"""
-    from .stages.gen_data import gen_data
+    from popyou_cli.data.gen_data import gen_data
 
     set_progress_every(progress_every)
     image_size = renamed(image_size, size_old, new_flag="--image-size", old_flag="--size")
@@ -98,7 +98,7 @@ def caption_cmd(
     """Caption every image with BLIP-2. Unreadable images keep their row (caption "", reason in caption_error).
     Resumable; several GPUs with `accelerate launch --num_processes 8 -m popyou_cli caption ...`. Example:
     popyou caption --data data/funko --out data/funko-cap --preset full --batch-size 64"""
-    from .stages.caption import caption
+    from popyou_cli.data.caption import caption
 
     set_progress_every(progress_every)
     data = _input(data, dataset, "caption")
@@ -143,7 +143,7 @@ def encode_cmd(
     images keep their row (placeholders, reason in encode_error). Resumable; several GPUs with
     `accelerate launch --num_processes 8 -m popyou_cli encode ...`. Example:
     popyou encode --data data/funko-cap --out data/funko-enc --preset full --hflip"""
-    from .stages.encode import encode
+    from popyou_cli.data.encode import encode
 
     set_progress_every(progress_every)
     data = _input(data, dataset, "encode")

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from .cli_common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, progress_every_option,
+from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, progress_every_option,
                          renamed, user_errors)
-from .errors import PopyouError
-from .progress import set_progress_every
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.progress import set_progress_every
 
 # Help panels of the training options.
 P_DATA, P_MODEL, P_OPT, P_LORA, P_CKPT, P_LOG = "Data", "Model", "Optimisation", "LoRA", "Checkpoints and Hub", "Logging"
@@ -64,7 +64,7 @@ def _train_options(params: dict) -> dict:
     preset's value). A new option needs its field there and its parameter here, nothing else."""
     from dataclasses import fields
 
-    from .presets import TrainPreset
+    from popyou_cli.core.presets import TrainPreset
 
     options = {f.name: params[f.name] for f in fields(TrainPreset) if f.name in params}
     options["mixed_precision"] = _mixed_precision(params["dtype"], params["mixed_precision_old"])
@@ -84,7 +84,7 @@ def _mixed_precision(dtype: Optional[str], old: Optional[str]) -> Optional[str]:
     if dtype is not None and dtype not in DTYPES:
         raise PopyouError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
     if dtype == "auto":
-        from .devices import dtype_name, resolve_device, resolve_dtype
+        from popyou_cli.core.devices import dtype_name, resolve_device, resolve_dtype
 
         dtype = dtype_name(resolve_dtype("auto", resolve_device("auto"), "train"))
     return {"fp32": "no"}.get(dtype, dtype)
@@ -120,7 +120,7 @@ def finetune_cmd(
     popyou finetune --data data/enc --out runs/ft   then   popyou sample --var runs/ft/model --class-id 1000"""
     set_progress_every(progress_every)
     options = _train_options(locals())
-    from .stages.finetune import finetune
+    from popyou_cli.train.finetune import finetune
 
     res = finetune(data=data, out=out, preset=preset, vae=vae, class_name=class_name, init_from=init_from,
                    class_id=class_id, push=push_to_hub, private=private, overwrite=overwrite, console=console,
@@ -165,7 +165,7 @@ def train_adapter_cmd(
     popyou train-adapter --stage text --init runs/img/pipeline --data data/enc --out runs/txt"""
     set_progress_every(progress_every)
     options = _train_options(locals())
-    from .stages.train_adapter import train_adapter
+    from popyou_cli.train.train_adapter import train_adapter
 
     res = train_adapter(data=data, out=out, stage=stage, preset=preset, init=init, text_field=text_field,
                         class_id=class_id, vae=vae, push=push_to_hub, private=private, overwrite=overwrite,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 MAX_SEED = 2**63
 MAX_ROWS = 10**9

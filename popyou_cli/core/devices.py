@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # the spellings shown in --help; aliases below also parse
 _ALIASES = {

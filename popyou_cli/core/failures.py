@@ -1,4 +1,4 @@
-"""Every failure a user can cause or meet, as one line: what `cli_common.user_errors` prints for exceptions that
+"""Every failure a user can cause or meet, as one line: what `cli.common.user_errors` prints for exceptions that
 are not already a PopyouError (a full disk, a permission, a corrupt or truncated file, a refused pickle, a bad
 encoding, memory), with what to do about it. Anything else is reported as unexpected, with the way to see the
 traceback: `--debug` or POPYOU_DEBUG=1.
@@ -9,7 +9,7 @@ import errno
 import os
 import pickle
 
-from .errors import short_error
+from popyou_cli.core.errors import short_error
 
 DEBUG_ENV = "POPYOU_DEBUG"
 REFUSED_PICKLE = ("it holds Python objects beyond tensors, which popyou never unpickles (torch.load "
@@ -30,7 +30,7 @@ def _where(err: OSError) -> str:
 def _os_error(err: OSError) -> str:
     code, where = err.errno, _where(err)
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) and getattr(err, "filename", None):
-        from .files import disk_full_error
+        from popyou_cli.core.files import disk_full_error
 
         return str(disk_full_error(err, err.filename))  # names the disk and its free space
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
@@ -66,7 +66,7 @@ def describe(err: BaseException) -> str:
                 "and sets aside damaged shards, then rerun the stage that made them")
     if name == "JSONDecodeError":
         return f"a JSON file is corrupt ({short_error(err, 120)}); --debug shows which"
-    from .files import is_disk_full
+    from popyou_cli.core.files import is_disk_full
 
     if is_disk_full(err):  # a library's wording of ENOSPC (safetensors' IoError code 28)
         return ("no space left on the device; free some space (or choose another --out) and rerun the same "

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from .errors import PopyouError, short_error
+from popyou_cli.core.errors import PopyouError, short_error
 
 TMP_SUFFIX = ".tmp"  # temporary files are named ".<final name>.<pid>.<hex>.tmp": hidden, and easy to sweep
 _TMP_RE = re.compile(r"^\..+\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
@@ -264,6 +264,14 @@ def sweep_temporaries(folder: str | os.PathLike, *, prefix: str = "", locked: bo
 
 
 # ------------------------------------------------------------------------------------------ folders
+def cache_root() -> Path:
+    """popyou's own cache: $POPYOU_CACHE, else $XDG_CACHE_HOME/popyou, else ~/.cache/popyou."""
+    if os.environ.get("POPYOU_CACHE"):
+        return Path(os.environ["POPYOU_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "popyou"
+
+
+
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """tempfile.mkdtemp in `parent` with the mode the umask gives a new folder (mkdtemp makes it 0700, and a
     folder renamed into place would keep that)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 REPO_TYPES = {"models": "model", "spaces": "space", "datasets": "dataset"}
 _URL_PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "hf://")
@@ -253,7 +253,7 @@ def push_folder(folder: Path, repo: str, *, private: bool = False, message: str 
         info = huggingface_hub.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
                                              commit_message=message)
     except Exception as e:  # noqa: BLE001 - one line, and the local result stays where it is
-        from .errors import short_error
+        from popyou_cli.core.errors import short_error
 
         raise PopyouError(f"--push-to-hub {repo} failed: {short_error(e, 200)} (log in with `hf auth login`); the "
                           f"result is saved locally in {folder}") from None

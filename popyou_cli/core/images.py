@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import short_error
-from .files import atomic_write
+from popyou_cli.core.errors import short_error
+from popyou_cli.core.files import atomic_write
 
 MIN_SIDE = 8
 RESIZE_RATIO = (9, 8)  # VAR's data pipeline: resize the short side to 9/8 of the crop (288 -> 256), then crop

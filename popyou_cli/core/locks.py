@@ -33,7 +33,7 @@ import stat
 import threading
 from pathlib import Path
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 LOCK_FILE = ".popyou.lock"
 _OPEN = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -125,7 +125,7 @@ class FolderLock:
                 os.pwrite(fd, info, 0)
             except OSError as e:
                 os.close(fd)
-                from .files import disk_full_error
+                from popyou_cli.core.files import disk_full_error
 
                 raise disk_full_error(e, self.path) or PopyouError(
                     f"cannot write the lock file {self.path}: {e.strerror or e}") from None

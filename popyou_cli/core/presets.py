@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, TypeVar
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 PRESET_NAMES = ("full", "tiny")
 
@@ -109,7 +109,7 @@ class TrainPreset:
 
     def check(self) -> None:
         """One-line errors for values no run can use, before anything loads."""
-        from .bounds import MAX_BATCH, check_finite, check_int, check_seed
+        from popyou_cli.core.bounds import MAX_BATCH, check_finite, check_int, check_seed
 
         check_finite(**{f.name: getattr(self, f.name) for f in fields(self)
                         if isinstance(getattr(self, f.name), float)})

@@ -27,7 +27,7 @@ def set_progress_every(seconds: float | None) -> None:
     """--progress-every: sets the environment variable, so that launched child processes follow it too."""
     if seconds is None:
         return
-    from .errors import PopyouError
+    from popyou_cli.core.errors import PopyouError
 
     if not math.isfinite(seconds) or seconds < 0:
         raise PopyouError(f"--progress-every must be a number of seconds >= 0 (got {seconds})")
@@ -36,7 +36,7 @@ def set_progress_every(seconds: float | None) -> None:
 
 def progress_every() -> float:
     """Seconds between two log lines: POPYOU_PROGRESS_EVERY, else 30."""
-    from .errors import PopyouError
+    from popyou_cli.core.errors import PopyouError
 
     text = os.environ.get(PROGRESS_ENV, "").strip()
     if not text:

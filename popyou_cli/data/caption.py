@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import presets as P
-from ..bounds import MAX_BATCH, check_int
-from ..datastage import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
+from popyou_cli.core import presets as P
+from popyou_cli.core.bounds import MAX_BATCH, check_int
+from popyou_cli.data.runner import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
                          open_image, open_input, shard_batches, undecoded)
-from ..errors import short_error
+from popyou_cli.core.errors import short_error
 
 STAGE = "caption"
 EMPTY = "the model generated an empty caption"
@@ -123,7 +123,7 @@ def caption(*, dataset: str | Path, out: str | Path, preset: str = "full", model
     """Caption every row of `dataset` into the folder `out` (made, finished or grown). Options left as None come
     from the preset. Run it in every process of a launch; each captions its share of the shards. The result
     counts the rows with an error in the whole folder (first_error: the first of them)."""
-    from ..encoders import load_captioner
+    from popyou_cli.third_party import load_captioner
 
     p = P.resolve(P.get_preset(P.CAPTION_PRESETS, preset, stage=STAGE), model=model, prompt=prompt,
                   max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,

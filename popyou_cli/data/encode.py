@@ -24,13 +24,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .. import presets as P
-from ..bounds import MAX_BATCH, check_int
-from ..datastage import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
+from popyou_cli.core import presets as P
+from popyou_cli.core.bounds import MAX_BATCH, check_int
+from popyou_cli.data.runner import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
                          open_image, open_input, shard_batches, undecoded)
-from ..devices import autocast, parse_dtype
-from ..errors import PopyouError, short_error
-from ..images import default_resize, resize_center_crop, to_pm1
+from popyou_cli.core.devices import autocast, parse_dtype
+from popyou_cli.core.errors import PopyouError, short_error
+from popyou_cli.core.images import default_resize, resize_center_crop, to_pm1
 
 STAGE = "encode"
 EMBED_DTYPES = ("float16", "float32")
@@ -152,7 +152,7 @@ class Encoder:
 
 
 def _embed_dim(siglip) -> int:
-    from ..encoders import embedding_dim
+    from popyou_cli.third_party import embedding_dim
 
     return embedding_dim(siglip)
 
@@ -160,7 +160,7 @@ def _embed_dim(siglip) -> int:
 def _pretrained_tag(p: P.EncodePreset, model: str | None, pretrained: str | None) -> str | None:
     """The preset's tag goes with the preset's model only. Another model without a tag gets its single built-in
     tag, resolved here so that the manifest records what ran (load_siglip asks for one when there are several)."""
-    from ..encoders import is_tiny
+    from popyou_cli.third_party import is_tiny
 
     if pretrained is not None or model is None or model == p.siglip_model:
         return pretrained if pretrained is not None else p.siglip_pretrained
@@ -208,8 +208,8 @@ def encode(*, dataset: str | Path, out: str | Path, preset: str = "full", siglip
     """Encode every row of `dataset` into the folder `out` (made, finished or grown). Options left as None come
     from the preset; text_columns None means prompt and caption, those present. Run it in every process of a
     launch. Returns a result like caption's."""
-    from ..encoders import load_siglip
-    from ..models.checkpoints import load_vqvae
+    from popyou_cli.third_party import load_siglip
+    from popyou_cli.models.checkpoints import load_vqvae
 
     p = P.resolve(P.get_preset(P.ENCODE_PRESETS, preset, stage=STAGE), siglip_model=siglip_model, vqvae=vqvae,
                   resize=resize, embed_dtype=embed_dtype, batch_size=batch_size, shard_size=shard_size,

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .. import presets as P
-from ..bounds import MAX_BATCH, check_finite, check_int, check_rows, check_seed
-from ..datastage import DataStage, DataStageResult, check_at_least_1, check_workers
-from ..devices import resolve_device
-from ..errors import PopyouError
-from ..files import resolve_recorded
-from ..images import to_uint8
-from ..prompts import PromptRow, default_scheme, iter_prompts, load_scheme, scheme_from_dict
+from popyou_cli.core import presets as P
+from popyou_cli.core.bounds import MAX_BATCH, check_finite, check_int, check_rows, check_seed
+from popyou_cli.data.runner import DataStage, DataStageResult, check_at_least_1, check_workers
+from popyou_cli.core.devices import resolve_device
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import resolve_recorded
+from popyou_cli.core.images import to_uint8
+from popyou_cli.data.prompts import PromptRow, default_scheme, iter_prompts, load_scheme, scheme_from_dict
 
 STAGE = "gen-data"
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -95,7 +95,7 @@ def _quiet():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            # diffusers' SDXL calls its own deprecated upcast_vae() on every fp16 batch (see encoders/common.py)
+            # diffusers' SDXL calls its own deprecated upcast_vae() on every fp16 batch (see third_party/common.py)
             warnings.filterwarnings("ignore", message=r".*`upcast_vae` is deprecated.*", category=FutureWarning)
             yield
     finally:
@@ -119,7 +119,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, s
 
 
 def load_pipeline(model: str, *, device, dtype, size: int):
-    from ..encoders import load_text_to_image
+    from popyou_cli.third_party import load_text_to_image
 
     with _quiet():
         return load_text_to_image(model, device=device, dtype=dtype, image_size=size)
@@ -285,7 +285,7 @@ def remake_image(folder: str | Path, i: int, *, device: str = "auto", exact: boo
     the rounding of a few pixel values."""
     from PIL import Image
 
-    from ..store import read_manifest
+    from popyou_cli.store import read_manifest
 
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("stage") != STAGE:

@@ -50,7 +50,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 DEFAULT_TEMPLATE = "A Funko Pop! figure {attributes}. Set on a white background."
 
@@ -203,7 +203,7 @@ def builtin_figures() -> tuple[str, ...]:
 
 
 def default_scheme() -> PromptScheme:
-    """The data set's scheme: the original table of docs/seed-system.md plus the later attributes."""
+    """The data set's scheme: the original PopYOU data set's attribute table plus the later attributes."""
     return PromptScheme(
         attributes=(
             # The original published list of people was not released; this one mixes famous people,

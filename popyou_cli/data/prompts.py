@@ -6,7 +6,7 @@ A prompt is the template with a comma-separated list of attribute phrases::
     with a red ponytail, holding a book. Set on a white background.
 
 Each attribute is drawn independently with its own probability, and then one of its options is
-drawn uniformly (the scheme of the original data set, see docs/seed-system.md, plus the later
+drawn uniformly (the scheme of the original PopYOU data set, plus the later
 attributes tattoo, eyewear, footwear and hair colour, whose probabilities were not published and
 are popyou's choice). At least one attribute is always present.
 
@@ -30,9 +30,9 @@ import random
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
-from .prompt_scheme import (  # noqa: F401 - the scheme's public names, importable from popyou_cli.prompts
+from popyou_cli.data.prompt_scheme import (  # noqa: F401 - the scheme's public names, importable from popyou_cli.data.prompts
     DEFAULT_TEMPLATE,
     HAIR_COLOUR,
     HAIR_COLOUR_PHRASE,

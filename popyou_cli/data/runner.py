@@ -28,8 +28,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .devices import dtype_name, resolve_device, resolve_dtype
-from .errors import PopyouError
+from popyou_cli.core.devices import dtype_name, resolve_device, resolve_dtype
+from popyou_cli.core.errors import PopyouError
 
 MAX_IMAGE_FILE = 1 << 30  # bytes; a larger "image" in a data set is a mistake, refused per row
 
@@ -70,7 +70,7 @@ def open_stage_writer(state, out, **kw):
     """store.StageWriter built with the multi-process protocol: the main process creates or checks the folder
     first, then the others only read its manifest. A refusal on the main process is sent to every process (the
     others would otherwise wait forever at the barrier) and raised everywhere as the same PopyouError."""
-    from .store import StageWriter
+    from popyou_cli.store import StageWriter
 
     writer, error = None, None
     if state.is_main_process:
@@ -93,7 +93,7 @@ def open_stage_writer(state, out, **kw):
 @contextlib.contextmanager
 def progress_bar(enabled: bool, console, total: int, label: str):
     """Yields advance(k): a live bar on a terminal, else a log line every --progress-every seconds (progress.py)."""
-    from .progress import Progress
+    from popyou_cli.core.progress import Progress
 
     with Progress(label, total, console=console, unit="images", enabled=enabled) as progress:
         yield progress.advance
@@ -122,7 +122,7 @@ def open_input(dataset, out, *, stage: str, image_column: str, columns: Sequence
     """The input of an image stage: the dataset joined with its parents (store.load_stage), checked before any
     model loads: --out must not overlap it, the needed columns must exist (else a one-line error naming the
     subcommand that makes them), and its rows must be 0..n-1 in order, since the output joins it row by row."""
-    from .store import check_not_same, load_stage, require_columns
+    from popyou_cli.store import check_not_same, load_stage, require_columns
 
     check_not_same(dataset, out)
     ds = load_stage(dataset)
@@ -218,8 +218,8 @@ def open_image(cell) -> tuple[Any, str]:
     """images.open_rgb of one image cell, a file named by a path cell read here first: only a regular file of at
     most MAX_IMAGE_FILE bytes (a named pipe or a device would block or never end), and an unreadable one said
     so (permission denied, no such file) rather than as an undecodable image. (RGB image or None, reason)."""
-    from .files import read_regular
-    from .images import open_rgb
+    from popyou_cli.core.files import read_regular
+    from popyou_cli.core.images import open_rgb
 
     path = cell if isinstance(cell, str) else cell.get("path") if isinstance(cell, dict) and \
         cell.get("bytes") is None else None

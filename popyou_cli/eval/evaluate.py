@@ -25,17 +25,17 @@ from pathlib import Path
 
 import torch
 
-from .. import metrics
-from ..errors import PopyouError
-from ..files import ensure_writable_dir, portable_spec, resolve_recorded
-from ..heldout import check_training_data, held_out, heldout_summary, per_row_nll
-from ..pipeline import Pipeline
-from ..presets import ADAPTER_PRESETS, get_preset
-from ..progress import Progress
-from ..reference import (ReferenceSet, any_reference, dataset_images, dataset_reference, read_sample_folder,
+from popyou_cli.eval import metrics
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import ensure_writable_dir, portable_spec, resolve_recorded
+from popyou_cli.eval.heldout import check_training_data, held_out, heldout_summary, per_row_nll
+from popyou_cli.infer.pipeline import Pipeline
+from popyou_cli.core.presets import ADAPTER_PRESETS, get_preset
+from popyou_cli.core.progress import Progress
+from popyou_cli.eval.fid_reference import (ReferenceSet, any_reference, dataset_images, dataset_reference, read_sample_folder,
                          reference_features)
-from ..report import caveats, command_line, write_report
-from ..sampling import SamplingOptions, check_disk, read_prompts
+from popyou_cli.eval.report import caveats, command_line, write_report
+from popyou_cli.infer.options import SamplingOptions, check_disk, read_prompts
 
 FID_PROGRESS_BATCH = 32
 STAND_IN = "tiny"  # the spec of popyou's seeded random stand-in models (--preset tiny)
@@ -70,9 +70,9 @@ def _judge(pipe: Pipeline | None, device):
     image tower, else the standard open_clip ViT-B-16-SigLIP (a transformers text tower alone cannot see images)."""
     if pipe is not None and hasattr(pipe.text_encoder, "encode_images"):
         return pipe.text_encoder
-    from ..devices import resolve_device
-    from ..encoders.siglip import load_siglip
-    from ..encoders.text import OpenClipText
+    from popyou_cli.core.devices import resolve_device
+    from popyou_cli.third_party.siglip import load_siglip
+    from popyou_cli.third_party.text import OpenClipText
 
     return OpenClipText(*load_siglip(device=resolve_device(device)))
 
@@ -141,9 +141,9 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     """Generate one image per prompt (image i uses seed + i) and score them; writes the report into `out`.
     `quantize` (an opt-in fast mode) and `fast` apply to the whole model, so the held-out NLL is that model's too.
     The data must still hold the rows the pipeline was trained on (heldout.py), unless `allow_other_data`."""
-    from ..bounds import check_seed
-    from ..conditioning import ConditionedVAR
-    from ..store import load_stage
+    from popyou_cli.core.bounds import check_seed
+    from popyou_cli.train.conditioning import ConditionedVAR
+    from popyou_cli.store import load_stage
 
     if n_prompts < 2:
         raise PopyouError("--n-prompts must be at least 2 (FID and KID need two images a side)")
@@ -233,7 +233,7 @@ def evaluate_images(*, images: Path, out: Path, reference: Path | None = None, p
     if Path(out).resolve() == Path(images).resolve():
         raise PopyouError("--out must not be the --images folder (the report writes an images/ folder of its own)")
     ensure_writable_dir(out)
-    from ..devices import resolve_device
+    from popyou_cli.core.devices import resolve_device
 
     # The recorded pipeline is loaded for its judge only when it is a local folder: a Hub default (the original
     # model) has no image tower anyway, and the standard SigLIP is what judges it.

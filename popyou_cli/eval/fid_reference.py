@@ -2,7 +2,7 @@
 
 A reference set is a data set's images (a popyou stage folder or any datasets.save_to_disk folder, column
 `image`) or a folder of image files, each resized and centre-cropped to the generated images' size as encode
-does. Its Inception features are cached in popyou's cache folder (original.cache_root(), i.e. $POPYOU_CACHE or
+does. Its Inception features are cached in popyou's cache folder (core.files.cache_root(), i.e. $POPYOU_CACHE or
 ~/.cache/popyou), `fid-reference/<key>.npz`, never in the reference folder (which may be read-only or shared). The
 key is a hash of everything that changes the features: the feature network, the image size, which images, and
 the data set's manifest with its content hash (for a folder of image files: the folder and its files' names,
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 CACHE_SUBFOLDER = "fid-reference"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -41,14 +41,14 @@ class ReferenceSet:
 
 
 def _prepared(img, size: int) -> torch.Tensor:
-    from .images import default_resize, resize_center_crop
+    from popyou_cli.core.images import default_resize, resize_center_crop
 
     return torch.from_numpy(np.asarray(resize_center_crop(img, default_resize(size), size)).copy())
 
 
 def dataset_images(ds, rows: Sequence[int], size: int, column: str = "image") -> torch.Tensor:
     """Rows of a datasets.Dataset, decoded, resized and centre-cropped as encode does; undecodable rows are left out."""
-    from .images import open_rgb
+    from popyou_cli.core.images import open_rgb
 
     out = []
     for i in rows:
@@ -62,7 +62,7 @@ def dataset_images(ds, rows: Sequence[int], size: int, column: str = "image") ->
 
 def dataset_reference(folder: Path, rows: Sequence[int], size: int, what: str, ds=None) -> ReferenceSet:
     """Rows of the data set in `folder` (a stage folder, joined with its parents) as a reference set."""
-    from .store import load_stage, read_manifest
+    from popyou_cli.store import load_stage, read_manifest
 
     ds = load_stage(folder) if ds is None else ds
     if "image" not in ds.column_names:
@@ -108,7 +108,7 @@ def any_reference(path: Path, size: int, max_images: int) -> ReferenceSet:
     if not path.is_dir():
         raise PopyouError(f"--reference {path}: no such folder (give a data set folder or a folder of images)")
     if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
-        from .store import load_stage
+        from popyou_cli.store import load_stage
 
         ds = load_stage(path)
         return dataset_reference(path, range(min(len(ds), max_images)), size, "data set rows", ds)
@@ -123,7 +123,7 @@ def _file_stamp(path: Path) -> list:
 def reference_features(ref: ReferenceSet, network: str, size: int, featurise: Callable[[torch.Tensor], torch.Tensor],
                        console=None) -> tuple[torch.Tensor, bool]:
     """(features of the reference images, whether they came from the cache)."""
-    from .original import cache_root
+    from popyou_cli.core.files import cache_root
 
     key = json.dumps({"version": 1, "network": network, "size": size, **ref.key}, sort_keys=True, default=str)
     path = cache_root() / CACHE_SUBFOLDER / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import PopyouError
-from .metrics import paired_difference
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.eval.metrics import paired_difference
 
 NLL_BATCH = 64  # held-out rows per forward pass
 
@@ -47,8 +47,8 @@ def rows_seen(manifest: dict, digest: str) -> int | None:
     """How many first rows of the folder with `manifest` made up the folder whose content digest was `digest`
     (None: no such prefix, the rows changed). lineage.content_digest hashes one line per shard, so the digest of
     each prefix of the shard list is that hash after its lines: it is carried along, shard by shard."""
-    from .store.layout import shard_name
-    from .store.lineage import shard_range
+    from popyou_cli.store.layout import shard_name
+    from popyou_cli.store.lineage import shard_range
 
     if manifest.get("content") == digest:
         return int(manifest["n_rows"])
@@ -69,7 +69,7 @@ def rows_seen(manifest: dict, digest: str) -> int | None:
 
 def check_training_data(train: dict, pipeline: str, data: Path, allow_other: bool) -> DataCheck:
     """`train` is pipeline.json's training record. Raises the one-line error when the rows it saw changed."""
-    from .store import read_manifest
+    from popyou_cli.store import read_manifest
 
     try:
         manifest = read_manifest(data) or {}
@@ -98,7 +98,7 @@ class HeldOut:
 
 def held_out(pipe, data: Path, val_fraction: float, check: DataCheck, console=None) -> HeldOut:
     """The pipeline's split of the rows it saw (all rows when that is unknown)."""
-    from .conditioning import load_encoded, split_rows
+    from popyou_cli.train.conditioning import load_encoded, split_rows
 
     enc = pipe.config.get("encoder", {})
     column = ("siglip_image" if enc.get("embedding", "image") == "image"
@@ -121,7 +121,7 @@ def held_out(pipe, data: Path, val_fraction: float, check: DataCheck, console=No
 @torch.no_grad()
 def per_row_nll(model, rows: dict, device, batch_size: int = NLL_BATCH) -> dict[str, torch.Tensor]:
     """{right, shuffled, class_only: (N,) float64 nats/token} for a ConditionedVAR with an adapter (eval mode)."""
-    from .conditioning import SHUFFLE_SEED
+    from popyou_cli.train.conditioning import SHUFFLE_SEED
 
     was = model.training
     model.eval()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 FID_BOOTSTRAP_ROUNDS = 50  # resamplings behind FID's standard error
 FID_BOOTSTRAP_MAX_IMAGES = 256  # on the smaller side; more: FID is a point estimate (each round costs an SVD)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write, atomic_write_json
-from .images import grid, image_label, save_png
-from .metrics import CONFIDENCE, PairedDifference
+from popyou_cli.core.files import atomic_write, atomic_write_json
+from popyou_cli.core.images import grid, image_label, save_png
+from popyou_cli.eval.metrics import CONFIDENCE, PairedDifference
 
 SMALL_IMAGE_PX = 128  # HTML shows smaller images scaled up by a whole factor to about this size
 MIN_FID_IMAGES = 100  # fewer images a side: FID is mostly its small-sample bias (the report's banner says so)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .errors import PopyouError
-from .video import beta_label, label_frame, write_beta_sweep
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.infer.video import beta_label, label_frame, write_beta_sweep
 
 BETA_MIN, BETA_MAX, BETA_STEP = 0.0, 2.5, 0.05  # the original Space's slider
 MAX_IMAGES = 8
@@ -138,7 +138,7 @@ class Demo:
     def dtype_flag(self) -> str:
         """--dtype as the reproduce command gives it: as the server was started, or what --fast picked where that
         is not the device's auto (a command that says --fast could pick differently on another machine)."""
-        from .devices import dtype_name, resolve_dtype
+        from popyou_cli.core.devices import dtype_name, resolve_dtype
 
         if self.pipe.fast_mode is None:
             return self.dtype_arg
@@ -147,8 +147,8 @@ class Demo:
     def speed_mode(self) -> str:
         """How the images are made, for the page's header: exact, or the fast mode (--fast's pick, or the flags the
         server was started with)."""
-        from .autotune import mode_named
-        from .devices import dtype_name
+        from popyou_cli.models.autotune import mode_named
+        from popyou_cli.core.devices import dtype_name
 
         pipe = self.pipe
         guided = [f"guidance on the first {self.cfg_scales} scales"] if self.cfg_scales is not None else []
@@ -166,7 +166,7 @@ class Demo:
 
     def _seed(self, seed) -> int:
         """The seed box's text: empty -> a random seed (shown with the result), else a whole number >= 0."""
-        from .sampling import check_seed
+        from popyou_cli.infer.options import check_seed
 
         text = "" if seed is None else str(seed).strip()
         if not text:
@@ -324,9 +324,9 @@ def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device:
     """Loads the pipeline once, then serves the page until interrupted. fast None: on unless dtype or quantize
     names a mode (the demo is fast by default; sample and eval are exact by default)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
-    from .autotune import check_fast
-    from .pipeline import Pipeline, default_pipeline
-    from .sampling import SamplingOptions
+    from popyou_cli.models.autotune import check_fast
+    from popyou_cli.infer.pipeline import Pipeline, default_pipeline
+    from popyou_cli.infer.options import SamplingOptions
 
     _check_can_listen(host, port)  # before the (slow) model load
     SamplingOptions(cfg_scales=cfg_scales).check()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import PopyouError
-from .files import atomic_write_json
-from .models.adapter import CondAdapter, save_adapter
-from .models.lora import save_var
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import atomic_write_json
+from popyou_cli.models.adapter import CondAdapter, save_adapter
+from popyou_cli.models.lora import save_var
 
 PIPELINE_JSON = "pipeline.json"
 
@@ -72,6 +72,6 @@ def save_pipeline(folder: Path, *, var: nn.Module, var_spec: str, var_changed: b
 
 def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
     """Uploads exactly the pipeline folder (hub.push_folder: standard Hugging Face login, no token stored)."""
-    from .hub import push_folder
+    from popyou_cli.core.hub import push_folder
 
     return push_folder(folder, repo, private=private, message="popyou train-adapter pipeline")

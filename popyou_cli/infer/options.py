@@ -12,8 +12,8 @@ import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .bounds import MAX_SEED  # noqa: F401 - seeds are 0 <= seed < 2^63 (bounds.py says why)
-from .errors import PopyouError
+from popyou_cli.core.bounds import MAX_SEED  # noqa: F401 - seeds are 0 <= seed < 2^63 (bounds.py says why)
+from popyou_cli.core.errors import PopyouError
 
 VAR_DEFAULTS = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False, "alpha": 1.0, "beta": 1.0,
                 "cfg_scales": None}
@@ -94,7 +94,7 @@ def parse_sweep(spec: str) -> list[float]:
 def read_prompts(prompts: list[str], prompt_file: Path | None, console=None) -> list[str]:
     """Prompts from the command line and/or a file (one per line). An empty prompt argument is an error; blank
     lines of the file are skipped (prompts.read_prompt_file), and a note on `console` says how many."""
-    from .prompts import read_prompt_file
+    from popyou_cli.data.prompts import read_prompt_file
 
     out = []
     for i, p in enumerate(prompts):

@@ -25,16 +25,17 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import devices
-from .autotune import check_fast
-from .errors import PopyouError
-from .models.checkpoints import DEFAULT_VAE, load_vqvae
-from .models.lora import load_var_lora
-from .models.var import VAR
-from .models.vqvae import VQVAE
-from .original import default_pipeline, resolve_pipeline
-from .pipeline_folder import read_pipeline_json
-from .sampling import SamplingOptions, check_seed
+from popyou_cli.core import devices
+from popyou_cli.models.autotune import check_fast
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.models.checkpoints import DEFAULT_VAE, load_vqvae
+from popyou_cli.models.generate import SamplingGraphs, generate
+from popyou_cli.models.lora import load_var_lora
+from popyou_cli.models.var import VAR
+from popyou_cli.models.vqvae import VQVAE
+from popyou_cli.infer.resolve import default_pipeline, resolve_pipeline
+from popyou_cli.infer.folder import read_pipeline_json
+from popyou_cli.infer.options import SamplingOptions, check_seed
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Pipeline:
     var: VAR
     vqvae: VQVAE
     adapter: nn.Module | None = None  # embedding -> cond_delta; None for a class-conditional pipeline
-    text_encoder: object | None = None  # prompts -> (P, dim) unit-norm embeddings (encoders/text.py)
+    text_encoder: object | None = None  # prompts -> (P, dim) unit-norm embeddings (third_party/text.py)
     defaults: dict = field(default_factory=dict)  # pipeline.json "sampling": cfg, top_k, ..., class_id
     config: dict = field(default_factory=dict)  # pipeline.json as read ({} for a plain VAR model)
     source: str = ""
@@ -50,6 +51,7 @@ class Pipeline:
     dtype: torch.dtype = torch.float32  # autocast dtype of sampling
     quantize: str | None = None  # the opt-in fast mode the weights were loaded in (None: exact)
     fast_mode: str | None = None  # what fast=True (--fast) picked: exact, int8, bf16 or bf16+int8; None: not asked
+    graphs: SamplingGraphs | None = None  # captured sampling steps (CUDA), replayed by every call
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -82,8 +84,8 @@ class Pipeline:
 
     @classmethod
     def _load_folder(cls, folder: Path, shown: str, device, dtype, vae, quantize, fast: bool = False) -> "Pipeline":
-        from .encoders.text import load_text_encoder
-        from .models.adapter import load_adapter
+        from popyou_cli.third_party.text import load_text_encoder
+        from popyou_cli.models.adapter import load_adapter
 
         cfg = read_pipeline_json(folder, shown)
         dev = devices.resolve_device(device)
@@ -107,10 +109,10 @@ class Pipeline:
         measured fastest here), then the opt-in `--quantize` mode, or with `fast` the fastest mode within 90% of
         exact mode's tokens (autotune.py: measured once per machine and model shape, then cached); models/fast.py
         says what each does. Inference only, like the pipeline."""
-        from .autotune import prepare
+        from popyou_cli.models.autotune import prepare
 
         plan = prepare(self.var, self.vqvae, self.device, self.dtype, quantize=mode, fast=fast)
-        self.dtype, self.fast_mode = plan.dtype, plan.fast_mode
+        self.dtype, self.fast_mode, self.graphs = plan.dtype, plan.fast_mode, plan.graphs
         self.quantize = None if plan.quantize in (None, "none", "fp32") else plan.quantize  # quantize_var's exact
         return self
 
@@ -170,15 +172,15 @@ class Pipeline:
     def generate_u8(self, cond_delta: torch.Tensor | None, seeds: Sequence[int], opts: SamplingOptions,
                     class_id: int | None = None) -> torch.Tensor:
         """One batch: images (B, H, W, 3) uint8 on CPU. cond_delta rows already carry their beta (or None)."""
-        from .images import to_uint8
+        from popyou_cli.core.images import to_uint8
 
         gens = [devices.generator(self.device, s) for s in seeds]
         label = self.class_id if class_id is None else class_id
         kw = {"cfg_scales": opts.cfg_scales} if opts.cfg_scales is not None else {}
         with devices.autocast(self.device, self.dtype):
-            img = self.var.generate(self.vqvae, len(seeds), label, cfg=opts.cfg, top_k=opts.top_k, top_p=opts.top_p,
-                                    more_smooth=opts.more_smooth, generator=gens, cond_delta=cond_delta,
-                                    alpha=opts.alpha, beta=1.0, **kw)
+            img = generate(self.var, self.vqvae, len(seeds), label, cfg=opts.cfg, top_k=opts.top_k, top_p=opts.top_p,
+                           more_smooth=opts.more_smooth, generator=gens, cond_delta=cond_delta, alpha=opts.alpha,
+                           beta=1.0, graphs=self.graphs, **kw)
         return to_uint8(img)
 
     def __call__(self, prompts: str | Sequence[str] | None = None, *, n: int = 1, seed: int | None = None,
@@ -189,7 +191,7 @@ class Pipeline:
         """n images per prompt (prompts None: n class-conditional images of `class_id`), as PIL images."""
         from PIL import Image
 
-        from .sampling import check_counts
+        from popyou_cli.infer.options import check_counts
 
         check_counts(n, batch_size)
         seed = check_seed(seed)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write, ensure_writable_dir, portable_spec
-from ..images import grid, image_label, save_png
-from ..pipeline import Pipeline
-from ..progress import Progress
-from ..sampling import SamplingOptions, check_counts, check_disk, check_seed, parse_sweep
+from popyou_cli.core.files import atomic_write, ensure_writable_dir, portable_spec
+from popyou_cli.core.images import grid, image_label, save_png
+from popyou_cli.infer.pipeline import Pipeline
+from popyou_cli.core.progress import Progress
+from popyou_cli.infer.options import SamplingOptions, check_counts, check_disk, check_seed, parse_sweep
 
 
 SWEEP_FPS = 10  # frames per second of a beta sweep's MP4: 11 frames (0:2.5:11) play in about a second
@@ -98,7 +98,7 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
 def _beta_sweep(pipe: Pipeline, prompt: str, betas: list[float], seed: int, opts: SamplingOptions, batch_size: int,
                 out: Path, settings: dict, console=None) -> SampleResult:
     """One seed, one prompt, beta from START to END: the frames, the labelled strip and the MP4 (the demo's code)."""
-    from ..video import write_beta_sweep
+    from popyou_cli.infer.video import write_beta_sweep
 
     given = {k: v for k, v in opts.as_dict().items() if k != "beta"}
     with Progress("sample", len(betas), console=console, unit="frames") as progress:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .errors import PopyouError
-from .files import committing
-from .images import label_font
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import committing
+from popyou_cli.core.images import label_font
 
 STRIP_MAX_COLUMNS = 16  # longer sweeps wrap into rows of equal length: 11 frames stay one row, 20 are 2 x 10
 

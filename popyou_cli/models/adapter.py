@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PopyouError, short_error
+from popyou_cli.core.errors import PopyouError, short_error
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
 
@@ -71,7 +71,7 @@ def save_adapter(adapter: CondAdapter, folder: str | Path, extra: dict | None = 
     """adapter.safetensors + adapter.json in `folder`, each committed atomically (files.atomic_write)."""
     from safetensors.torch import save_file
 
-    from ..files import atomic_write_json, committing
+    from popyou_cli.core.files import atomic_write_json, committing
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,9 @@ from typing import Callable
 
 import torch
 
-from . import devices
-from .errors import PopyouError
-from .models.fast import (DEFAULT_KERNELS, Kernels, onednn_int8_available, onednn_linear_available,
+from popyou_cli.core import devices
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.models.fast import (DEFAULT_KERNELS, Kernels, onednn_int8_available, onednn_linear_available,
                           prepare_for_sampling)
 
 FAST_MODE_ENV = "POPYOU_FAST_MODE"
@@ -158,6 +158,7 @@ class Plan:
     quantize: str | None
     fast_mode: str | None  # what --fast picked; None without --fast
     kernels: Kernels
+    graphs: object | None = None  # the SamplingGraphs to pass to generate (CUDA)
 
 
 def prepare(var, vqvae, device: torch.device, dtype: torch.dtype, *, quantize: str | None = None,
@@ -169,8 +170,8 @@ def prepare(var, vqvae, device: torch.device, dtype: torch.dtype, *, quantize: s
     if picked is not None:
         dtype, quantize = picked.dtype, picked.quantize
     kernels = _kernels(device, tuned)
-    prepare_for_sampling(var, vqvae, device, dtype, quantize=quantize, kernels=kernels)
-    return Plan(dtype, quantize, picked.name if picked is not None else None, kernels)
+    graphs = prepare_for_sampling(var, vqvae, device, dtype, quantize=quantize, kernels=kernels)
+    return Plan(dtype, quantize, picked.name if picked is not None else None, kernels, graphs)
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -184,7 +185,7 @@ def cache_key(var, vqvae, cpu: devices.CpuInfo | None = None) -> str:
 
 
 def cache_path() -> Path:
-    from .original import cache_root
+    from popyou_cli.core.files import cache_root
 
     return cache_root() / CACHE_FILE
 
@@ -218,7 +219,7 @@ def tune(var, vqvae, timer: Timer | None = None) -> Tuning:
     entries = _read_entries(path)  # read again: another process may have added its own model's entry
     entries[key] = tuning.as_dict()
     try:
-        from .files import atomic_write_json
+        from popyou_cli.core.files import atomic_write_json
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
@@ -240,7 +241,7 @@ def measure(var, vqvae, timer: Timer = time_call, cpu: devices.CpuInfo | None = 
     """Times the cases of the module docstring on the (unprepared) CPU models and returns the choices. Every case
     is called once untimed (first-call setup, the allocator), then REPEATS rounds time every case in turn, so that
     another program's load hits all of them alike; each case's median counts."""
-    from .autotune_cases import block_case, conv_cases, upsample_cases
+    from popyou_cli.models.autotune_cases import block_case, conv_cases, upsample_cases
 
     cpu, start = cpu or devices.cpu_info(), time.perf_counter()
     int8 = onednn_int8_available()

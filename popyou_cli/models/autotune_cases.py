@@ -9,10 +9,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import devices
-from .models.fast import Kernels, SubpixelUpsample, prepare_for_sampling
-from .models.var import KVCache
-from .models.vqvae import Upsample
+from popyou_cli.core import devices
+from popyou_cli.models.fast import Kernels, SubpixelUpsample, prepare_for_sampling
+from popyou_cli.models.var import KVCache
+from popyou_cli.models.vqvae import Upsample
 
 CPU = torch.device("cpu")
 GUIDED_ROWS = 2  # one image with classifier-free guidance: its conditional and unconditional rows

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PopyouError, short_error
-from .var import VAR, VARConfig
-from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE, VQVAEConfig
+from popyou_cli.core.errors import PopyouError, short_error
+from popyou_cli.models.var import VAR, VARConfig
+from popyou_cli.models.vqvae import OFFICIAL_PATCH_NUMS, VQVAE, VQVAEConfig
 
 OFFICIAL_REPO = "FoundationVision/var"
 DEFAULT_VAR = f"{OFFICIAL_REPO}/var_d16.pth"
@@ -37,7 +37,7 @@ def resolve(spec: str, kind: str, revision: str | None = None) -> tuple[Path, di
     """Returns (weights file, popyou config or None). kind is 'var' or 'vqvae'. A Hub spec is any that
     hub.parse_spec reads (spaces/..., datasets/..., @REVISION): a file, the official repo's default file, or a repo
     holding a popyou model folder."""
-    from .. import hub
+    from popyou_cli.core import hub
 
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -57,7 +57,7 @@ def resolve(spec: str, kind: str, revision: str | None = None) -> tuple[Path, di
 
 def _hub_file(ref, filename: str) -> Path:
     """One file through the Hugging Face cache; a failure is one line that says how to get the file."""
-    from .. import hub
+    from popyou_cli.core import hub
 
     try:
         return hub.download_file(ref, filename)
@@ -95,7 +95,7 @@ def _right_folder_hint(folder: Path) -> str:
 
 def recorded_vqvae(folder: Path, meta: dict) -> str | None:
     """The VQ-VAE a VAR model folder's config.json records (a local path is relative to the folder)."""
-    from ..files import resolve_recorded
+    from popyou_cli.core.files import resolve_recorded
 
     return resolve_recorded(meta.get("vqvae"), folder)
 
@@ -117,7 +117,7 @@ def read_state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - truncated, corrupt, or a pickle weights_only refuses: one line
         import pickle
 
-        from ..failures import REFUSED_PICKLE
+        from popyou_cli.core.failures import REFUSED_PICKLE
 
         why = REFUSED_PICKLE if isinstance(e, pickle.UnpicklingError) else short_error(e)
         raise PopyouError(f"{path} is not a readable checkpoint ({why})") from None
@@ -299,7 +299,7 @@ def save_model(model: VAR | VQVAE, folder: str | Path, extra: dict | None = None
     """Writes model.safetensors + config.json, each committed atomically (files.atomic_write)."""
     from safetensors.torch import save_file
 
-    from ..files import atomic_write_json, committing
+    from popyou_cli.core.files import atomic_write_json, committing
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PopyouError
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.models.generate import SamplingGraphs
 
 QUANTIZE_MODES = ("int8", "bf16")
 _KERNEL_SPELLINGS = {"gemm": ("onednn", "plain"), "gelu": ("fused", "separate"),
@@ -271,7 +272,8 @@ def quantize_var(var, mode: str | None, device: str | torch.device | None = None
 def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                          *, quantize: str | None = None, cuda_graphs: bool = True, kernels: Kernels = DEFAULT_KERNELS):
     """Exact-mode speed-ups in place (module docstring; `kernels` picks among them), then `quantize`. dtype is the
-    autocast dtype sampling runs under. Inference only: the replaced layers do not train. Returns (var, vqvae)."""
+    autocast dtype sampling runs under. Inference only: the replaced layers do not train. Returns the
+    SamplingGraphs to pass to generate on CUDA (None elsewhere, or without cuda_graphs)."""
     dev = torch.device(device) if device is not None else var.pos_1LC.device
     quantize_var(var, quantize, dev)
     if dev.type == "cpu":
@@ -281,21 +283,17 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
             _replace_linears(var, lambda lin, gelu: CastLinear(lin, dtype, gelu))
     elif dtype in (torch.bfloat16, torch.float16):
         _replace_linears(var, lambda lin, gelu: CastLinear(lin, dtype, gelu))
-    if dev.type == "cuda" and cuda_graphs:
-        from .sampler import CudaGraph
-
-        var.sampling_graphs = CudaGraph
     if vqvae is not None:
         prepare_decoder(vqvae, channels_last=dtype != torch.float32 and kernels.channels_last,
                         subpixel=kernels.upsample == "subpixel")
-    return var, vqvae
+    return SamplingGraphs() if dev.type == "cuda" and cuda_graphs else None
 
 
 def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True) -> None:
     """The decoder's speed-ups in place: sub-pixel upsampling (exact), and channels_last for reduced precision.
     In fp32, channels_last is left out of exact mode: 9% faster decoding on the BENCHMARKS.md CPU, but oneDNN's
     NHWC kernels move the golden tiny10 image by up to 1.003e-4, past the goldens' 1e-4."""
-    from .vqvae import Upsample
+    from popyou_cli.models.vqvae import Upsample
 
     for level in vqvae.decoder.up:
         if subpixel and level.resample and isinstance(getattr(level, level.resample), Upsample):

@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from .vqvae import VQVAE
+from popyou_cli.models.var import KVCache
+from popyou_cli.models.vqvae import VQVAE
 
 
 def guided_scales(cfg: float, cfg_scales: int | None, num_scales: int) -> int:
@@ -45,8 +46,6 @@ class ScaleSteps:
     calls so that captured graphs stay valid. graph_cls: CudaGraph on CUDA; tests pass a CPU stand-in."""
 
     def __init__(self, var, graph_cls=CudaGraph):
-        from .var import KVCache
-
         self.var, self.graph_cls, self.graphs, self.failed = var, graph_cls, {}, False
         self.caches = [KVCache(var.config.L) for _ in var.blocks]
         self.x_in: dict[tuple[int, int], torch.Tensor] = {}
@@ -99,16 +98,21 @@ def _no_autocast_cache(device_type: str):
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
-def _steps_for(var, rows: int, dev: torch.device) -> ScaleSteps | None:
-    graph_cls = getattr(var, "sampling_graphs", None)
-    if graph_cls is None:
-        return None
-    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
-    store = var.__dict__.setdefault("_scale_steps", {})
-    key = (rows, str(dev), dtype)
-    if key not in store:
-        store[key] = ScaleSteps(var, graph_cls)
-    return store[key]
+class SamplingGraphs:
+    """One model's captured sampling steps, kept across calls: a ScaleSteps per (rows, device, dtype). Its owner
+    (the Pipeline, from fast.prepare_for_sampling on CUDA) passes it to every generate call of that model, so that
+    the graphs captured by the first call are replayed by the next. graph_cls: CudaGraph; tests pass a stand-in."""
+
+    def __init__(self, graph_cls=CudaGraph):
+        self.graph_cls = graph_cls
+        self.steps: dict[tuple, ScaleSteps] = {}
+
+    def steps_for(self, var, rows: int, dev: torch.device) -> ScaleSteps:
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+        key = (rows, str(dev), dtype)
+        if key not in self.steps:
+            self.steps[key] = ScaleSteps(var, self.graph_cls)
+        return self.steps[key]
 
 
 @torch.no_grad()
@@ -117,8 +121,15 @@ def generate(var, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None
              generator: torch.Generator | list[torch.Generator] | None = None,
              cond_delta: torch.Tensor | None = None, alpha: float = 1.0, beta: float = 1.0,
              on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-             return_fhat: bool = False, cfg_scales: int | None = None) -> torch.Tensor:
-    """See VAR.generate."""
+             return_fhat: bool = False, cfg_scales: int | None = None,
+             graphs: SamplingGraphs | None = None) -> torch.Tensor:
+    """Next-scale sampling with the reference CFG ramp (t = cfg * si / (S-1)). Returns images in [0, 1].
+    labels: tensor (B,), an int for all, None for uniformly random classes; negative means the null class.
+    generator: one generator for the batch (the reference's draws, bit for bit), or a list of B generators,
+    one per image, so that an image depends on its own seed and not on the rest of its batch.
+    cfg_scales: guidance only on the first K scales, then only the conditional half runs (None: all scales,
+    the reference). graphs: the model's captured steps (SamplingGraphs; None: eager). on_step(si,
+    guided_logits_before_masking, tokens, f_hat) is for tests and debugging."""
     B, dev = batch_size, var.pos_1LC.device
     pns, S = var.config.patch_nums, len(var.config.patch_nums)
     K = guided_scales(cfg, cfg_scales, S)
@@ -138,8 +149,8 @@ def generate(var, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None
         lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
         nxt = (cond.unsqueeze(1).expand(rows, var.first_l, -1) + var.pos_start.expand(rows, var.first_l, -1)
                + lvl_pos[:, :var.first_l])
-    mods = var._block_modulations(cond)  # computed once: the condition never changes during sampling
-    static = _steps_for(var, rows, dev)
+    mods = var.block_modulations(cond)  # computed once: the condition never changes during sampling
+    static = graphs.steps_for(var, rows, dev) if graphs is not None else None
     if static is not None:
         mods, cond = static.load(mods, cond)
     caches = static.caches if static is not None else None
@@ -200,7 +211,6 @@ def _step(var, si: int, offset: int, x: torch.Tensor, *, mods: list[torch.Tensor
 
 
 def _new_cache(var):
-    from .var import KVCache
 
     return KVCache(var.config.L)
 

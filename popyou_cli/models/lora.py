@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import PopyouError
-from .checkpoints import load_var, save_model
-from .var import VAR
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.models.checkpoints import load_var, save_model
+from popyou_cli.models.var import VAR
 
 LORA_CONFIG = "adapter_config.json"  # peft's file name: its presence marks a separate LoRA
 

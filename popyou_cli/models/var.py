@@ -1,4 +1,4 @@
-"""The VAR transformer (next-scale prediction) and its KV-cached sampler, from docs/var-spec.md section 2.
+"""The VAR transformer (next-scale prediction) and its KV cache (docs/architecture.md, "The VAR and VQ-VAE facts").
 
 Names and shapes match the official `var_d*.pth` checkpoints. Two deliberate differences from the reference:
 class dropout is applied only in training mode (the reference applies it in eval too), and the sampler takes
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE
+from popyou_cli.models.vqvae import OFFICIAL_PATCH_NUMS
 
-__all__ = ["VAR", "VARConfig", "KVCache", "next_scale_loss", "sample_top_k_top_p_", "gumbel_softmax"]
+__all__ = ["VAR", "VARConfig", "KVCache", "next_scale_loss"]
 
 
 @dataclass
@@ -253,7 +252,7 @@ class VAR(nn.Module):
             cond = cond + beta * cond_delta.to(cond.dtype)
         return cond
 
-    def _block_modulations(self, cond: torch.Tensor) -> list[torch.Tensor]:
+    def block_modulations(self, cond: torch.Tensor) -> list[torch.Tensor]:
         shared = self.shared_ada_lin(cond).view(-1, 1, 6, self.config.embed_dim) if self.config.shared_aln else cond
         return [b.modulation(shared) for b in self.blocks]
 
@@ -277,30 +276,9 @@ class VAR(nn.Module):
             x = torch.cat((sos, self.word_embed(x_BLCv.float())), dim=1)
             x = x + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
         mask = self.attn_bias_for_masking
-        for b, ada in zip(self.blocks, self._block_modulations(cond)):
+        for b, ada in zip(self.blocks, self.block_modulations(cond)):
             x = b(x, ada, mask)
         return self.logits(x, cond)
-
-    # ---------------------------------------------------------------- sampling
-    def generate(self, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None, *, cfg: float = 1.5,
-                 top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                 generator: torch.Generator | list[torch.Generator] | None = None,
-                 cond_delta: torch.Tensor | None = None,
-                 alpha: float = 1.0, beta: float = 1.0,
-                 on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-                 return_fhat: bool = False, cfg_scales: int | None = None) -> torch.Tensor:
-        """Next-scale sampling with the reference CFG ramp (t = cfg * si / (S-1)). Returns images in [0, 1].
-        labels: tensor (B,), an int for all, None for uniformly random classes; negative means the null class.
-        generator: one generator for the batch (the reference's draws, bit for bit), or a list of B generators,
-        one per image, so that an image depends on its own seed and not on the rest of its batch.
-        cfg_scales: guidance only on the first K scales, then only the conditional half runs (None: all scales,
-        the reference). on_step(si, guided_logits_before_masking, tokens, f_hat) is for tests and debugging.
-        The loop is models/sampler.py."""
-        from .sampler import generate
-
-        return generate(self, vae, batch_size, labels, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                        generator=generator, cond_delta=cond_delta, alpha=alpha, beta=beta, on_step=on_step,
-                        return_fhat=return_fhat, cfg_scales=cfg_scales)
 
 
 def next_scale_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
@@ -312,5 +290,3 @@ def next_scale_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing:
     w = token_weights if token_weights is not None else ce.new_full((1, L), 1.0 / L)
     return (ce.view(B, L) * w).sum(-1).mean()
 
-
-from .sampler import gumbel_softmax, sample_top_k_top_p_  # noqa: E402 - moved there; kept importable here

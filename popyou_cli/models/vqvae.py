@@ -1,4 +1,4 @@
-"""VAR's multi-scale residual VQ-VAE, written from docs/var-spec.md section 1.
+"""VAR's multi-scale residual VQ-VAE (docs/architecture.md, "The VAR and VQ-VAE facts").
 
 Parameter and buffer names match the official `vae_ch160v4096z32.pth` so it loads strictly.
 Images go in as [-1, 1]; `decode_fhat` returns [-1, 1] (clamped). A "code list" is a list of
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 RESIZE_MODES = ("reference", "bilinear")

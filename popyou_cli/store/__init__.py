@@ -29,13 +29,13 @@ verify` set aside.
 `layout.py`: the names, `ShardSpec`, and `read_manifest`, which checks a manifest against its schema before any
 count in it is used. `folder.py`: `check_can_replace` (what --overwrite may delete: only a folder popyou made,
 never a home folder or one holding an input) and `StageWriter` (`pending_shards`, `write_shard`, `finalize`;
-datastage.py runs it in several processes); every run first removes what a killed one left (temporary files,
+data/runner.py runs it in several processes); every run first removes what a killed one left (temporary files,
 sidecars of shards that never appeared) and finishes an interrupted --overwrite. `lineage.py`: shard hashes
 and parent records. `loading.py`: `load_stage` (a folder joined with its parents), `require_columns` (names the
 subcommand that makes a missing column), `materialize` (one standalone copy). `verify.py`: `popyou verify`. User errors raise `PopyouError` (one line).
 Import everything from `popyou_cli.store`.
 """
-from .folder import (INDEX, INFO, MANIFEST, STATE, ShardSpec, StageWriter, check_can_replace,  # noqa: F401
+from popyou_cli.store.folder import (INDEX, INFO, MANIFEST, STATE, ShardSpec, StageWriter, check_can_replace,  # noqa: F401
                      check_not_same, read_manifest)
-from .loading import load_stage, materialize, producer_of, require_columns  # noqa: F401
-from .verify import verify  # noqa: F401
+from popyou_cli.store.loading import load_stage, materialize, producer_of, require_columns  # noqa: F401
+from popyou_cli.store.verify import verify  # noqa: F401

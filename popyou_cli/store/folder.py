@@ -13,15 +13,15 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from popyou_cli import __version__
-from popyou_cli.errors import PopyouError
-from popyou_cli.files import (TMP_SUFFIX, atomic_write, atomic_write_json, ensure_writable_dir, fsync_dir, remove,
+from popyou_cli.core.version import __version__
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import (TMP_SUFFIX, atomic_write, atomic_write_json, ensure_writable_dir, fsync_dir, remove,
                               sweep_temporaries, temporary_name)
-from popyou_cli.locks import LOCK_FILE, FolderLock
+from popyou_cli.core.locks import LOCK_FILE, FolderLock
 
-from .lineage import (DAMAGED_SUFFIX, SIDECAR_SUFFIX, HashingWriter, content_digest, lineage_problem,
+from popyou_cli.store.lineage import (DAMAGED_SUFFIX, SIDECAR_SUFFIX, HashingWriter, content_digest, lineage_problem,
                       parent_record, portable_settings, read_sidecar, shard_entries, shard_is_sound, sidecar)
-from .layout import (INDEX, INFO, MANIFEST, REPLACING, SHARD_RE as _SHARD_RE, STATE, ShardSpec,  # noqa: F401
+from popyou_cli.store.layout import (INDEX, INFO, MANIFEST, REPLACING, SHARD_RE as _SHARD_RE, STATE, ShardSpec,  # noqa: F401
                      _dataset_info, _is_complete, is_being_replaced, read_manifest, shard_name as _shard_name,
                      shard_names as _shard_names)
 
@@ -133,7 +133,7 @@ class StageWriter:
             raise PopyouError(f"{stage}: the number of rows must be at least 1 (got {n_rows})")
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
-        from popyou_cli.bounds import MAX_SHARDS
+        from popyou_cli.core.bounds import MAX_SHARDS
 
         if -(-n_rows // shard_size) > MAX_SHARDS:  # plans of work and state.json list every shard
             raise PopyouError(f"{stage}: {n_rows} rows in shards of {shard_size} would make more than {MAX_SHARDS} "

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from popyou_cli.bounds import MAX_ROWS, MAX_SHARDS
-from popyou_cli.errors import PopyouError
-from popyou_cli.files import read_regular
+from popyou_cli.core.bounds import MAX_ROWS, MAX_SHARDS
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import read_regular
 
 MANIFEST = "popyou_stage.json"
 STATE, INFO = "state.json", "dataset_info.json"  # the names datasets.load_from_disk reads

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
-from popyou_cli.errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 SIDECAR_SUFFIX = ".sha256"
 DAMAGED_SUFFIX = ".damaged"  # a shard set aside by `popyou verify` (hidden, ignored, removed by finalize)
@@ -64,7 +64,7 @@ class HashingWriter:
 
 def hash_file(path: Path) -> tuple[str, int]:
     """(sha256 hex, size) of a file, read in 8 MiB blocks."""
-    from popyou_cli.files import open_regular
+    from popyou_cli.core.files import open_regular
 
     sha, size = hashlib.sha256(), 0
     with open_regular(path, "shard file") as f:  # a named pipe would never end
@@ -76,7 +76,7 @@ def hash_file(path: Path) -> tuple[str, int]:
 
 def read_sidecar(folder: Path, name: str) -> dict | None:
     """The shard's sidecar, or None when it is missing or not one popyou wrote (then the shard is hashed)."""
-    from popyou_cli.files import read_regular
+    from popyou_cli.core.files import read_regular
 
     try:
         side = json.loads(read_regular(sidecar(folder, name), "sidecar", 1 << 20))
@@ -177,7 +177,7 @@ def portable_settings(settings: dict, out_dir: Path) -> dict:
     """`settings` with each local file or folder they name written relative to the stage folder: manifests are
     copied and uploaded with the data, where an absolute path would leak and break. Readers resolve such a path
     against the folder (files.resolve_recorded); Hub ids and "tiny" are kept as they are."""
-    from popyou_cli.files import portable_path
+    from popyou_cli.core.files import portable_path
 
     out = dict(settings)
     for key in PATH_SETTINGS:

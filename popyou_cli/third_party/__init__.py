@@ -14,18 +14,18 @@ every process builds bit-identical stand-ins and the caller's random state is le
 cached in-process (the same call returns the same object), so treat them as shared: do not train them in place.
 
 A real model that cannot be loaded because it is neither a local folder nor in the Hugging Face cache (and the
-Hub is off or unreachable) raises :class:`~popyou_cli.errors.PopyouError` with a one-line explanation.
+Hub is off or unreachable) raises :class:`~popyou_cli.core.errors.PopyouError` with a one-line explanation.
 
 Heavy libraries (torch, diffusers, transformers, open_clip) are imported inside the functions so that importing
 this module, and therefore ``popyou --help``, stays fast.
 
 The loaders live in one module per family (``sdxl``, ``blip2``, ``siglip``) over ``common`` (seeded weights, the offline
 errors, the CLIP tokenizer); this package re-exports their public names, so import them from
-``popyou_cli.encoders``. Devices and dtypes are resolved by ``popyou_cli.devices`` (purpose "data"). Tiny stand-ins use one seed per family (``TINY_*_SEED``), so that they do not
+``popyou_cli.third_party``. Devices and dtypes are resolved by ``popyou_cli.core.devices`` (purpose "data"). Tiny stand-ins use one seed per family (``TINY_*_SEED``), so that they do not
 share weights by accident.
 """
 
-from .blip2 import (
+from popyou_cli.third_party.blip2 import (
     DEFAULT_CAPTIONER,
     TINY_CAPTIONER_IMAGE_SIZE,
     TINY_CAPTIONER_QUERY_TOKENS,
@@ -33,7 +33,7 @@ from .blip2 import (
     build_tiny_captioner,
     load_captioner,
 )
-from .common import (
+from popyou_cli.third_party.common import (
     CLIP_CONTEXT_LENGTH,
     TINY,
     clip_tokenizer,
@@ -42,14 +42,14 @@ from .common import (
     open_clip_bpe_path,
     seeded,
 )
-from .sdxl import (
+from popyou_cli.third_party.sdxl import (
     DEFAULT_TEXT_TO_IMAGE,
     TINY_IMAGE_SIZE,
     TINY_TEXT_TO_IMAGE_SEED,
     build_tiny_text_to_image,
     load_text_to_image,
 )
-from .siglip import (
+from popyou_cli.third_party.siglip import (
     DEFAULT_SIGLIP,
     DEFAULT_SIGLIP_PRETRAINED,
     TINY_SIGLIP_CONTEXT_LENGTH,

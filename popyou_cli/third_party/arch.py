@@ -1,4 +1,4 @@
-"""The real architectures with random weights, built from configs popyou ships (popyou_cli/data/arch, see
+"""The real architectures with random weights, built from configs popyou ships (popyou_cli/third_party/arch, see
 SOURCES.md there): what `popyou bench <stage> --arch full` runs, so that real-size runs need no download.
 
 Each builder gives what the stage's loader gives, in the same form and precision, only with random weights:
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-ARCH_DIR = Path(__file__).resolve().parent / "data" / "arch"
+ARCH_DIR = Path(__file__).resolve().parent / "arch"
 SDXL_TURBO = ARCH_DIR / "sdxl-turbo"
 BLIP2_OPT = ARCH_DIR / "blip2-opt-2.7b"
 SIGLIP_NAME = "ViT-B-16-SigLIP"
@@ -50,9 +50,9 @@ def full_text_to_image(device, dtype, seed: int = 0):
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .devices import resolve_device, resolve_dtype
-    from .encoders.blip2 import keep_fp32_parts
-    from .encoders.common import clip_tokenizer, filter_known_warnings
+    from popyou_cli.core.devices import resolve_device, resolve_dtype
+    from popyou_cli.third_party.blip2 import keep_fp32_parts
+    from popyou_cli.third_party.common import clip_tokenizer, filter_known_warnings
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, "data")
@@ -81,7 +81,7 @@ def full_captioner(device, dtype, seed: int = 0):
     """BLIP-2 OPT-2.7b with random weights and a processor of its image size (224 px, 32 query tokens)."""
     from transformers import Blip2Config, Blip2Processor, BlipImageProcessor
 
-    from .encoders.blip2 import build_tiny_captioner, captioner_from_config
+    from popyou_cli.third_party.blip2 import build_tiny_captioner, captioner_from_config
 
     _, tiny = build_tiny_captioner()
     tok = tiny.tokenizer
@@ -103,7 +103,7 @@ def full_siglip(device, seed: int = 0):
 
     import open_clip
 
-    from .devices import resolve_device
+    from popyou_cli.core.devices import resolve_device
 
     dev = resolve_device(device)
     quiet = logging.Filter()
@@ -126,8 +126,8 @@ def full_siglip(device, seed: int = 0):
 
 def full_vqvae(device, seed: int = 0):
     """VAR's VQ-VAE (ch 160, 4096 codes, 256 px) with random weights, float32 (the encode stage runs it so)."""
-    from .devices import resolve_device
-    from .models.vqvae import VQVAE, VQVAEConfig
+    from popyou_cli.core.devices import resolve_device
+    from popyou_cli.models.vqvae import VQVAE, VQVAEConfig
 
     dev = resolve_device(device)
     with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from .common import _load_or_explain, _version_at_least, cached_json, is_tiny, missing_from_cache, seeded
+from popyou_cli.third_party.common import _load_or_explain, _version_at_least, cached_json, is_tiny, missing_from_cache, seeded
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -29,7 +29,7 @@ def load_captioner(
     ``processor.batch_decode(ids, skip_special_tokens=True)``. The tokenizer pads on the left, as batched
     generation with a decoder-only language model needs. The model is in eval mode.
     """
-    from ..devices import resolve_device, resolve_dtype  # torch: imported on use (see the package docstring)
+    from popyou_cli.core.devices import resolve_device, resolve_dtype  # torch: imported on use (see the package docstring)
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, "data")
@@ -63,7 +63,7 @@ def match_query_tokens(net, processor, source: str) -> None:
     as the model has query tokens, with the model's image token id. transformers 5 inserts none when the
     processor's ``num_query_tokens`` is missing, and every caption is then a guess from the text alone, with no
     error. Missing: taken from the model. Different: a PopyouError (a mismatched processor or model)."""
-    from ..errors import PopyouError
+    from popyou_cli.core.errors import PopyouError
 
     want = int(net.config.num_query_tokens)
     have = getattr(processor, "num_query_tokens", None)
@@ -109,7 +109,7 @@ def captioner_from_config(config, processor, *, device: Any = "cpu", dtype: Any 
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from ..devices import resolve_device, resolve_dtype
+    from popyou_cli.core.devices import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, "data")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from ..errors import PopyouError, short_error
+from popyou_cli.core.errors import PopyouError, short_error
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     pass
@@ -95,7 +95,7 @@ def missing_from_cache(repo: str, wanted: Sequence[str | tuple[str, ...]]) -> st
     """What of the Hub repo `repo` the Hugging Face cache lacks, for an error message: "REPO/FILE is not in the
     Hugging Face cache" for the first missing entry of `wanted` (a tuple: any one of these files will do), or
     "nothing of REPO is in the Hugging Face cache". Looks at the cache only (no network)."""
-    from .. import hub
+    from popyou_cli.core import hub
 
     snapshot = hub.cached_snapshot(repo)
     if snapshot is None:
@@ -111,7 +111,7 @@ def cached_json(repo: str, filename: str) -> dict | None:
     """A JSON file of a Hub repo read from the Hugging Face cache (no network), or None when it is not there."""
     import json
 
-    from .. import hub
+    from popyou_cli.core import hub
 
     snapshot = hub.cached_snapshot(repo)
     path = snapshot / filename if snapshot is not None else None

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -220,7 +220,7 @@ def _explained(spec: str, what: str) -> Iterator[None]:
     except PopyouError:
         raise
     except Exception as e:  # noqa: BLE001
-        from ..hub import offline_mode
+        from popyou_cli.core.hub import offline_mode
 
         line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         local = Path(spec).expanduser().exists() or spec.startswith((".", "/", "~"))

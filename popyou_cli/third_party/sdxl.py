@@ -6,8 +6,8 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PopyouError
-from .common import (
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.third_party.common import (
     CLIP_CONTEXT_LENGTH,
     _load_or_explain,
     _looks_like_path,
@@ -42,7 +42,7 @@ def load_text_to_image(
     :func:`text_to_image_variant`; `popyou download` fetches the same files). The progress bars are disabled (the
     stages show their own).
     """
-    from ..devices import resolve_device, resolve_dtype  # torch: imported on use (see the package docstring)
+    from popyou_cli.core.devices import resolve_device, resolve_dtype  # torch: imported on use (see the package docstring)
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, "data")
@@ -91,7 +91,7 @@ def text_to_image_variant(model: str, dtype: "torch.dtype") -> str | None:
 
 def _model_files(model: str) -> list[str]:
     """Paths inside a diffusers model: of a local folder, of the Hub repo, or of its cached snapshot."""
-    from .. import hub
+    from popyou_cli.core import hub
 
     folder = Path(model).expanduser()
     if folder.is_dir():

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from ..errors import PopyouError
-from .common import _load_or_explain, _looks_like_path, fetch_hint, is_tiny, missing_from_cache, seeded
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.third_party.common import _load_or_explain, _looks_like_path, fetch_hint, is_tiny, missing_from_cache, seeded
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -116,7 +116,7 @@ def load_siglip(
     pretrained tag is used; random weights are never returned silently. ``preprocess`` maps a PIL image to a
     (3, H, W) tensor; ``tokenizer(list_of_str)`` gives a LongTensor of token ids.
     """
-    from ..devices import resolve_device  # torch: imported on use (see the package docstring)
+    from popyou_cli.core.devices import resolve_device  # torch: imported on use (see the package docstring)
 
     dev = resolve_device(device)
     if is_tiny(model) or model == TINY_SIGLIP_NAME:
@@ -233,7 +233,7 @@ def hf_tokenizer_folder(repo: str) -> Path:
     """A local folder holding the Hugging Face tokenizer ``repo``: the folder itself, else its snapshot in the
     Hugging Face cache, else (online) its tokenizer files fetched into that cache. Offline and not cached: a
     PopyouError naming the missing file and `popyou download --stages encode`."""
-    from .. import hub
+    from popyou_cli.core import hub
 
     local = Path(repo).expanduser()
     if local.is_dir():

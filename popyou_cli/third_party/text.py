@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import PopyouError
+from popyou_cli.core.errors import PopyouError
 
 
 class OpenClipText:
@@ -28,18 +28,18 @@ class OpenClipText:
 
     @property
     def dim(self) -> int:
-        from .siglip import embedding_dim
+        from popyou_cli.third_party.siglip import embedding_dim
 
         return embedding_dim(self.model)
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        from .siglip import encode_texts
+        from popyou_cli.third_party.siglip import encode_texts
 
         return encode_texts(self.model, self.tokenizer, list(prompts))
 
     def encode_images(self, images) -> torch.Tensor:
         """PIL images -> L2-normalised float32 embeddings (N, dim) on CPU."""
-        from .siglip import encode_images
+        from popyou_cli.third_party.siglip import encode_images
 
         device = next(self.model.parameters()).device
         pix = torch.stack([self.preprocess(im) for im in images]).to(device)
@@ -58,11 +58,11 @@ def load_text_encoder(spec: dict, folder: Path | None = None, device="cpu"):
     """The text encoder a pipeline.json `encoder` entry names (paths relative to `folder`)."""
     library = library_of(spec)
     if library == "open_clip":
-        from .siglip import load_siglip
+        from popyou_cli.third_party.siglip import load_siglip
 
         return OpenClipText(*load_siglip(spec["model"], spec.get("pretrained"), device=device))
     if library == "transformers":
-        from .hf_text import load_hf_text_encoder
+        from popyou_cli.third_party.hf_text import load_hf_text_encoder
 
         def local(key: str) -> str:
             ref = spec[key]

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import PopyouError
-from .models.lora import base_var
-from .models.var import next_scale_loss
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.models.lora import base_var
+from popyou_cli.models.var import next_scale_loss
+from popyou_cli.models.generate import generate
 
 HELD_OUT_SEED = 0  # the train / held-out split of train-adapter and eval: fixed, whatever the training seed
 SHUFFLE_SEED = 1  # the permutation that gives each held-out row another row's embedding
@@ -91,7 +92,7 @@ def load_encoded(path: Path, *, for_stage: str, columns: list[str], patch_nums, 
     """Rows of an `encode` folder in memory: `codes` (N, L) int16, optional `codes_flip`, and `columns` (N, D)
     float16. Rows whose `encode_error` is set are dropped (and counted). Checks the VAR's patch_nums first.
     Returns {"rows", "settings" (the folder's manifest settings), "skipped", "index" (kept rows' index)}."""
-    from .store import load_stage, read_manifest, require_columns
+    from popyou_cli.store import load_stage, read_manifest, require_columns
 
     ds = load_stage(path)
     require_columns(ds, ["codes", *columns], for_stage=for_stage, path=path)
@@ -127,8 +128,8 @@ def load_matching_vqvae(vae: str | None, var, codes: torch.Tensor, *, data: Path
     """(VQ-VAE, its spec): --vae, else the one the encode folder's manifest names, else the VAR folder's (a local
     path recorded there is relative to that folder); checked against the VAR's codebook and the stored codes,
     with a one-line error naming the fix."""
-    from .files import resolve_recorded
-    from .models.checkpoints import load_vqvae
+    from popyou_cli.core.files import resolve_recorded
+    from popyou_cli.models.checkpoints import load_vqvae
 
     spec = (vae or resolve_recorded(settings.get("vqvae"), data)
             or (resolve_recorded(meta.get("vqvae"), var_spec) if var_spec else meta.get("vqvae")))
@@ -182,8 +183,8 @@ def sample_grid_fn(vqvae, *, n: int, cfg: float, top_k: int, top_p: float, devic
                    embeddings: torch.Tensor | None = None) -> Callable[[ConditionedVAR, int], torch.Tensor]:
     """The training loop's sample_fn: n images of the trained class at seeds 0..n-1 (image k uses embeddings[k]
     when the model has an adapter), as one (H, W, 3) uint8 grid."""
-    from .devices import generator
-    from .images import grid, to_uint8
+    from popyou_cli.core.devices import generator
+    from popyou_cli.core.images import grid, to_uint8
 
     if embeddings is not None:
         n = min(n, len(embeddings))
@@ -191,9 +192,9 @@ def sample_grid_fn(vqvae, *, n: int, cfg: float, top_k: int, top_p: float, devic
     def sample(model: ConditionedVAR, step: int) -> torch.Tensor:
         var = base_var(model.var)
         delta = model.adapter(embeddings[:n].to(device)) if model.adapter is not None else None
-        images = var.generate(vqvae, n, model.class_id, cfg=cfg, top_k=min(top_k, var.config.vocab_size),
-                              top_p=top_p, cond_delta=delta, alpha=model.alpha, beta=model.beta,
-                              generator=[generator(device, seed) for seed in range(n)])
+        images = generate(var, vqvae, n, model.class_id, cfg=cfg, top_k=min(top_k, var.config.vocab_size),
+                          top_p=top_p, cond_delta=delta, alpha=model.alpha, beta=model.beta,
+                          generator=[generator(device, seed) for seed in range(n)])
         return grid(to_uint8(images))
 
     return sample

@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..conditioning import ConditionedVAR, TrainingStageResult, load_encoded, load_matching_vqvae, sample_grid_fn
-from ..bounds import check_training
-from ..errors import PopyouError
-from ..files import ensure_writable_dir, portable_spec
-from ..hub import push_folder
-from ..model_card import write_model_card
-from ..models.lora import apply_lora, base_var, load_var_lora, save_var
-from ..models.var import VAR, next_scale_loss
-from ..presets import FINETUNE_PRESETS, train_preset
-from ..resume import data_fingerprint, fingerprint, lock_run
-from ..training import make_accelerator, train
+from popyou_cli.train.conditioning import ConditionedVAR, TrainingStageResult, load_encoded, load_matching_vqvae, sample_grid_fn
+from popyou_cli.core.bounds import check_training
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import ensure_writable_dir, portable_spec
+from popyou_cli.core.hub import push_folder
+from popyou_cli.train.model_card import write_model_card
+from popyou_cli.models.lora import apply_lora, base_var, load_var_lora, save_var
+from popyou_cli.models.var import VAR, next_scale_loss
+from popyou_cli.core.presets import FINETUNE_PRESETS, train_preset
+from popyou_cli.train.resume import data_fingerprint, fingerprint, lock_run
+from popyou_cli.train.loop import make_accelerator, train
 
 
 def token_weights(patch_nums, scale_weights: list[float] | None) -> torch.Tensor | None:

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bounds import MAX_STEPS
-from .errors import PopyouError
-from .files import append_line, atomic_write
-from .presets import TrainPreset
-from .resume import (check_resume, load_checkpoint, remove_checkpoints, remove_unfinished, resolve_resume,
+from popyou_cli.core.bounds import MAX_STEPS
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import append_line, atomic_write
+from popyou_cli.core.presets import TrainPreset
+from popyou_cli.train.resume import (check_resume, load_checkpoint, remove_checkpoints, remove_unfinished, resolve_resume,
                      run_definition, save_checkpoint)
-from .progress import Progress
+from popyou_cli.core.progress import Progress
 
 # Name fragments the VAR recipe exempts from weight decay (var-spec.md section 3); 1-D params and biases too.
 NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
@@ -251,7 +251,7 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
 
 def _sample(acc, model, sample_fn, step: int, run_dir: Path) -> None:
     if acc.is_main_process:
-        from .images import save_png
+        from popyou_cli.core.images import save_png
 
         inner = acc.unwrap_model(model)  # no DDP hooks: only rank 0 runs it, the others wait below
         was = inner.training

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import atomic_write, portable_path
+from popyou_cli.core.files import atomic_write, portable_path
 
 CARD = "README.md"
 _SHOWN_SETTINGS = ("lr", "batch_size", "grad_accum", "max_steps", "epochs", "warmup", "schedule", "mixed_precision",

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bounds import MAX_BATCH, MAX_STEPS
-from .errors import PopyouError, short_error
-from .files import atomic_write, atomic_write_json, committing, fsync_dir
-from .presets import TrainPreset
+from popyou_cli.core.bounds import MAX_BATCH, MAX_STEPS
+from popyou_cli.core.errors import PopyouError, short_error
+from popyou_cli.core.files import atomic_write, atomic_write_json, committing, fsync_dir
+from popyou_cli.core.presets import TrainPreset
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_MODES = ("auto", "never", "latest")
@@ -60,7 +60,7 @@ def fingerprint(spec: str | os.PathLike | None) -> str | None:
     p = Path(spec).expanduser()
     if not p.exists():
         return str(spec)
-    from .store.lineage import hash_file
+    from popyou_cli.store.lineage import hash_file
 
     # Weights only: config.json and the model card also record when and how the folder was written (a resumed
     # run says so), which must not make the same weights another model.
@@ -92,7 +92,7 @@ def _safetensors_hash(path: Path) -> str:
 
 def data_fingerprint(path: str | os.PathLike) -> str | None:
     """An encode folder's content digest (store/lineage.py), None for a folder without content hashes."""
-    from .store import read_manifest
+    from popyou_cli.store import read_manifest
 
     content = (read_manifest(path) or {}).get("content")
     return f"sha256:{content}" if content else None
@@ -124,7 +124,7 @@ def lock_run(acc, run_dir: Path, command: str = "popyou"):
     """The run folder's lock (locks.py), taken by the main process for the whole launch; a refusal reaches every
     process as the same one-line error. Returns the lock (release it at the end) or None on other processes.
     command: what a second run is told holds the folder ("popyou finetune")."""
-    from .locks import FolderLock
+    from popyou_cli.core.locks import FolderLock
 
     lock, error = None, None
     if acc.is_main_process:
@@ -153,7 +153,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def remove_unfinished(run_dir: Path) -> None:
     """What a killed run left half written, removed at the next start (under the run's lock): checkpoint folders
     (step-N.tmp) and the hidden temporary files of the run folder and of the folders popyou writes in it."""
-    from .files import remove, sweep_temporaries
+    from popyou_cli.core.files import remove, sweep_temporaries
 
     d = run_dir / "checkpoints"
     for p in d.glob("step-*.tmp") if d.is_dir() else []:
@@ -165,7 +165,7 @@ def remove_unfinished(run_dir: Path) -> None:
 def remove_checkpoints(run_dir: Path) -> None:
     """--overwrite: the run's checkpoints go, and only them (step-N folders): whatever else the user keeps in the
     checkpoints folder stays."""
-    from .files import remove
+    from popyou_cli.core.files import remove
 
     d = run_dir / "checkpoints"
     for p in d.iterdir() if d.is_dir() else []:
@@ -197,7 +197,7 @@ def resolve_resume(resume: str | None, run_dir: Path, overwrite: bool = False) -
 
 def read_state(path: Path) -> dict:
     """trainer_state.json of a checkpoint, checked against its schema before any number in it is used."""
-    from .files import read_regular
+    from popyou_cli.core.files import read_regular
 
     file = path / "trainer_state.json"
     try:
@@ -279,7 +279,7 @@ def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_las
     def torch_file(path: Path, obj) -> None:
         atomic_write(path, lambda f: torch.save(obj, f))
 
-    from .files import disk_full_error, remove
+    from popyou_cli.core.files import disk_full_error, remove
 
     final = run_dir / "checkpoints" / f"step-{state['step']}"
     tmp = final.with_name(final.name + ".tmp")
@@ -317,7 +317,7 @@ def save_checkpoint(acc, model, opt, sched, state: dict, run_dir: Path, keep_las
 
 def _read(path: Path, what: str, reader):
     """reader(path), with an unreadable file (truncated, corrupt, a pickle weights_only refuses) as one line."""
-    from .failures import REFUSED_PICKLE
+    from popyou_cli.core.failures import REFUSED_PICKLE
 
     try:
         return reader(path)

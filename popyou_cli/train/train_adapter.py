@@ -6,7 +6,7 @@ frozen (its stochastic depth off), optionally with a peft LoRA on top; the adapt
 `--stage image` reads `siglip_image`; `--stage text` reads `siglip_text_prompt` (or `_caption`) and usually
 starts from the image-stage pipeline (`--init`), whose VAR it then reuses. At the end the held-out loss is
 measured with the right, shuffled and no embedding: the adapter is useful when right < shuffled.
-Output: OUT/pipeline/ (see pipeline_folder.py) beside the run folder's checkpoints/, samples/, metrics.jsonl, eval.json.
+Output: OUT/pipeline/ (see infer/folder.py) beside the run folder's checkpoints/, samples/, metrics.jsonl, eval.json.
 """
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from pathlib import Path
 
 import torch
 
-from ..conditioning import (ConditionedVAR, TrainingStageResult, conditioning_eval, load_encoded,
+from popyou_cli.train.conditioning import (ConditionedVAR, TrainingStageResult, conditioning_eval, load_encoded,
                             load_matching_vqvae, sample_grid_fn, split_rows)
-from ..bounds import check_training
-from ..errors import PopyouError
-from ..files import atomic_write_json, ensure_writable_dir, portable_spec
-from ..model_card import write_model_card
-from ..models.adapter import AdapterConfig, CondAdapter, load_adapter
-from ..models.lora import apply_lora, base_var, load_var_lora
-from ..models.var import next_scale_loss
-from ..pipeline_folder import PIPELINE_JSON, push_to_hub, read_pipeline_json, save_pipeline
-from ..presets import ADAPTER_PRESETS, train_preset
-from ..resume import data_fingerprint, fingerprint, lock_run
-from ..training import make_accelerator, train
+from popyou_cli.core.bounds import check_training
+from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.files import atomic_write_json, ensure_writable_dir, portable_spec
+from popyou_cli.train.model_card import write_model_card
+from popyou_cli.models.adapter import AdapterConfig, CondAdapter, load_adapter
+from popyou_cli.models.lora import apply_lora, base_var, load_var_lora
+from popyou_cli.models.var import next_scale_loss
+from popyou_cli.infer.folder import PIPELINE_JSON, push_to_hub, read_pipeline_json, save_pipeline
+from popyou_cli.core.presets import ADAPTER_PRESETS, train_preset
+from popyou_cli.train.resume import data_fingerprint, fingerprint, lock_run
+from popyou_cli.train.loop import make_accelerator, train
 
 
 @dataclass
