@@ -9,7 +9,7 @@ from PIL import Image
 
 from popyou_cli.third_party import build_tiny_captioner, load_captioner
 from popyou_cli.core.errors import PopyouError
-from popyou_cli.stages import caption as C
+from popyou_cli.data import caption as C
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,18 @@ def _package(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+def test_every_popyou_import_names_a_module_that_exists():
+    """Lazy imports inside functions run only when their code does: a moved module must not leave one behind."""
+    modules = {_module_of(p).removesuffix(".__init__") for p in PACKAGE.rglob("*.py")}
+    tests = PACKAGE.parent / "popyou_cli_tests"
+    missing = []
+    for path in [*PACKAGE.rglob("*.py"), *tests.glob("*.py"), *(PACKAGE.parent / "benchmarks").glob("*.py")]:
+        for line, module, names in _imported_modules(path):
+            if module.startswith("popyou_cli") and module not in modules:
+                missing.append(f"{path.relative_to(PACKAGE.parent)}:{line} {module}")
+    assert not missing, missing
+
+
 def test_imports_point_down_only():
     offences = []
     for module, deps in sorted(_graph().items()):

@@ -24,7 +24,7 @@ def bench_gen_data(*, n: int, batch_size: int, size: int, workers: int | None, r
 
     from popyou_cli.core.devices import resolve_device, resolve_dtype
     from popyou_cli.data.prompts import default_scheme, make_prompt
-    from popyou_cli.stages import gen_data as G
+    from popyou_cli.data import gen_data as G
 
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev, "data")
@@ -72,7 +72,7 @@ def _bench_gen_data_full(batch_sizes: list[int], repeats: int, dev: torch.device
     from popyou_cli.third_party.arch import full_text_to_image
     from popyou_cli.core.devices import dtype_name
     from popyou_cli.data.prompts import default_scheme, make_prompt
-    from popyou_cli.stages import gen_data as G
+    from popyou_cli.data import gen_data as G
 
     size = 512
     t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def bench_caption(*, n: int, batch_size: int, workers: int, repeats: int, device
     from popyou_cli.data.runner import loader, open_input, undecoded
     from popyou_cli.core.devices import resolve_device, resolve_dtype
     from popyou_cli.third_party import load_captioner
-    from popyou_cli.stages import caption as C
+    from popyou_cli.data import caption as C
 
     dev = resolve_device(device)
     arch = _arch(arch, dev)
@@ -216,7 +216,7 @@ def bench_encode(*, n: int, batch_size: int, workers: int, repeats: int, device:
     from popyou_cli.core.devices import resolve_device, resolve_dtype
     from popyou_cli.core.images import default_resize
     from popyou_cli.models.checkpoints import build_tiny_vqvae
-    from popyou_cli.stages import encode as E
+    from popyou_cli.data import encode as E
 
     dev = resolve_device(device)
     arch = _arch(arch, dev)
