@@ -78,7 +78,7 @@ def _bad_cases(tiny, tmp_path):
         "truncated": (["--var", cut, "--vae", tiny["vae"], "--class-id", 1], "not a readable checkpoint"),
         "class out of range": (["--var", tiny["var"], "--vae", tiny["vae"], "--class-id", 10], "out of range"),
         "top-k too large": (base + ["--top-k", 65], "larger than the vocabulary"),
-        "negative cfg": (base + ["--cfg", -1], "--cfg must be >= 0"),
+        "negative cfg": (base + ["--cfg", -1], "--cfg must be a finite number in [0, 100] (got -1)"),
         "vae as var": (["--var", tiny["vae"], "--vae", tiny["vae"], "--class-id", 1], "does not look like a VAR"),
         "no class": (["--var", tiny["var"]], "--class-id"),
         "unwritable out": (base, "cannot write"),
