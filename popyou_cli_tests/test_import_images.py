@@ -141,6 +141,24 @@ def test_rerun_reuses_the_conversion(tmp_path):
     assert "siglip_text_prompt" in enc.column_names and "caption" not in enc.column_names
 
 
+def test_a_killed_conversion_is_finished_not_redone(tmp_path):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for k in range(260):  # two shards of the conversion: 256 + 4 rows
+        (pics / f"{k:03d}.png").write_bytes(png(k))
+    args = ["--shard-size", "130", "--workers", "0", *TINY]
+    ok(invoke("caption", "--data", pics, "--out", tmp_path / "cap", *args))
+    conv = tmp_path / "pics-images"
+    first, second = sorted(conv.glob("shard-*.arrow"))
+    kept, made = (first.stat().st_ino, first.read_bytes()), second.read_bytes()
+    for p in (second, conv / "state.json", conv / "dataset_info.json"):  # what a kill before the end leaves
+        p.unlink()
+    out = ok(invoke("caption", "--data", pics, "--out", tmp_path / "cap", *args))
+    assert "converted the 260 pictures" in out and "(4 now" in out  # only the missing shard
+    assert (first.stat().st_ino, first.read_bytes()) == kept and second.read_bytes() == made
+    assert "caption: " in out and "nothing to do" in out  # the same content: the captions still fit
+
+
 def test_a_changed_folder_is_converted_again(tmp_path):
     pics = tmp_path / "pics"
     names = make_pictures(pics, 6)
