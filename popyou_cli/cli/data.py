@@ -77,7 +77,7 @@ def gen_data_cmd(
 @user_errors
 def caption_cmd(
     dataset: Optional[Path] = _D_OLD_DATA,
-    data: Optional[Path] = typer.Option(None, "--data", help="Input dataset folder with an image column (required): a gen-data folder (or a later stage of it), or any datasets.save_to_disk folder such as a saved imagefolder.", show_default=False),
+    data: Optional[Path] = typer.Option(None, "--data", help="Input (required): a gen-data folder (or a later stage of it), any datasets.save_to_disk folder, a folder of your own pictures (recursive; texts from a metadata.jsonl/.csv with file_name and prompt, caption or text, as datasets' imagefolder) or a Hub dataset (datasets/OWNER/NAME). Pictures and Hub datasets are converted once into OUT/../NAME-images.", show_default=False),
     out: Path = typer.Option(..., "--out", help="Output folder: index, caption, caption_error (joins --data, images are not copied). Rerun the same command to resume."),
     preset: str = choice_option("full", "--preset", choices=PRESETS, help="full: BLIP-2 OPT-2.7b, fp16 on GPU. tiny: offline random stand-in (CPU, tests)."),
     model: Optional[str] = typer.Option(None, "--model", help="Any Blip2ForConditionalGeneration checkpoint: Hub id or local folder, or 'tiny'. Default: from the preset.", show_default=False),
@@ -114,7 +114,7 @@ def caption_cmd(
 @user_errors
 def encode_cmd(
     dataset: Optional[Path] = _D_OLD_DATA,
-    data: Optional[Path] = typer.Option(None, "--data", help="Input dataset folder with an image column (required), usually a caption folder, which brings prompt and caption along.", show_default=False),
+    data: Optional[Path] = typer.Option(None, "--data", help="Input (required), usually a caption folder, which brings prompt and caption along; or any input caption takes: a stage or save_to_disk folder, a folder of your own pictures (with metadata.jsonl/.csv texts or none) or a Hub dataset (datasets/OWNER/NAME), converted once into OUT/../NAME-images.", show_default=False),
     out: Path = typer.Option(..., "--out", help="Output folder: index, codes, codes_flip (with --hflip), siglip_image, siglip_text_<column>, encode_error. Rerun the same command to resume."),
     preset: str = choice_option("full", "--preset", choices=PRESETS, help="full: ViT-B-16-SigLIP (webli) and VAR's 256 px VQ-VAE. tiny: offline random stand-ins, 64 px (CPU, tests)."),
     siglip_model: Optional[str] = typer.Option(None, "--siglip-model", help="open_clip model name (any of open_clip.list_models()), hf-hub:ORG/REPO, local-dir:FOLDER, or 'tiny'. Default: from the preset.", show_default=False),

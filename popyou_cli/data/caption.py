@@ -22,6 +22,7 @@ from popyou_cli.core import presets as P
 from popyou_cli.core.bounds import MAX_BATCH, check_int
 from popyou_cli.data.runner import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
                          open_image, open_input, shard_batches, undecoded)
+from popyou_cli.data.import_images import stage_input
 from popyou_cli.core.errors import short_error
 
 STAGE = "caption"
@@ -130,6 +131,8 @@ def caption(*, dataset: str | Path, out: str | Path, preset: str = "full", model
                   shard_size=shard_size, dtype=dtype)
     workers = default_workers() if workers is None else workers
     _check(p, workers)
+    dataset, image_column = stage_input(dataset, out, image_column=image_column, device=device, workers=workers,
+                                        progress=progress, console=console)
     ds = open_input(dataset, out, stage=STAGE, image_column=image_column)
     run = DataStage(STAGE, device, p.dtype)
     # What changes a caption; batch size, device, workers only change speed and are left out (store.py refuses

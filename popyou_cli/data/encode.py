@@ -29,6 +29,7 @@ from popyou_cli.core.bounds import MAX_BATCH, check_int
 from popyou_cli.data.runner import (DataStage, DataStageResult, check_at_least_1, check_workers, default_workers, loader,
                          open_image, open_input, shard_batches, undecoded)
 from popyou_cli.core.devices import autocast, parse_dtype
+from popyou_cli.data.import_images import stage_input
 from popyou_cli.core.errors import PopyouError, short_error
 from popyou_cli.core.images import default_resize, resize_center_crop, to_pm1
 
@@ -220,6 +221,8 @@ def encode(*, dataset: str | Path, out: str | Path, preset: str = "full", siglip
     resize = p.resize or default_resize(size)
     workers = default_workers() if workers is None else workers
     _check(p, size, resize, workers)
+    dataset, image_column = stage_input(dataset, out, image_column=image_column, device=device, workers=workers,
+                                        progress=progress, console=console)
     ds = open_input(dataset, out, stage=STAGE, image_column=image_column, columns=text_columns or ())
     texts = list(text_columns) if text_columns is not None else [c for c in DEFAULT_TEXT_COLUMNS
                                                                    if c in ds.column_names]

@@ -13,8 +13,9 @@ A stage builds a `DataStage` in every process of a launch, then:
 folder, then the others read its manifest) and returns this process's unfinished shards (shard k goes to
 rank k % world_size). Input folders are checked by `open_input`, rows are read by `loader` in DataLoader
 workers in batches that never straddle two shards (`shard_batches`), and `write_in_shards` writes each shard
-the moment its last row is in. Image files named by a path column are read by `open_image`, which refuses
-what is not a regular file (a named pipe would block a worker forever) and says why a file cannot be read.
+the moment its last row is in. Image files named by a path column are read by `read_cell` (for `open_image`),
+which refuses what is not a regular file (a named pipe would block a worker forever) and says why a file cannot
+be read.
 """
 from __future__ import annotations
 
@@ -214,21 +215,29 @@ def loader(ds, prepare, collate, batches, workers: int, pin_memory: bool = False
                       worker_init_fn=DieWithParent() if workers else None)
 
 
-def open_image(cell) -> tuple[Any, str]:
-    """images.open_rgb of one image cell, a file named by a path cell read here first: only a regular file of at
-    most MAX_IMAGE_FILE bytes (a named pipe or a device would block or never end), and an unreadable one said
-    so (permission denied, no such file) rather than as an undecodable image. (RGB image or None, reason)."""
+def read_cell(cell) -> tuple[Any, str]:
+    """An image cell with the file a path cell names read here: (the cell, or the file's bytes, and "") or (None,
+    the reason). Only a regular file of at most MAX_IMAGE_FILE bytes is read (a named pipe or a device would block
+    or never end), and an unreadable one is said so (permission denied, no such file)."""
     from popyou_cli.core.files import read_regular
-    from popyou_cli.core.images import open_rgb
 
     path = cell if isinstance(cell, str) else cell.get("path") if isinstance(cell, dict) and \
         cell.get("bytes") is None else None
     if path:
         try:
-            cell = read_regular(os.path.expanduser(path), "image file", MAX_IMAGE_FILE)
+            return read_regular(os.path.expanduser(path), "image file", MAX_IMAGE_FILE), ""
         except PopyouError as e:
             return None, str(e)
-    return open_rgb(cell)
+    return cell, ""
+
+
+def open_image(cell) -> tuple[Any, str]:
+    """images.open_rgb of one image cell, a file named by a path cell read first (read_cell): (RGB image or None,
+    reason)."""
+    from popyou_cli.core.images import open_rgb
+
+    cell, error = read_cell(cell)
+    return (None, error) if error else open_rgb(cell)
 
 
 # ------------------------------------------------------------------------------------------ output folder
