@@ -1,5 +1,5 @@
 """The command line as a practitioner meets it (issue 14): truthful --help, progress in log files, one spelling
-per concept with the old ones deprecated, run folders where model folders are meant, model cards and Hub pushes."""
+per concept, run folders where model folders are meant, model cards and Hub pushes."""
 import json
 import re
 from pathlib import Path
@@ -61,14 +61,13 @@ def test_dtype_spellings_agree_with_devices():
     import torch
 
     from popyou_cli.core import devices
-    from popyou_cli.cli.common import DTYPE_ALIASES, DTYPES, PRESETS, QUANTIZE_MODES
+    from popyou_cli.cli.common import DTYPES, PRESETS, QUANTIZE_MODES
     from popyou_cli.models.fast import QUANTIZE_MODES as FAST_MODES
     from popyou_cli.core.presets import FINETUNE_PRESETS
 
     assert DTYPES == devices.DTYPE_CHOICES and set(PRESETS) == set(FINETUNE_PRESETS)
     assert QUANTIZE_MODES == FAST_MODES
-    for alias, short in DTYPE_ALIASES.items():
-        assert devices.parse_dtype(alias) == devices.parse_dtype(short) != torch.float64
+    assert all(devices.parse_dtype(d) in (None, torch.float32, torch.bfloat16, torch.float16) for d in DTYPES)
 
 
 def test_errors_keep_their_text(tmp_path):
@@ -136,39 +135,29 @@ def test_readme_spelling_table_matches_the_help():
             assert any(flag in h for h in helps.values()), flag
 
 
-def test_old_spellings_work_with_a_warning(tmp_path):
-    res = invoke("gen-data", "--preset", "tiny", "--n", 2, "--shard-size", 2, "--batch-size", 2, "--size", 32,
-                 "--device", "cpu", "--dtype", "float32", "--workers", 0, "--out", tmp_path / "gen")
-    assert res.exit_code == 0, res.output
-    assert "warning: --size is deprecated" in res.output and "use --image-size" in res.output
-    from popyou_cli.store import read_manifest
+def test_usage_errors_are_one_line_with_status_2():
+    # click's boxed panel (usage line, hint, box) used to take six lines; the removed pre-release spellings are
+    # unknown options now.
+    for args, words in ((["sample", "--bogus"], "no such option: --bogus"), (["sample", "--n", "abc"], "'--n'"),
+                        (["encode", "--flip"], "no such option: --flip"), (["gen-data"], "missing option"),
+                        (["bench", "sample", "--tiny"], "no such option: --tiny")):
+        msg = one_line_error(invoke(*args), exit_code=2)
+        assert words in msg.lower() and msg.endswith("--help)"), msg
 
-    settings = read_manifest(tmp_path / "gen")["settings"]
-    assert settings["size"] == 32 and settings["dtype"] == "fp32"  # float32 is another spelling of fp32
-    res = invoke("caption", tmp_path / "gen", "--preset", "tiny", "--workers", 0, "--prompt", "a photo of",
-                 "--out", tmp_path / "cap")
-    assert res.exit_code == 0, res.output
-    assert "positional) is deprecated" in res.output and "caption --prompt is deprecated" in res.output
-    res = invoke("encode", "--data", tmp_path / "cap", "--preset", "tiny", "--workers", 0, "--flip", "--vqvae", "tiny",
-                 "--embed-dtype", "float32", "--out", tmp_path / "enc")
-    assert res.exit_code == 0, res.output
-    assert "encode --flip is deprecated" in res.output and "encode --vqvae is deprecated" in res.output
-    import datasets
 
-    enc = datasets.load_from_disk(str(tmp_path / "enc"))
-    assert "codes_flip" in enc.column_names and enc.features["siglip_image"].feature.dtype == "float32"
-    res = invoke("finetune", *TINY_FT, "--data", tmp_path / "enc", "--batch-size", 1, "--mixed-precision", "no",
-                 "--out", tmp_path / "ft")
-    assert res.exit_code == 0 and "--mixed-precision is deprecated" in res.output, res.output
-    both = invoke("encode", "--data", tmp_path / "cap", "--vae", "tiny", "--vqvae", "tiny", "--out", tmp_path / "x")
-    assert "give --vae only" in one_line_error(both)
+def test_a_value_after_a_flag_is_an_error_not_a_prompt(tmp_path):
+    # `--more-smooth true` used to sample a second prompt "true".
+    for flag, word in (("--more-smooth", "true"), ("--fast", "no"), ("--more-smooth", "0")):
+        msg = one_line_error(invoke("sample", "a wizard", flag, word, "--out", tmp_path))
+        assert f"{flag} is a flag and takes no value: drop '{word}'" in msg
+    assert not any(tmp_path.iterdir())
+    msg = one_line_error(invoke("sample", "--dtype", "float64", "x", "--out", tmp_path))  # checked while parsing
+    assert msg == "error: unknown dtype 'float64' (use auto, fp32, bf16 or fp16)"
 
 
 def test_a_prompt_given_as_a_prompt_file_is_one_clear_line(tmp_path):
     msg = one_line_error(invoke("sample", "--prompt-file", "a wizard funko pop", "--out", tmp_path))
     assert "one prompt per line" in msg and 'popyou sample "a wizard funko pop"' in msg
-    msg = one_line_error(invoke("sample", "--prompts", "a wizard funko pop", "--out", tmp_path))  # the old name
-    assert msg.startswith("error: --prompts takes a text file") and "popyou sample" in msg
     msg = one_line_error(invoke("eval", "--pipeline", "x", "--prompt-file", "a knight", "--out", tmp_path))
     assert "one prompt per line" in msg
 

@@ -13,9 +13,10 @@ from typing import Optional
 import typer
 
 from popyou_cli.cli.bench import bench_app
-from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, cfg_scales_option, choice_option, console, hidden_alias,
-                         pipeline_at, progress_every_option, quantize_option, renamed, revision_option,
-                         show_help_literally, user_errors, demo_fast_option, fast_option)
+from popyou_cli.cli.common import (DTYPES, PRESETS, cfg_scales_option, choice_option, console, pipeline_at,
+                                   progress_every_option, quantize_option, revision_option, show_help_literally,
+                                   user_errors, demo_fast_option, fast_option)
+from popyou_cli.cli.parsing import PopyouCommand, PopyouGroup
 from popyou_cli.cli.data import caption_cmd, encode_cmd, gen_data_cmd
 from popyou_cli.cli.train import finetune_cmd, train_adapter_cmd
 from popyou_cli.core.bounds import check_demo_options, check_eval_options, check_sample_options
@@ -29,6 +30,7 @@ app = typer.Typer(
     "train-adapter -> sample / eval. Every stage runs offline on tiny stand-ins with --preset tiny.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=PopyouGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -56,13 +58,12 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
 DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
 _DEVICE_SAMPLE = typer.Option("auto", "--device", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")
-_DTYPE_SAMPLE = choice_option("auto", "--dtype", choices=DTYPES, aliases=DTYPE_ALIASES, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast); float32, float16, half, bfloat16 accepted too.")
+_DTYPE_SAMPLE = choice_option("auto", "--dtype", choices=DTYPES, noun="dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast).")
 
 
-def _prompt_file(prompt_file: Optional[Path], old: Optional[Path], command: str = "sample") -> Optional[Path]:
-    """--prompt-file (or its old spelling --prompts): a file, not a prompt; a prompt given there gets a one-line
-    error that says where prompts go."""
-    flag, given = ("--prompts", old) if old is not None and prompt_file is None else ("--prompt-file", prompt_file)
+def _prompt_file(given: Optional[Path], command: str = "sample") -> Optional[Path]:
+    """--prompt-file: a file, not a prompt; a prompt given there gets a one-line error that says where prompts go."""
+    flag = "--prompt-file"
     if given is not None and not given.is_file():
         if given.exists():
             raise PopyouError(f"{flag} {given}: not a file (give a text file with one prompt per line)")
@@ -70,10 +71,10 @@ def _prompt_file(prompt_file: Optional[Path], old: Optional[Path], command: str 
                  "write it into a text file, one prompt per line")
         raise PopyouError(f"{flag} takes a text file with one prompt per line, and '{given}' is no file; to use it "
                           f"as a prompt, {where}")
-    return renamed(prompt_file, old, new_flag="--prompt-file", old_flag="--prompts")
+    return given
 
 
-@app.command("download")
+@app.command("download", cls=PopyouCommand)
 @user_errors
 def download_cmd(
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages: gen-data, caption, encode, finetune, train-adapter, sample, eval. Default: all.", show_default=False),
@@ -81,7 +82,7 @@ def download_cmd(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline for sample / eval: a Hub spec (default for sample: $POPYOU_PIPELINE, else spaces/AmitIsraeli/PopYou/VARtext_v1.pth).", show_default=False),
     revision: Optional[str] = revision_option(),
     device: str = typer.Option("auto", "--device", help="Device the stages will run on: with --dtype it picks the weights (fp16 files in float16); the offline check loads there."),
-    dtype: str = choice_option("auto", "--dtype", choices=DTYPES, aliases=DTYPE_ALIASES, help="auto (fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+    dtype: str = choice_option("auto", "--dtype", choices=DTYPES, noun="dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     check: bool = typer.Option(True, "--check/--no-check", help="Afterwards load every stage with HF_HUB_OFFLINE=1 in a fresh process."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list the files and sizes (fetches only the small index files it reads: model_index.json, open_clip_config.json)."),
 ):
@@ -95,14 +96,14 @@ def download_cmd(
 
 
 # Registered here, in pipeline order, so that `popyou --help` lists the commands as the data flows.
-app.command("gen-data")(gen_data_cmd)
-app.command("caption")(caption_cmd)
-app.command("encode")(encode_cmd)
-app.command("finetune")(finetune_cmd)
-app.command("train-adapter")(train_adapter_cmd)
+app.command("gen-data", cls=PopyouCommand)(gen_data_cmd)
+app.command("caption", cls=PopyouCommand)(caption_cmd)
+app.command("encode", cls=PopyouCommand)(encode_cmd)
+app.command("finetune", cls=PopyouCommand)(finetune_cmd)
+app.command("train-adapter", cls=PopyouCommand)(train_adapter_cmd)
 
 
-@app.command("import")
+@app.command("import", cls=PopyouCommand)
 @user_errors
 def import_cmd(
     source: str = typer.Argument(..., help="The original PopYOU model: a local .pth/.ckpt file, or a Hub spec such as spaces/AmitIsraeli/PopYou/VARtext_v1.pth (OWNER/NAME[/FILE], spaces/..., datasets/..., @REVISION)."),
@@ -124,14 +125,13 @@ def import_cmd(
     typer.echo(str(res["out"]))
 
 
-@app.command()
+@app.command("sample", cls=PopyouCommand)
 @user_errors
 def sample(
     prompts: Optional[list[str]] = typer.Argument(None, help="Text prompt(s), e.g. \"a wizard funko pop\" (the original model unless --pipeline). Leave out for --class-id.", show_default=False),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder (made by 'popyou train-adapter' or 'popyou import') or Hub spec. Default: $POPYOU_PIPELINE, else the original demo's model spaces/AmitIsraeli/PopYou/VARtext_v1.pth (downloaded and imported once).", show_default=False),
     revision: Optional[str] = revision_option(),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A text file with one prompt per line; all are batched together (a prompt itself goes in as an argument).", show_default=False),
-    prompts_old: Optional[Path] = hidden_alias(None, "--prompts", "--prompt-file"),
     class_id: Optional[int] = typer.Option(None, "--class-id", help="Class-conditional sampling with --var/--vae: the class row (ImageNet ids 0-999 for the official models).", show_default=False),
     var: str = typer.Option(DEFAULT_VAR, "--var", help="VAR weights for --class-id: local .pth/.safetensors, a popyou model folder, a Hub file org/repo/file, or 'tiny'."),
     vae: Optional[str] = typer.Option(None, "--vae", help=f"VQ-VAE weights for --class-id, same forms as --var. Default: the one a popyou model folder records, else {DEFAULT_VAE}.", show_default=False),
@@ -161,7 +161,7 @@ def sample(
     set_progress_every(progress_every)
     check_sample_options(n=n, batch_size=batch_size, seed=seed, alpha=alpha, beta=beta, beta_sweep=beta_sweep,
                          cfg=cfg, top_k=top_k, cfg_scales=cfg_scales)
-    prompt_file = _prompt_file(prompt_file, prompts_old)
+    prompt_file = _prompt_file(prompt_file)
     opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta,
                            cfg_scales=cfg_scales)
     if class_id is not None:
@@ -182,7 +182,7 @@ def sample(
     typer.echo(str(res.grid))
 
 
-@app.command("demo")
+@app.command("demo", cls=PopyouCommand)
 @user_errors
 def demo_cmd(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder or Hub spec, as for 'popyou sample' (default: $POPYOU_PIPELINE, else the original demo's model).", show_default=False),
@@ -205,7 +205,7 @@ def demo_cmd(
              cfg_scales=cfg_scales, fast=fast, console=console)
 
 
-@app.command("eval")
+@app.command("eval", cls=PopyouCommand)
 @user_errors
 def eval_cmd(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder made by 'popyou train-adapter', or a Hub spec. Default: $POPYOU_PIPELINE, else the original demo's model (which records no training data: give --data). With --images: only its SigLIP judges the images (default there: the pipeline the samples record).", show_default=False),
@@ -215,7 +215,6 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="The encode folder the pipeline was trained on (default: the one its pipeline.json names): held-out prompts, NLL rows and the FID reference.", show_default=False),
     reference: Optional[Path] = typer.Option(None, "--reference", help="FID/KID reference images: a data set folder or a folder of image files. Default: the training rows of --data (none with --images). Its features are cached in popyou's cache folder ($POPYOU_CACHE, else ~/.cache/popyou), never in it.", show_default=False),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Evaluate the prompts of this text file (one per line) instead of the held-out rows' prompts.", show_default=False),
-    prompts_old: Optional[Path] = hidden_alias(None, "--prompts", "--prompt-file"),
     n_prompts: int = typer.Option(64, "--n-prompts", help="How many held-out prompts to generate (one image each)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images generated together."),
     seed: int = typer.Option(0, "--seed", help="Image k uses seed+k."),
@@ -245,7 +244,7 @@ def eval_cmd(
     set_progress_every(progress_every)
     check_eval_options(n_prompts=n_prompts, batch_size=batch_size, seed=seed, max_reference=max_reference, cfg=cfg,
                        top_k=top_k, cfg_scales=cfg_scales)
-    prompt_file = _prompt_file(prompt_file, prompts_old, "eval")
+    prompt_file = _prompt_file(prompt_file, "eval")
     weights = str(inception) if inception else None
     if images is not None:
         if prompt_file is not None or data is not None:
@@ -276,7 +275,7 @@ def eval_cmd(
     typer.echo(str(out / "metrics.json"))
 
 
-@app.command("materialize")
+@app.command("materialize", cls=PopyouCommand)
 @user_errors
 def materialize_cmd(
     src: Path = typer.Argument(..., help="A stage folder (gen-data, caption, encode)."),
@@ -291,7 +290,7 @@ def materialize_cmd(
     console.print(f"materialize: wrote {path}", highlight=False, soft_wrap=True)
 
 
-@app.command("verify")
+@app.command("verify", cls=PopyouCommand)
 @user_errors
 def verify_cmd(
     folder: Path = typer.Argument(..., help="A stage folder (gen-data, caption, encode); its parent folders are checked too."),

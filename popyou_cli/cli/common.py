@@ -1,5 +1,6 @@
 """What every popyou command shares: the stderr console, the one-line handling of user errors, options whose values
-come from a fixed set, renamed options that still work for one release, and help text shown exactly as written."""
+come from a fixed set, and help text shown exactly as written. How the command line itself is read (one-line usage
+errors, flags that take no value) is cli/parsing.py."""
 from __future__ import annotations
 
 import functools
@@ -32,17 +33,26 @@ def user_errors(fn):
                           highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as e:  # noqa: BLE001 - the one error path of the command line
-            if type(e).__module__.split(".")[0] == "click":
-                raise  # a usage error (typer.BadParameter...): click prints it with the usage line
+            if is_usage_error(e):
+                raise  # a usage error (typer.BadParameter...): parsing.PopyouGroup prints it
             if debug_enabled():
                 console.print_exception()
-            message = str(e) if isinstance(e, PopyouError) else describe(e)
-            # The message as written: no markup (square brackets would vanish), no emoji (":end:" would become one).
-            console.print(Text.assemble(("error:", "bold red"), " ", " ".join(message.split())), highlight=False,
-                          soft_wrap=True)
+            print_error(str(e) if isinstance(e, PopyouError) else describe(e))
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def print_error(message: str) -> None:
+    """The one form of every error: `error: MESSAGE` on one line of stderr, the message as written (no markup: square
+    brackets would vanish; no emoji: ":end:" would become one), whitespace folded."""
+    console.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(message).split())), highlight=False,
+                  soft_wrap=True)
+
+
+def is_usage_error(e: BaseException) -> bool:
+    """click's own errors (a bad option, a missing value...), from click or from the copy of it inside typer."""
+    return any(c.__name__ == "ClickException" for c in type(e).__mro__)
 
 
 def _literal_help_text(*, text: str, style: str = "", markup_mode=None):
@@ -62,54 +72,32 @@ def show_help_literally() -> None:
     rich_utils._make_rich_text = _literal_help_text
 
 
-def warn(message: str) -> None:
-    console.print(Text.assemble(("warning:", "bold yellow"), " ", message), highlight=False, soft_wrap=True)
-
-
 # ------------------------------------------------------------------------------------------ fixed value sets
 # devices.DTYPE_CHOICES, the spellings devices.parse_dtype accepts and models.fast.QUANTIZE_MODES, restated here so
 # that --help does not import torch; test_cli_usability checks that they agree.
 PRESETS = ("full", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 QUANTIZE_MODES = ("int8", "bf16")
 
 
-def choice_option(default, *names: str, choices: Sequence[str], aliases: Optional[dict] = None, **kw):
-    """An option taking one of `choices`: listed in --help (as its metavar) and completed by the shell. `aliases`
-    are other spellings also accepted (e.g. float16 for fp16), turned into the choice. Any other value goes on
-    unchanged to the stage, whose check refuses it in one line naming the flag and the choices (a usage error
-    here would print click's multi-line box instead)."""
-    choices, aliases = tuple(choices), dict(aliases or {})
+def choice_option(default, *names: str, choices: Sequence[str], noun: Optional[str] = None, **kw):
+    """An option taking one of `choices`: listed in --help (as its metavar) and completed by the shell. Any other
+    value is refused while the options are parsed, before any work or heavy import, in one line naming the option
+    (or `noun`) and the choices."""
+    choices = tuple(choices)
 
-    def normalise(value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
+    def check(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+        if value is None or ctx.resilient_parsing:
+            return value
         key = str(value).strip().lower()
-        key = aliases.get(key, key)
-        return key if key in choices else value
+        if key not in choices:
+            raise PopyouError(f"unknown {noun or names[0]} '{value}' (use {', '.join(choices[:-1])} or {choices[-1]})")
+        return key
 
     def complete(incomplete: str) -> list[str]:
         return [c for c in choices if c.startswith(incomplete.lower())]
 
-    return typer.Option(default, *names, metavar="|".join(choices), callback=normalise, autocompletion=complete, **kw)
-
-
-# ------------------------------------------------------------------------------------------ renamed options
-def renamed(new, old, *, new_flag: str, old_flag: str, unset=None):
-    """The value of an option that was renamed: `new`, or `old` (the old spelling, hidden; works for one release
-    with a warning). Both given: a one-line error."""
-    if old is None or old is False or old == unset:
-        return new
-    if new is not None and new is not False and new != unset:
-        raise PopyouError(f"{old_flag} is the old name of {new_flag}; give {new_flag} only")
-    warn(f"{old_flag} is deprecated and will be removed in the next release; use {new_flag}")
-    return old
-
-
-def hidden_alias(default, flag: str, new_flag: str):
-    """The old spelling of an option, kept working but out of --help."""
-    return typer.Option(default, flag, hidden=True, help=f"Deprecated: use {new_flag}.")
+    return typer.Option(default, *names, metavar="|".join(choices), callback=check, autocompletion=complete, **kw)
 
 
 # ------------------------------------------------------------------------------------------ progress

@@ -8,8 +8,7 @@ from typing import Optional
 
 import typer
 
-from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, progress_every_option,
-                         renamed, user_errors)
+from popyou_cli.cli.common import DTYPES, PRESETS, choice_option, console, progress_every_option, user_errors
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.progress import set_progress_every
 
@@ -28,8 +27,7 @@ _T_SCHED = choice_option(None, "--schedule", choices=("linear", "cosine", "const
 _T_MINLR = typer.Option(None, "--min-lr-ratio", help="Where the decay ends, as a fraction of --lr [preset: 0].", rich_help_panel=P_OPT)
 _T_WD = typer.Option(None, "--weight-decay", help="AdamW weight decay on weight matrices [preset: 0.05, VAR's].", rich_help_panel=P_OPT)
 _T_CLIP = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this (0 = off) [preset: 1].", rich_help_panel=P_OPT)
-_T_DTYPE = choice_option(None, "--dtype", choices=DTYPES, aliases={**DTYPE_ALIASES, "no": "fp32"}, show_default=False, rich_help_panel=P_OPT, help="Mixed precision: fp32 (none), bf16 or fp16 (fp16 uses a loss scaler and needs CUDA); auto: bf16 on a GPU that has it, else fp16, fp32 on CPU. float32/float16/bfloat16 accepted too [preset: full fp16, tiny fp32].")
-_T_OLD_MP = hidden_alias(None, "--mixed-precision", "--dtype")
+_T_DTYPE = choice_option(None, "--dtype", choices=DTYPES, noun="dtype", show_default=False, rich_help_panel=P_OPT, help="Mixed precision: fp32 (none), bf16 or fp16 (fp16 uses a loss scaler and needs CUDA); auto: bf16 on a GPU that has it, else fp16, fp32 on CPU. [preset: full fp16, tiny fp32].")
 _T_LS = typer.Option(None, "--label-smoothing", help="Label smoothing of the cross-entropy [preset: finetune 0.1, adapter 0].", rich_help_panel=P_OPT)
 _T_SW = typer.Option(None, "--scale-weights", help="Comma-separated loss weight per scale, e.g. 2,2,1,1,1,1,1,1,1,1 (default: every token counts the same, as VAR).", rich_help_panel=P_OPT)
 _T_DROP = typer.Option(None, "--cond-drop", help="Probability that a row trains with the null class (and no delta): makes classifier-free guidance possible [preset: 0.1].", rich_help_panel=P_OPT)
@@ -67,7 +65,7 @@ def _train_options(params: dict) -> dict:
     from popyou_cli.core.presets import TrainPreset
 
     options = {f.name: params[f.name] for f in fields(TrainPreset) if f.name in params}
-    options["mixed_precision"] = _mixed_precision(params["dtype"], params["mixed_precision_old"])
+    options["mixed_precision"] = _mixed_precision(params["dtype"])
     if options.get("scale_weights") is not None:
         try:
             options["scale_weights"] = tuple(float(x) for x in options["scale_weights"].split(","))
@@ -76,13 +74,8 @@ def _train_options(params: dict) -> dict:
     return options
 
 
-def _mixed_precision(dtype: Optional[str], old: Optional[str]) -> Optional[str]:
-    """--dtype as accelerate's mixed_precision (no, bf16, fp16); --mixed-precision is its old spelling."""
-    if old is not None:
-        old = {"no": "fp32"}.get(old.lower(), DTYPE_ALIASES.get(old.lower(), old.lower()))
-    dtype = renamed(dtype, old, new_flag="--dtype", old_flag="--mixed-precision")
-    if dtype is not None and dtype not in DTYPES:
-        raise PopyouError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
+def _mixed_precision(dtype: Optional[str]) -> Optional[str]:
+    """--dtype (checked by choice_option) as accelerate's mixed_precision: no, bf16 or fp16."""
     if dtype == "auto":
         from popyou_cli.core.devices import dtype_name, resolve_device, resolve_dtype
 
@@ -113,7 +106,6 @@ def finetune_cmd(
     resume: Optional[str] = _T_RESUME, resume_with_changes: bool = _T_RESUME_CHANGES, overwrite: bool = _T_OVER,
     seed: Optional[int] = _T_SEED,
     push_to_hub: Optional[str] = _T_PUSH, private: bool = _T_PRIVATE, progress_every: Optional[float] = _T_PROGRESS,
-    mixed_precision_old: Optional[str] = _T_OLD_MP,
 ):
     """Stage 1: teach VAR a new class from the encoded data (full model or LoRA). Multi-GPU:
     `accelerate launch --num_processes 8 -m popyou_cli finetune ...`. Example:
@@ -158,7 +150,6 @@ def train_adapter_cmd(
     resume: Optional[str] = _T_RESUME, resume_with_changes: bool = _T_RESUME_CHANGES, overwrite: bool = _T_OVER,
     seed: Optional[int] = _T_SEED,
     push_to_hub: Optional[str] = _T_PUSH, private: bool = _T_PRIVATE, progress_every: Optional[float] = _T_PROGRESS,
-    mixed_precision_old: Optional[str] = _T_OLD_MP,
 ):
     """Stages 2/3: train the adapter SigLIP embedding -> cond_delta that steers a frozen VAR. Example:
     popyou train-adapter --stage image --var runs/ft/model --data data/enc --out runs/img ;

@@ -212,7 +212,7 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
             if not math.isfinite(mean_loss):
                 msg = (f"stopped: the loss became {mean_loss} at step {state['step'] + 1}; nothing was updated or "
                        f"saved after it. Last good checkpoint: {last or 'none'}. Lower --lr, raise --warmup, or "
-                       "use --mixed-precision bf16/no, then --resume latest")
+                       "use --dtype bf16 or --dtype fp32, then --resume latest")
                 if cfg.report_to != "none":
                     acc.end_training()
                 raise PopyouError(msg)
