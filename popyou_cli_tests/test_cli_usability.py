@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from helpers import encoded_stage, invoke, one_line_error
 from popyou_cli.cli.app import app
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CLI_DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 COMMANDS = ("download", "gen-data", "caption", "encode", "finetune", "train-adapter", "import", "sample", "demo", "eval",
             "materialize")
 TINY_FT = ["--preset", "tiny", "--max-steps", 2, "--n-samples", 0]
@@ -35,6 +35,35 @@ def test_help_shows_defaults_and_values_as_written():
             assert f"╭─ {panel}" in text, panel
     for command in COMMANDS:
         assert "🔚" not in _help(command)
+
+
+def _every_command() -> list[list[str]]:
+    import typer.main
+
+    def walk(group, path):
+        for name, command in group.commands.items():
+            yield from walk(command, [*path, name]) if hasattr(command, "commands") else [[*path, name]]
+
+    return [[], ["bench"], *walk(typer.main.get_command(app), [])]
+
+
+def test_every_help_fits_80_columns_with_flags_shown_as_flags():
+    # sample --help used to be 204 lines at 80 columns, with a 14-character help column, 8 values cut off ("…")
+    # and <bool> after every flag.
+    commands = _every_command()
+    assert ["bench", "startup"] in commands and ["sample"] in commands
+    for command in commands:
+        res = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+        assert res.exit_code == 0, (command, res.output)
+        lines = res.output.splitlines()
+        assert max(len(line) for line in lines) <= 80, command
+        assert not [line for line in lines if "…" in line], (command, [line for line in lines if "…" in line])
+        assert "<bool>" not in res.output, command
+    sample = CliRunner().invoke(app, ["sample", "--help"], env={"COLUMNS": "80"}).output
+    assert len(sample.splitlines()) < 100
+    for panel in ("Model", "Sampling", "Output", "Speed", "Progress"):
+        assert f"╭─ {panel}" in sample, panel
+    assert "needs --pipeline" not in " ".join(sample.split())
 
 
 @pytest.mark.parametrize("command, flag, values", [
@@ -122,13 +151,13 @@ def test_every_long_command_reports_progress_in_a_log(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ 3. spellings
-def test_readme_spelling_table_matches_the_help():
-    text = README.read_text()
-    table = text[text.index("### One spelling per concept"):]
+def test_spelling_table_matches_the_help():
+    text = CLI_DOC.read_text()
+    table = text[text.index("## One spelling per concept"):]
     table = table[:table.index("\n\n", table.index("|---"))]
     rows = [r for r in table.splitlines() if r.startswith("| ") and "---" not in r][1:]
     assert len(rows) >= 7
-    helps = {c: _help(c) for c in COMMANDS}
+    helps = {c: _help(*c.split()) for c in (*COMMANDS, "bench sample", "bench train")}
     for row in rows:
         spelling = row.split("|")[2]
         for flag in re.findall(r"--[a-z][a-z-]*", spelling):

@@ -36,8 +36,9 @@ def bench_sample(
                                    "agreement with exact mode."),
     out: Optional[Path] = _OUT,
 ):
-    """Seconds per image of VAR sampling, the reference's pattern against exact mode and every fast mode, in one
-    run (random weights, 256 px, cfg 1.5, top-k 900, top-p 0.96, decode included); the demo's beta video; each
+    """Seconds per image of VAR sampling in every mode.
+
+    The reference's pattern against exact mode and every fast mode, in one run (random weights, 256 px, cfg 1.5, top-k 900, top-p 0.96, decode included); the demo's beta video; each
     fast mode's distance from exact. About `--repeats` images are timed per setting (runs = repeats / batch)."""
     _check_counts(repeats=repeats)
     check_int("--depth", depth, 1, 64)
@@ -47,6 +48,24 @@ def bench_sample(
     bench_sampling(depth=depth, batch_sizes=sizes, repeats=repeats, device=device, threads=threads,
                    tiny=arch == "tiny", out=out, console=console, cfg_scales=cfg_scales,
                    video_frames=video_frames, distances=distances)
+
+
+@bench_app.command("startup", cls=PopyouCommand)
+@user_errors
+def bench_startup_cmd(
+    runs: int = typer.Option(5, "--runs", help="Fresh processes per case; the median is reported."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", show_default=False, help="A pipeline folder for "
+                                            "the sample case. Default: a tiny one made here."),
+    out: Optional[Path] = _OUT,
+):
+    """Seconds to start: --help, a mistyped option, a tiny sample.
+
+    Whole `popyou` processes, each started fresh: --help, a mistyped option and a one-image 64 px sample of a
+    tiny pipeline; the median seconds, the peak memory and which heavy libraries each imported."""
+    check_int("--runs", runs, 1, 100)
+    from popyou_cli.bench.startup import bench_startup
+
+    bench_startup(runs=runs, pipeline=pipeline, out=out, console=console)
 
 
 @bench_app.command("gen-data", cls=PopyouCommand)
@@ -66,8 +85,10 @@ def bench_gen_data_cmd(
     device: str = typer.Option("cpu", "--device"),
     out: Optional[Path] = _OUT,
 ):
-    """images/s of gen-data: tiny (generation alone, then with PNG encoding and shard writing) or full (SDXL-Turbo
-    at real size, images/s per batch size)."""
+    """images/s of gen-data.
+
+    tiny: generation alone, then with PNG encoding and shard writing; full: SDXL-Turbo at real size, images/s per
+    batch size."""
     from popyou_cli.bench.data import bench_gen_data
 
     _check_counts(n=n, batch_size=batch_size, repeats=repeats)
@@ -104,8 +125,9 @@ def bench_all_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write each stage's results as STAGE.json "
                                            "here."),
 ):
-    """Every stage's benchmark in one run: gen-data (batch 1/4/16 at 512 px), caption, encode, sample and train.
-    On a GPU, `popyou bench all --arch full --device cuda` takes a few minutes: the source of BENCHMARKS.md's GPU
+    """Every stage's benchmark in one run.
+
+    gen-data (batch 1/4/16 at 512 px), caption, encode, sample and train. On a GPU, `popyou bench all --arch full --device cuda` takes a few minutes: the source of BENCHMARKS.md's GPU
     rows."""
     from popyou_cli.bench.sampling import bench_sampling
     from popyou_cli.bench.training import bench_training
@@ -149,7 +171,9 @@ def bench_caption_cmd(
     device: str = typer.Option("auto", "--device"),
     out: Optional[Path] = _OUT,
 ):
-    """images/s of caption: loader alone, generate alone, both, and (tiny) the whole stage."""
+    """images/s of caption.
+
+    The loader alone, generate alone, both, and (tiny) the whole stage."""
     from popyou_cli.bench.data import bench_caption
     from popyou_cli.data.runner import default_workers
 
@@ -173,7 +197,9 @@ def bench_encode_cmd(
     device: str = typer.Option("auto", "--device"),
     out: Optional[Path] = _OUT,
 ):
-    """images/s of encode: loader alone, models alone, both, and (tiny) the whole stage."""
+    """images/s of encode.
+
+    The loader alone, the models alone, both, and (tiny) the whole stage."""
     from popyou_cli.bench.data import bench_encode
     from popyou_cli.data.runner import default_workers
 
@@ -196,8 +222,10 @@ def bench_train_cmd(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = leave as is)."),
     out: Optional[Path] = _OUT,
 ):
-    """Training tokens/s from stored codes (popyou) vs re-encoding the images through the VQ-VAE every step
-    (the original recipe), through the same training loop."""
+    """Training tokens/s: stored codes against re-encoding.
+
+    Stored codes (popyou) against re-encoding the images through the VQ-VAE every step (the original recipe),
+    through the same training loop."""
     from popyou_cli.bench.training import bench_training
     from popyou_cli.core.devices import resolve_device
 
@@ -224,7 +252,9 @@ def bench_import_cmd(
     layout: str = choice_option("space", "--layout", choices=("space", "lightning"), help="space: the demo "
                                 "Space's VARtext_v1.pth; lightning: a training checkpoint."),
 ):
-    """Seconds and peak RSS of `popyou import` on a file in the original PopYOU layout with random weights (VAR
+    """Seconds and peak memory of `popyou import`.
+
+    On a file in the original PopYOU layout with random weights (VAR
     with LoRA on every Linear, VQ-VAE ch160, SigLIP-B text tower, adapter; about 1.96 GB in float32 in the Space's
     layout), then one image sampled from the imported folder."""
     from popyou_cli.bench.importing import bench_import
