@@ -45,6 +45,13 @@ def user_errors(fn):
     return wrapper
 
 
+def loading(what: str) -> None:
+    """`loading WHAT…` on a terminal, at once, before the seconds that importing torch and loading take (in a log
+    file the progress lines say it; an error stays one line there)."""
+    if console.is_terminal:
+        console.print(f"loading {what}…", highlight=False, markup=False, soft_wrap=True)
+
+
 def print_error(message: str) -> None:
     """The one form of every error: `error: MESSAGE` on one line of stderr, the message as written (no markup: square
     brackets would vanish; no emoji: ":end:" would become one), whitespace folded."""

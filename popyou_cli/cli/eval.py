@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from popyou_cli.cli.common import (P_OUTPUT, P_SAMPLING, cfg_scales_option, check_prompt_file, console,
-                                   device_option, dtype_option, fast_option, pipeline_at, pipeline_option,
+                                   device_option, dtype_option, fast_option, loading, pipeline_at, pipeline_option,
                                    progress_every_option, quantize_option, revision_option, user_errors)
 from popyou_cli.core.bounds import check_eval_options
 from popyou_cli.core.errors import PopyouError
@@ -72,6 +72,7 @@ def eval_cmd(
                        top_k=top_k, cfg_scales=cfg_scales)
     prompt_file = check_prompt_file(prompt_file, "eval")
     weights = str(inception) if inception else None
+    loading(str(images) if images is not None else pipeline or "the original PopYOU model")
     if images is not None:
         if prompt_file is not None or data is not None:
             raise PopyouError("--images scores existing images: drop --prompt-file/--data (give FID's --reference)")

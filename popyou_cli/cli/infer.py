@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from popyou_cli.cli.common import (P_MODEL, P_OUTPUT, P_SAMPLING, cfg_scales_option, check_prompt_file, console,
-                                   demo_fast_option, device_option, dtype_option, fast_option, pipeline_at,
+                                   demo_fast_option, device_option, dtype_option, fast_option, loading, pipeline_at,
                                    pipeline_option, progress_every_option, quantize_option, revision_option,
                                    user_errors)
 from popyou_cli.core.bounds import check_demo_options, check_sample_options
@@ -44,6 +44,7 @@ def import_cmd(
 
     LoRA merged, bilinear VQ-VAE, adapter, SigLIP text encoder and tokenizer; the folder runs offline afterwards.
     Example: popyou import spaces/AmitIsraeli/PopYou/VARtext_v1.pth --out models/popyou"""
+    loading(source)
     from popyou_cli.infer.import_model import import_checkpoint, summary
 
     res = import_checkpoint(source, out, filename=filename, revision=revision, text_encoder=text_encoder,
@@ -109,6 +110,7 @@ def sample_cmd(
     if class_id is None and not prompts and prompt_file is None:
         raise PopyouError("nothing to sample: pass a prompt, e.g. popyou sample \"a wizard funko pop\" "
                           "(or --prompt-file FILE), or --class-id N")
+    loading(var if class_id is not None else pipeline or "the original PopYOU model")
     from popyou_cli.infer.options import SamplingOptions, read_prompts
 
     opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta,
@@ -163,6 +165,7 @@ def demo_cmd(
     A prompt, a beta slider, a seed and a beta video. Loads the models once, then serves until Ctrl+C.
     Example: popyou demo --pipeline runs/txt/pipeline"""
     check_demo_options(port=port, cfg_scales=cfg_scales)
+    loading(pipeline or "the original PopYOU model")
     from popyou_cli.infer.demo import run_demo
 
     run_demo(pipeline=pipeline_at(pipeline, revision), host=host, port=port, share=share, device=device,
