@@ -191,6 +191,28 @@ def test_a_prompt_given_as_a_prompt_file_is_one_clear_line(tmp_path):
     assert "one prompt per line" in msg
 
 
+def test_a_prompt_that_names_a_text_file_asks_for_prompt_file(tmp_path, monkeypatch):
+    # `popyou sample prompts.txt` used to spend minutes on a picture of the words "prompts.txt".
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a wizard funko pop\n")
+    msg = one_line_error(invoke("sample", "prompts.txt", "--out", tmp_path / "out"))
+    assert msg == "error: 'prompts.txt' is a file, not a prompt: did you mean --prompt-file prompts.txt?"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_full_preset_on_a_cpu_names_the_preset_not_a_flag_never_given(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 training runs on this machine's GPU")
+    for command in ("finetune", "train-adapter"):
+        msg = one_line_error(invoke(command, "--data", encoded_stage(), "--out", tmp_path / command))
+        assert "the full preset trains in fp16 on a GPU" in msg and "pass --preset tiny, or --dtype fp32" in msg
+        assert "--dtype fp16" not in msg
+    msg = one_line_error(invoke("finetune", "--dtype", "fp16", "--data", encoded_stage(), "--out", tmp_path / "x"))
+    assert "--dtype fp16 needs a CUDA GPU" in msg  # a flag the user gave is named as given
+
+
 def test_workers_zero_means_the_main_process_in_gen_data(tmp_path, monkeypatch):
     import concurrent.futures
 
