@@ -55,7 +55,7 @@ def import_cmd(
 
 @user_errors
 def sample_cmd(
-    prompts: Optional[list[str]] = typer.Argument(None, metavar="[PROMPT]...", show_default=False,
+    prompts: Optional[list[str]] = typer.Argument(None, metavar="PROMPT", show_default=False,
                                                   help="Text prompt(s), e.g. \"a wizard funko pop\". Leave out "
                                                   "for --class-id."),
     pipeline: Optional[str] = pipeline_option("Pipeline folder or Hub spec. Default: $POPYOU_PIPELINE, else "
