@@ -1,5 +1,5 @@
 """The command line as a practitioner meets it (issue 14): truthful --help, progress in log files, one spelling
-per concept with the old ones deprecated, run folders where model folders are meant, model cards and Hub pushes."""
+per concept, run folders where model folders are meant, model cards and Hub pushes."""
 import json
 import re
 from pathlib import Path
@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from helpers import encoded_stage, invoke, one_line_error
 from popyou_cli.cli.app import app
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CLI_DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 COMMANDS = ("download", "gen-data", "caption", "encode", "finetune", "train-adapter", "import", "sample", "demo", "eval",
             "materialize")
 TINY_FT = ["--preset", "tiny", "--max-steps", 2, "--n-samples", 0]
@@ -37,6 +37,35 @@ def test_help_shows_defaults_and_values_as_written():
         assert "🔚" not in _help(command)
 
 
+def _every_command() -> list[list[str]]:
+    import typer.main
+
+    def walk(group, path):
+        for name, command in group.commands.items():
+            yield from walk(command, [*path, name]) if hasattr(command, "commands") else [[*path, name]]
+
+    return [[], ["bench"], *walk(typer.main.get_command(app), [])]
+
+
+def test_every_help_fits_80_columns_with_flags_shown_as_flags():
+    # sample --help used to be 204 lines at 80 columns, with a 14-character help column, 8 values cut off ("…")
+    # and <bool> after every flag.
+    commands = _every_command()
+    assert ["bench", "startup"] in commands and ["sample"] in commands
+    for command in commands:
+        res = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+        assert res.exit_code == 0, (command, res.output)
+        lines = res.output.splitlines()
+        assert max(len(line) for line in lines) <= 80, command
+        assert not [line for line in lines if "…" in line], (command, [line for line in lines if "…" in line])
+        assert "<bool>" not in res.output, command
+    sample = CliRunner().invoke(app, ["sample", "--help"], env={"COLUMNS": "80"}).output
+    assert len(sample.splitlines()) < 100
+    for panel in ("Model", "Sampling", "Output", "Speed", "Progress"):
+        assert f"╭─ {panel}" in sample, panel
+    assert "needs --pipeline" not in " ".join(sample.split())
+
+
 @pytest.mark.parametrize("command, flag, values", [
     ("gen-data", "--preset", "full|tiny"), ("gen-data", "--dtype", "auto|fp32|bf16|fp16"),
     ("gen-data", "--format", "png|jpeg|webp"), ("encode", "--embed-dtype", "fp16|fp32"),
@@ -61,14 +90,13 @@ def test_dtype_spellings_agree_with_devices():
     import torch
 
     from popyou_cli.core import devices
-    from popyou_cli.cli.common import DTYPE_ALIASES, DTYPES, PRESETS, QUANTIZE_MODES
+    from popyou_cli.cli.common import DTYPES, PRESETS, QUANTIZE_MODES
     from popyou_cli.models.fast import QUANTIZE_MODES as FAST_MODES
     from popyou_cli.core.presets import FINETUNE_PRESETS
 
     assert DTYPES == devices.DTYPE_CHOICES and set(PRESETS) == set(FINETUNE_PRESETS)
     assert QUANTIZE_MODES == FAST_MODES
-    for alias, short in DTYPE_ALIASES.items():
-        assert devices.parse_dtype(alias) == devices.parse_dtype(short) != torch.float64
+    assert all(devices.parse_dtype(d) in (None, torch.float32, torch.bfloat16, torch.float16) for d in DTYPES)
 
 
 def test_errors_keep_their_text(tmp_path):
@@ -123,54 +151,66 @@ def test_every_long_command_reports_progress_in_a_log(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ 3. spellings
-def test_readme_spelling_table_matches_the_help():
-    text = README.read_text()
-    table = text[text.index("### One spelling per concept"):]
+def test_spelling_table_matches_the_help():
+    text = CLI_DOC.read_text()
+    table = text[text.index("## One spelling per concept"):]
     table = table[:table.index("\n\n", table.index("|---"))]
     rows = [r for r in table.splitlines() if r.startswith("| ") and "---" not in r][1:]
     assert len(rows) >= 7
-    helps = {c: _help(c) for c in COMMANDS}
+    helps = {c: _help(*c.split()) for c in (*COMMANDS, "bench sample", "bench train")}
     for row in rows:
         spelling = row.split("|")[2]
         for flag in re.findall(r"--[a-z][a-z-]*", spelling):
             assert any(flag in h for h in helps.values()), flag
 
 
-def test_old_spellings_work_with_a_warning(tmp_path):
-    res = invoke("gen-data", "--preset", "tiny", "--n", 2, "--shard-size", 2, "--batch-size", 2, "--size", 32,
-                 "--device", "cpu", "--dtype", "float32", "--workers", 0, "--out", tmp_path / "gen")
-    assert res.exit_code == 0, res.output
-    assert "warning: --size is deprecated" in res.output and "use --image-size" in res.output
-    from popyou_cli.store import read_manifest
+def test_usage_errors_are_one_line_with_status_2():
+    # click's boxed panel (usage line, hint, box) used to take six lines; the removed pre-release spellings are
+    # unknown options now.
+    for args, words in ((["sample", "--bogus"], "no such option: --bogus"), (["sample", "--n", "abc"], "'--n'"),
+                        (["encode", "--flip"], "no such option: --flip"), (["gen-data"], "missing option"),
+                        (["bench", "sample", "--tiny"], "no such option: --tiny")):
+        msg = one_line_error(invoke(*args), exit_code=2)
+        assert words in msg.lower() and msg.endswith("--help)"), msg
 
-    settings = read_manifest(tmp_path / "gen")["settings"]
-    assert settings["size"] == 32 and settings["dtype"] == "fp32"  # float32 is another spelling of fp32
-    res = invoke("caption", tmp_path / "gen", "--preset", "tiny", "--workers", 0, "--prompt", "a photo of",
-                 "--out", tmp_path / "cap")
-    assert res.exit_code == 0, res.output
-    assert "positional) is deprecated" in res.output and "caption --prompt is deprecated" in res.output
-    res = invoke("encode", "--data", tmp_path / "cap", "--preset", "tiny", "--workers", 0, "--flip", "--vqvae", "tiny",
-                 "--embed-dtype", "float32", "--out", tmp_path / "enc")
-    assert res.exit_code == 0, res.output
-    assert "encode --flip is deprecated" in res.output and "encode --vqvae is deprecated" in res.output
-    import datasets
 
-    enc = datasets.load_from_disk(str(tmp_path / "enc"))
-    assert "codes_flip" in enc.column_names and enc.features["siglip_image"].feature.dtype == "float32"
-    res = invoke("finetune", *TINY_FT, "--data", tmp_path / "enc", "--batch-size", 1, "--mixed-precision", "no",
-                 "--out", tmp_path / "ft")
-    assert res.exit_code == 0 and "--mixed-precision is deprecated" in res.output, res.output
-    both = invoke("encode", "--data", tmp_path / "cap", "--vae", "tiny", "--vqvae", "tiny", "--out", tmp_path / "x")
-    assert "give --vae only" in one_line_error(both)
+def test_a_value_after_a_flag_is_an_error_not_a_prompt(tmp_path):
+    # `--more-smooth true` used to sample a second prompt "true".
+    for flag, word in (("--more-smooth", "true"), ("--fast", "no"), ("--more-smooth", "0")):
+        msg = one_line_error(invoke("sample", "a wizard", flag, word, "--out", tmp_path))
+        assert f"{flag} is a flag and takes no value: drop '{word}'" in msg
+    assert not any(tmp_path.iterdir())
+    msg = one_line_error(invoke("sample", "--dtype", "float64", "x", "--out", tmp_path))  # checked while parsing
+    assert msg == "error: unknown dtype 'float64' (use auto, fp32, bf16 or fp16)"
 
 
 def test_a_prompt_given_as_a_prompt_file_is_one_clear_line(tmp_path):
     msg = one_line_error(invoke("sample", "--prompt-file", "a wizard funko pop", "--out", tmp_path))
     assert "one prompt per line" in msg and 'popyou sample "a wizard funko pop"' in msg
-    msg = one_line_error(invoke("sample", "--prompts", "a wizard funko pop", "--out", tmp_path))  # the old name
-    assert msg.startswith("error: --prompts takes a text file") and "popyou sample" in msg
     msg = one_line_error(invoke("eval", "--pipeline", "x", "--prompt-file", "a knight", "--out", tmp_path))
     assert "one prompt per line" in msg
+
+
+def test_a_prompt_that_names_a_text_file_asks_for_prompt_file(tmp_path, monkeypatch):
+    # `popyou sample prompts.txt` used to spend minutes on a picture of the words "prompts.txt".
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a wizard funko pop\n")
+    msg = one_line_error(invoke("sample", "prompts.txt", "--out", tmp_path / "out"))
+    assert msg == "error: 'prompts.txt' is a file, not a prompt: did you mean --prompt-file prompts.txt?"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_full_preset_on_a_cpu_names_the_preset_not_a_flag_never_given(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 training runs on this machine's GPU")
+    for command in ("finetune", "train-adapter"):
+        msg = one_line_error(invoke(command, "--data", encoded_stage(), "--out", tmp_path / command))
+        assert "the full preset trains in fp16 on a GPU" in msg and "pass --preset tiny, or --dtype fp32" in msg
+        assert "--dtype fp16" not in msg
+    msg = one_line_error(invoke("finetune", "--dtype", "fp16", "--data", encoded_stage(), "--out", tmp_path / "x"))
+    assert "--dtype fp16 needs a CUDA GPU" in msg  # a flag the user gave is named as given
 
 
 def test_workers_zero_means_the_main_process_in_gen_data(tmp_path, monkeypatch):

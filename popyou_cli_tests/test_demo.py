@@ -39,6 +39,16 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def test_the_readme_api_call_works_on_the_tiny_pipeline(client):
+    # README's gradio_client example asks for top-k 900; the tiny vocabulary has 64 codes. Keeping the 900 likeliest
+    # keeps all 64: the call works, and its reproduce command says --top-k 64 (the same pixels).
+    gallery, _, command = client.predict(PROMPT, 1.0, "7", 1, 1.5, 900, 0.96, False, api_name="/generate")
+    args = shlex.split(command)
+    assert args[args.index("--top-k") + 1] == "64"
+    same, _, _ = client.predict(PROMPT, 1.0, "7", 1, 1.5, 64, 0.96, False, api_name="/generate")
+    assert np.array_equal(_pixels(gallery[0]["image"]), _pixels(same[0]["image"]))
+
+
 def test_image_tab_equals_popyou_sample(client, demo_server, tmp_path):
     gallery, info, command = _image_call(client)
     assert [item["caption"] for item in gallery] == ["seed 7", "seed 8", "seed 9"]

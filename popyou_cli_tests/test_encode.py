@@ -161,7 +161,7 @@ def test_two_processes_equal_one(chain, tmp_path):
 
 def test_options_change_the_columns(chain, tmp_path):
     out = tmp_path / "f32"
-    res = run_cli("encode", "--data", chain["cap"], "--out", out, "--text-column", "prompt", "--embed-dtype", "float32",
+    res = run_cli("encode", "--data", chain["cap"], "--out", out, "--text-column", "prompt", "--embed-dtype", "fp32",
                   "--shard-size", 8, "--batch-size", 8, *TINY)
     assert res.exit_code == 0, res.output
     raw = datasets.load_from_disk(str(out))

@@ -219,7 +219,7 @@ def test_static_steps_replayed_across_calls_equal_eager_sampling():
 def test_bench_sample_tiny_reports_every_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sample.json"
-    res = invoke("bench", "sample", "--tiny", "--batch-sizes", "1", "--repeats", "1", "--video-frames", "2",
+    res = invoke("bench", "sample", "--arch", "tiny", "--batch-sizes", "1", "--repeats", "1", "--video-frames", "2",
                  "--no-distances", "--out", out)
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())

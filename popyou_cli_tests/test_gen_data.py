@@ -226,13 +226,14 @@ def test_materialize_and_bench(ref, tmp_path):
                                    for r in json.loads((tmp_path / "bench.json").read_text())["results"])
 
 
-def test_dtype_aliases_are_accepted_and_recorded_by_their_short_name(tmp_path):
-    # --dtype float16 names the same dtype as fp16: accepted, and the manifest keeps one spelling, so a rerun
-    # with either spelling continues the same folder.
-    res = run_cli("gen-data", "--n", 2, "--out", tmp_path / "half", *opts(dtype="float16"))
+def test_dtype_has_one_spelling_checked_before_any_work(tmp_path):
+    # --dtype takes auto|fp32|bf16|fp16 (the aliases float16, half... went before any release); another spelling is
+    # refused in one line while the options are parsed, before a folder is made.
+    assert "unknown dtype 'float16'" in helpers.one_line_error(
+        run_cli("gen-data", "--n", 2, "--out", tmp_path / "half", *opts(dtype="float16")))
+    assert not (tmp_path / "half").exists()
+    res = run_cli("gen-data", "--n", 2, "--out", tmp_path / "half", *opts(dtype="fp16"))
     assert res.exit_code == 0, res.output
     assert read_manifest(tmp_path / "half")["settings"]["dtype"] == "fp16"
-    res = run_cli("gen-data", "--n", 2, "--out", tmp_path / "half", *opts(dtype="fp16"))
-    assert res.exit_code == 0 and "nothing to do" in res.output, res.output
     assert "unknown dtype 'int8'" in helpers.one_line_error(
         run_cli("gen-data", "--n", 2, "--out", tmp_path / "bad", *opts(dtype="int8")))

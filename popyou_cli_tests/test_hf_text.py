@@ -73,3 +73,28 @@ def test_errors_are_one_line(seed_dir, text_sd, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(PopyouError, match="text encoder config"):
         build_hf_text_encoder(str(tmp_path), state_dict=text_sd)
+
+
+def test_a_saved_tower_loads_without_transformers_with_the_same_numbers(enc, tmp_path):
+    """siglip_text.py reads what save_pretrained wrote: the same tokens and embeddings as transformers' model,
+    bit for bit (padding, truncation and the attention mask included)."""
+    enc.save_pretrained(tmp_path)
+    fast = load_hf_text_encoder(tmp_path / "text_encoder", tokenizer=tmp_path / "tokenizer", device="cpu")
+    assert (type(fast.model).__name__, type(fast.tokenizer).__name__) == ("SiglipTextTower", "TokenizerFile")
+    prompts = [*PROMPTS, "x", "A Wizard, Funko POP!", " ".join(["wizard"] * 40)]
+    with pytest.warns(UserWarning, match="truncated"):
+        want_ids, got_ids = enc.tokenize(prompts), fast.tokenize(prompts)
+    assert want_ids.keys() == got_ids.keys() and all(torch.equal(want_ids[k], got_ids[k]) for k in want_ids)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert torch.equal(fast(prompts), enc(prompts))
+    assert fast.dim == enc.dim and fast.max_length == enc.max_length
+
+
+def test_a_tower_the_plain_reader_does_not_know_goes_through_transformers(enc, tmp_path):
+    import json
+
+    enc.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "text_encoder" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "hidden_act": "relu"}))
+    other = load_hf_text_encoder(tmp_path / "text_encoder", tokenizer=tmp_path / "tokenizer", device="cpu")
+    assert type(other.model).__name__ == "SiglipTextModel"

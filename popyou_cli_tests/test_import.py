@@ -407,7 +407,7 @@ def test_bilinear_quantizer_everywhere():
 
 def test_bench_import_tiny(tmp_path):
     """`popyou bench import` builds a checkpoint in the original layout, imports it in a child, reports memory."""
-    res = invoke("bench", "import", "--tiny", "--work", tmp_path, "--out", tmp_path / "bench.json")
+    res = invoke("bench", "import", "--arch", "tiny", "--work", tmp_path, "--out", tmp_path / "bench.json")
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "bench.json").read_text())
     assert got["peak_rss_mib"] >= got["baseline_rss_mib"] > 0 and got["seconds"] > 0

@@ -127,7 +127,7 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
 
 
 def test_bench_train_reports_both_modes(tmp_path):
-    res = invoke("bench", "train", "--tiny", "--steps", 6, "--warmup", 2, "--batch-size", 8, "--device", "cpu",
+    res = invoke("bench", "train", "--arch", "tiny", "--steps", 6, "--warmup", 2, "--batch-size", 8, "--device", "cpu",
                  "--out", tmp_path / "b.json")
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "b.json").read_text())

@@ -45,7 +45,7 @@ print(json.dumps({"seconds": seconds, "rss_mib": hwm / 1024}))
 """
 
 
-def _text_encoder_folder(folder: Path, tiny: bool) -> Path:
+def text_encoder_folder(folder: Path, tiny: bool) -> Path:
     """A SigLIP text config (SigLIP-B/16's sizes, or tiny ones) and a small word-level tokenizer, offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, SiglipTextConfig
@@ -128,7 +128,7 @@ def bench_import(*, depth: int, tiny: bool, work: Path | None, out: Path | None,
         raise PopyouError(f"--layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
     with tempfile.TemporaryDirectory(prefix="popyou-bench-import-", dir=work) as tmp:
         tmp = Path(tmp)
-        text = _text_encoder_folder(tmp / "text", tiny)
+        text = text_encoder_folder(tmp / "text", tiny)
         ckpt = tmp / ("VARtext_v1.pth" if layout == "space" else "original-like.ckpt")
         n_params = make_original_like_checkpoint(ckpt, text, depth=depth, tiny=tiny, layout=layout)
         size_mb = ckpt.stat().st_size / 2**20

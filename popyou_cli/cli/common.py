@@ -1,8 +1,11 @@
 """What every popyou command shares: the stderr console, the one-line handling of user errors, options whose values
-come from a fixed set, renamed options that still work for one release, and help text shown exactly as written."""
+come from a fixed set, and help text shown exactly as written. How the command line itself is read (one-line usage
+errors, flags that take no value) is cli/parsing.py."""
 from __future__ import annotations
 
 import functools
+import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 import typer
@@ -32,17 +35,33 @@ def user_errors(fn):
                           highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as e:  # noqa: BLE001 - the one error path of the command line
-            if type(e).__module__.split(".")[0] == "click":
-                raise  # a usage error (typer.BadParameter...): click prints it with the usage line
+            if is_usage_error(e):
+                raise  # a usage error (typer.BadParameter...): parsing.PopyouGroup prints it
             if debug_enabled():
                 console.print_exception()
-            message = str(e) if isinstance(e, PopyouError) else describe(e)
-            # The message as written: no markup (square brackets would vanish), no emoji (":end:" would become one).
-            console.print(Text.assemble(("error:", "bold red"), " ", " ".join(message.split())), highlight=False,
-                          soft_wrap=True)
+            print_error(str(e) if isinstance(e, PopyouError) else describe(e))
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def loading(what: str) -> None:
+    """`loading WHAT…` on a terminal, at once, before the seconds that importing torch and loading take (in a log
+    file the progress lines say it; an error stays one line there)."""
+    if console.is_terminal:
+        console.print(f"loading {what}…", highlight=False, markup=False, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    """The one form of every error: `error: MESSAGE` on one line of stderr, the message as written (no markup: square
+    brackets would vanish; no emoji: ":end:" would become one), whitespace folded."""
+    console.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(message).split())), highlight=False,
+                  soft_wrap=True)
+
+
+def is_usage_error(e: BaseException) -> bool:
+    """click's own errors (a bad option, a missing value...), from click or from the copy of it inside typer."""
+    return any(c.__name__ == "ClickException" for c in type(e).__mro__)
 
 
 def _literal_help_text(*, text: str, style: str = "", markup_mode=None):
@@ -62,62 +81,44 @@ def show_help_literally() -> None:
     rich_utils._make_rich_text = _literal_help_text
 
 
-def warn(message: str) -> None:
-    console.print(Text.assemble(("warning:", "bold yellow"), " ", message), highlight=False, soft_wrap=True)
-
-
 # ------------------------------------------------------------------------------------------ fixed value sets
 # devices.DTYPE_CHOICES, the spellings devices.parse_dtype accepts and models.fast.QUANTIZE_MODES, restated here so
 # that --help does not import torch; test_cli_usability checks that they agree.
 PRESETS = ("full", "tiny")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 QUANTIZE_MODES = ("int8", "bf16")
 
 
-def choice_option(default, *names: str, choices: Sequence[str], aliases: Optional[dict] = None, **kw):
-    """An option taking one of `choices`: listed in --help (as its metavar) and completed by the shell. `aliases`
-    are other spellings also accepted (e.g. float16 for fp16), turned into the choice. Any other value goes on
-    unchanged to the stage, whose check refuses it in one line naming the flag and the choices (a usage error
-    here would print click's multi-line box instead)."""
-    choices, aliases = tuple(choices), dict(aliases or {})
+def choice_option(default, *names: str, choices: Sequence[str], noun: Optional[str] = None, **kw):
+    """An option taking one of `choices`: listed in --help (as its metavar) and completed by the shell. Any other
+    value is refused while the options are parsed, before any work or heavy import, in one line naming the option
+    (or `noun`) and the choices."""
+    choices = tuple(choices)
 
-    def normalise(value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
+    def check(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+        if value is None or ctx.resilient_parsing:
+            return value
         key = str(value).strip().lower()
-        key = aliases.get(key, key)
-        return key if key in choices else value
+        if key not in choices:
+            raise PopyouError(f"unknown {noun or names[0]} '{value}' (use {', '.join(choices[:-1])} or {choices[-1]})")
+        return key
 
     def complete(incomplete: str) -> list[str]:
         return [c for c in choices if c.startswith(incomplete.lower())]
 
-    return typer.Option(default, *names, metavar="|".join(choices), callback=normalise, autocompletion=complete, **kw)
+    return typer.Option(default, *names, metavar="|".join(choices), callback=check, autocompletion=complete, **kw)
 
 
-# ------------------------------------------------------------------------------------------ renamed options
-def renamed(new, old, *, new_flag: str, old_flag: str, unset=None):
-    """The value of an option that was renamed: `new`, or `old` (the old spelling, hidden; works for one release
-    with a warning). Both given: a one-line error."""
-    if old is None or old is False or old == unset:
-        return new
-    if new is not None and new is not False and new != unset:
-        raise PopyouError(f"{old_flag} is the old name of {new_flag}; give {new_flag} only")
-    warn(f"{old_flag} is deprecated and will be removed in the next release; use {new_flag}")
-    return old
-
-
-def hidden_alias(default, flag: str, new_flag: str):
-    """The old spelling of an option, kept working but out of --help."""
-    return typer.Option(default, flag, hidden=True, help=f"Deprecated: use {new_flag}.")
+# ------------------------------------------------------------------------------------------ help panels
+# The panels of sample, eval and demo --help, by purpose (the training commands have their own, cli/train.py).
+P_MODEL, P_SAMPLING, P_OUTPUT, P_SPEED, P_PROGRESS = "Model", "Sampling", "Output", "Speed", "Progress"
 
 
 # ------------------------------------------------------------------------------------------ progress
-def progress_every_option(panel: Optional[str] = None):
+def progress_every_option(panel: Optional[str] = P_PROGRESS):
     return typer.Option(None, "--progress-every", metavar="SECONDS", rich_help_panel=panel, show_default=False,
-                        help="Seconds between two progress lines when stderr is not a terminal (a log file); "
-                        "0 = a line at every update. Default: $POPYOU_PROGRESS_EVERY, else 30. On a terminal: a "
-                        "live bar.")
+                        help="Seconds between progress lines in a log file (0: every update). Default: "
+                        "$POPYOU_PROGRESS_EVERY, else 30.")
 
 
 def int_list(text: str | None, flag: str) -> list[int] | None:
@@ -131,51 +132,77 @@ def int_list(text: str | None, flag: str) -> list[int] | None:
 
 
 # ------------------------------------------------------------------------------------------ sampling speed
+# Short help here; docs/cli.md says what each mode does and BENCHMARKS.md what it costs.
+DEVICE_FORMS = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def check_device_name(ctx: typer.Context, value: str) -> str:
+    """The form of a --device value, checked while parsing (whether that GPU exists is devices.py's question)."""
+    if value is not None and not ctx.resilient_parsing and not DEVICE_FORMS.fullmatch(value.strip().lower()):
+        raise PopyouError(f"unknown device '{value}' (use auto, cpu, cuda or cuda:N)")
+    return value if value is None else value.strip().lower()
+
+
+def device_option(panel: Optional[str] = P_SPEED, help: str = "auto (the first GPU, else the CPU), cpu, cuda or "
+                  "cuda:N."):
+    return typer.Option("auto", "--device", rich_help_panel=panel, callback=check_device_name, help=help)
+
+
+def dtype_option(help: str, default: Optional[str] = "auto", panel: Optional[str] = P_SPEED, **kw):
+    return choice_option(default, "--dtype", choices=DTYPES, noun="dtype", rich_help_panel=panel, help=help, **kw)
+
+
 def quantize_option():
     """--quantize of sample, eval and demo."""
-    return choice_option(None, "--quantize", choices=QUANTIZE_MODES, show_default=False,
-                         help="Faster sampling that changes the images a little (BENCHMARKS.md measures the speed and "
-                         "the distance): int8 = int8 transformer layers on a CPU (bf16 weights on a GPU), about 2x at "
-                         "batch 1 on a 2-core CPU; bf16 = bf16 transformer weights. Default: exact mode (the same "
-                         "tokens as the reference VAR).")
+    return choice_option(None, "--quantize", choices=QUANTIZE_MODES, show_default=False, rich_help_panel=P_SPEED,
+                         help="Faster, images change a little: int8 layers (CPU) or bf16 weights. Default: exact.")
 
 
 def cfg_scales_option():
     """--cfg-scales of sample, eval and demo."""
-    return typer.Option(None, "--cfg-scales", metavar="K", show_default=False,
-                        help="Classifier-free guidance on the first K scales only (of 10 for VAR-d16): the large "
-                        "late scales then run one pass instead of two. 8 saves about a third of the transformer's "
-                        "work; 0 = no guidance. Default: every scale (exact).")
+    return typer.Option(None, "--cfg-scales", metavar="K", show_default=False, rich_help_panel=P_SPEED,
+                        help="Guidance on the first K scales only (0: none). Default: all (exact).")
 
 
 def fast_option():
     """--fast of sample and eval (off by default: exact mode)."""
-    return typer.Option(False, "--fast", help="Sample in the fastest mode for this device among those within 90% of "
-                        "exact mode's tokens (exact, --quantize int8, --dtype bf16, or both; BENCHMARKS.md), picked by "
-                        "a few seconds' measurement on the model's shapes the first time, then cached per machine. "
-                        "The mode is recorded with the results. POPYOU_FAST_MODE=exact|int8|bf16|bf16+int8 forces "
-                        "one; on a GPU it is bf16 with CUDA graphs. Default: exact mode.")
+    return typer.Option(False, "--fast", rich_help_panel=P_SPEED, help="The fastest mode within 90% of exact "
+                        "mode's tokens, measured once per machine.")
 
 
 def demo_fast_option():
     """--fast / --exact of the demo (on by default there)."""
-    return typer.Option(None, "--fast/--no-fast", " /--exact", show_default=False,
-                        help="The fastest sampling mode for this device within 90% of exact mode's tokens, as "
-                        "'popyou sample --fast' picks it (the page's header names it). Default: on, unless --dtype "
-                        "or --quantize names a mode; --exact (or --no-fast) for exact mode.")
+    return typer.Option(None, "--fast/--no-fast", " /--exact", show_default=False, rich_help_panel=P_SPEED,
+                        help="The fastest mode within 90% of exact's tokens. Default: on, unless --dtype or "
+                        "--quantize names a mode.")
+
+
+def pipeline_option(help: str):
+    return typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", metavar="SPEC", show_default=False,
+                        rich_help_panel=P_MODEL, help=help)
 
 
 def revision_option():
-    return typer.Option(None, "--revision", help="Hub branch, tag or commit of --pipeline (same as SPEC@REVISION; "
-                        "default: the main branch).", show_default=False)
+    return typer.Option(None, "--revision", show_default=False, rich_help_panel=P_MODEL,
+                        help="Hub branch, tag or commit of --pipeline.")
+
+
+def check_prompt_file(given: Optional[Path], command: str = "sample") -> Optional[Path]:
+    """--prompt-file: a file, not a prompt; a prompt given there gets a one-line error that says where prompts go."""
+    if given is not None and not given.is_file():
+        if given.exists():
+            raise PopyouError(f"--prompt-file {given}: not a file (give a text file with one prompt per line)")
+        where = (f"pass it as an argument: popyou sample \"{given}\"" if command == "sample" else
+                 "write it into a text file, one prompt per line")
+        raise PopyouError(f"--prompt-file takes a text file with one prompt per line, and '{given}' is no file; to "
+                          f"use it as a prompt, {where}")
+    return given
 
 
 def pipeline_at(pipeline: Optional[str], revision: Optional[str]) -> Optional[str]:
     """--pipeline with --revision folded in as SPEC@REVISION, so one parser (hub.parse_spec) reads both."""
     if revision is None:
         return pipeline
-    from pathlib import Path
-
     from popyou_cli.infer.resolve import default_pipeline
 
     spec = pipeline or default_pipeline()

@@ -129,7 +129,8 @@ class TrainPreset:
         if self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
             raise PopyouError("need --lr > 0, --warmup >= 0, --min-lr-ratio in [0, 1] and --grad-clip >= 0")
         for flag, value, allowed in (("--schedule", self.schedule, ("linear", "cosine", "constant")),
-                                     ("--mixed-precision", self.mixed_precision, ("no", "bf16", "fp16")),
+                                     ("--dtype", {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision),
+                                      ("fp32", "bf16", "fp16")),
                                      ("--report-to", self.report_to, ("none", "tensorboard", "wandb")),
                                      ("--lora-save", self.lora_save, ("merged", "separate"))):
             if value not in allowed:

@@ -131,7 +131,7 @@ def _check(n: int, p: P.GenDataPreset, quality: int | None, seed: int) -> None:
     check_int("--batch-size", p.batch_size, 1, MAX_BATCH)
     check_seed("--seed", seed)
     if p.size < 8 or p.size % 8 or p.size > MAX_SIZE:
-        raise PopyouError(f"--size must be a multiple of 8 in 8..{MAX_SIZE} (got {p.size})")
+        raise PopyouError(f"--image-size must be a multiple of 8 in 8..{MAX_SIZE} (got {p.size})")
     check_at_least_1(("--steps", p.steps))
     check_int("--steps", p.steps, 1, 1000)
     check_finite(guidance=p.guidance)

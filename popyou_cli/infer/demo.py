@@ -128,7 +128,11 @@ class Demo:
         return shlex.join(args + ["--out", "samples"])
 
     def sampling(self, cfg, top_k, top_p, more_smooth) -> dict:
-        """The tab's sampling options, checked by the pipeline (empty fields: the pipeline's defaults)."""
+        """The tab's sampling options, checked by the pipeline (empty fields: the pipeline's defaults). A top-k
+        above the vocabulary keeps every code, which is what the vocabulary's size does: clamped to it, so that
+        the README's API call (top-k 900) works on any pipeline and the reproduce command says what was used."""
+        if top_k is not None and int(top_k) > self.pipe.var.config.vocab_size:
+            top_k = self.pipe.var.config.vocab_size
         given = dict(cfg=None if cfg is None else float(cfg), top_k=None if top_k is None else int(top_k),
                      top_p=None if top_p is None else float(top_p), more_smooth=more_smooth, cfg_scales=self.cfg_scales)
         opts = self.pipe.options(**given)
@@ -242,7 +246,7 @@ def build_app(demo: Demo):
         with gr.Accordion("Sampling options", open=False):
             with gr.Row():
                 cfg = gr.Number(d.cfg, label="CFG (guidance; 0 = off)", minimum=0, step=0.1)
-                top_k = gr.Number(d.top_k, label="Top-k (0 = off)", minimum=0, maximum=vocab, precision=0)
+                top_k = gr.Number(d.top_k, label=f"Top-k (0 = off; {vocab} = all codes)", minimum=0, precision=0)
                 top_p = gr.Slider(0, 1, value=d.top_p, step=0.01, label="Top-p (0 = off)")
                 smooth = gr.Checkbox(bool(d.more_smooth), label="More smooth")
         return [cfg, top_k, top_p, smooth]

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from popyou_cli.core import hub
+from popyou_cli.core.devices import on_meta
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import atomic_write_json, disk_full_error, sweep_temporaries, temporary_name
 from popyou_cli.core.locks import LOCK_FILE, FolderLock
@@ -53,13 +54,13 @@ def import_checkpoint(source: str | Path, out: str | Path, *, filename: str | No
 
     var_sd, merged = _var_state_dict(parts.pop("var"), lora_alpha)
     var_cfg = infer_var_config(var_sd)
-    with torch.device("meta"):
+    with on_meta():
         var = VAR(var_cfg)
     check_keys(var, var_sd, "the checkpoint's var.* weights")
     vae_sd = parts.pop("vqvae")
     vae_cfg = infer_vqvae_config(vae_sd, patch_nums=var_cfg.patch_nums)
     vae_cfg.resize = "bilinear"  # the original's quantizer (see the module docstring)
-    with torch.device("meta"):
+    with on_meta():
         vqvae = VQVAE(vae_cfg)
     check_keys(vqvae, vae_sd, "the checkpoint's vae.* weights")
     adapter = _adapter(parts.pop("adapter"), var_cfg.embed_dim)

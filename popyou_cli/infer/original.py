@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from popyou_cli.core import hub
+from popyou_cli.core.devices import on_meta
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.infer.folder import PIPELINE_JSON
 from popyou_cli.models.adapter import AdapterConfig, CondAdapter
@@ -171,7 +172,7 @@ def _adapter(part: dict, var_dim: int) -> CondAdapter:
         raise PopyouError(f"the adapter weights miss {e} (found: {', '.join(sorted(part))})") from None
     if cfg.var_dim != var_dim:
         raise PopyouError(f"the adapter outputs {cfg.var_dim} values but the VAR is {var_dim} wide")
-    with torch.device("meta"):
+    with on_meta():
         adapter = CondAdapter(cfg)
     check_keys(adapter, sd, "the checkpoint's adapter.* weights (norm0, layer1, layer2, norm2)")
     adapter.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from popyou_cli.core.devices import on_meta
 from popyou_cli.core.errors import PopyouError, short_error
 from popyou_cli.models.var import VAR, VARConfig
 from popyou_cli.models.vqvae import OFFICIAL_PATCH_NUMS, VQVAE, VQVAEConfig
@@ -258,7 +259,7 @@ def load_var(spec: str, device: str | torch.device = "cpu") -> tuple[VAR, dict]:
     path, meta = resolve(spec, "var")
     sd = read_state_dict(path, "var")
     cfg = VARConfig.from_dict(meta["config"]) if meta else infer_var_config(sd)
-    with torch.device("meta"):
+    with on_meta():
         model = VAR(cfg)
     _load_into(model, sd, str(path))
     model.init_buffers()
@@ -284,7 +285,7 @@ def load_vqvae(spec: str, patch_nums=None, device: str | torch.device = "cpu", r
         cfg.patch_nums = tuple(patch_nums)
     if resize is not None:
         cfg = VQVAEConfig.from_dict({**cfg.to_dict(), "resize": resize})
-    with torch.device("meta"):
+    with on_meta():
         model = VQVAE(cfg)
     # ema_vocab_hit_SV is a training statistic sized by the number of scales; the reference silently replaces
     # a mis-sized one, and so do we (one VQ-VAE file serves VARs with different patch_nums).

@@ -94,7 +94,7 @@ class SelfAttention(nn.Module):
         self.heads, self.head_dim, self.l2_norm = heads, dim // heads, l2_norm
         if l2_norm:
             self.scale = 1.0
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))  # (4.0).log(), bit for bit
             self.max_scale_mul = math.log(100)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
@@ -209,7 +209,9 @@ class VAR(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)compute the constant buffers; called after loading so they never depend on the file."""
-        dev = self.pos_1LC.device  # meta while building on the meta device, the weights' device after loading
+        dev = self.pos_1LC.device
+        if dev.type == "meta":
+            return  # building on meta (devices.on_meta): the registered shapes stand until the loader calls this
         pns = self.config.patch_nums
         lvl = torch.cat([torch.full((p * p,), i, dtype=torch.long, device=dev) for i, p in enumerate(pns)]).view(1, -1)
         self.lvl_1L = lvl

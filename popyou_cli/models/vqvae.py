@@ -344,7 +344,7 @@ class VQVAE(nn.Module):
     def encode_latent(self, img: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
             raise PopyouError("this VQ-VAE was saved without its encoder (decoder side only, as the original demo's "
-                              "model file): encode with the full VQ-VAE, e.g. --vqvae "
+                              "model file): encode with the full VQ-VAE, e.g. --vae "
                               "FoundationVision/var/vae_ch160v4096z32.pth")
         return self.quant_conv(self.encoder(img))
 

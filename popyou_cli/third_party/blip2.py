@@ -181,19 +181,32 @@ def build_tiny_captioner(*, seed: int = TINY_CAPTIONER_SEED):
     (byte-level BPE, as OPT's) and a Blip2Processor with 64-pixel images and 4 query tokens. It captions with
     gibberish, quickly.
     """
-    import string
-
     import torch
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        BlipImageProcessor,
-        GPT2Tokenizer,
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    tokenizer = _tiny_opt_tokenizer()
+    image_processor = BlipImageProcessor(
+        size={"height": TINY_CAPTIONER_IMAGE_SIZE, "width": TINY_CAPTIONER_IMAGE_SIZE},
     )
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=TINY_CAPTIONER_QUERY_TOKENS)
+    config = _tiny_blip2_config(tokenizer, tokenizer.convert_tokens_to_ids(str(processor.image_token)))
+    with seeded(seed):
+        net = Blip2ForConditionalGeneration(config)
+        # With the default init (std 0.02) every image gets the same caption; with std 0.2 the image shows.
+        with torch.no_grad():
+            for param in net.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, 0.2)
+    _generate_word_like_captions(net, tokenizer, str(processor.image_token))
+    return net.eval(), processor
+
+
+def _tiny_opt_tokenizer():
+    """A GPT2Tokenizer over the tiny corpus's byte-level BPE, with OPT's special tokens and habits."""
+    from transformers import GPT2Tokenizer
 
     vocab, merges = _tiny_caption_tokenizer_files()
-    tokenizer = GPT2Tokenizer(
+    return GPT2Tokenizer(
         vocab=dict(vocab),
         merges=list(merges),
         bos_token="</s>",
@@ -203,13 +216,14 @@ def build_tiny_captioner(*, seed: int = TINY_CAPTIONER_SEED):
         add_bos_token=True,  # as OPT's tokenizer: "</s>" starts every text
         padding_side="left",
     )
-    image_processor = BlipImageProcessor(
-        size={"height": TINY_CAPTIONER_IMAGE_SIZE, "width": TINY_CAPTIONER_IMAGE_SIZE},
-    )
-    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=TINY_CAPTIONER_QUERY_TOKENS)
-    image_token_id = tokenizer.convert_tokens_to_ids(str(processor.image_token))
+
+
+def _tiny_blip2_config(tokenizer, image_token_id: int):
+    """BLIP-2's three parts (ViT, Q-Former, OPT) at width 32, two layers each."""
+    from transformers import Blip2Config
+
     width = 32
-    config = Blip2Config(
+    return Blip2Config(
         vision_config=dict(
             hidden_size=width,
             intermediate_size=2 * width,
@@ -242,15 +256,13 @@ def build_tiny_captioner(*, seed: int = TINY_CAPTIONER_SEED):
         num_query_tokens=TINY_CAPTIONER_QUERY_TOKENS,
         image_token_index=image_token_id,
     )
-    with seeded(seed):
-        net = Blip2ForConditionalGeneration(config)
-        # With the default init (std 0.02) every image gets the same caption; with std 0.2 the image shows.
-        with torch.no_grad():
-            for param in net.parameters():
-                if param.dim() >= 2:
-                    param.normal_(0.0, 0.2)
-    # Keep the gibberish word-like: only generate tokens made of letters, spaces and a little punctuation (stray
-    # UTF-8 bytes would decode to U+FFFD), never <pad>, <unk> or <image>.
+
+
+def _generate_word_like_captions(net, tokenizer, image_token: str) -> None:
+    """Keep the gibberish word-like: only generate tokens made of letters, spaces and a little punctuation (stray
+    UTF-8 bytes would decode to U+FFFD), never <pad>, <unk> or <image>; at least 4 tokens."""
+    import string
+
     allowed = set(string.ascii_letters + " ,.-'")
     suppress = sorted(
         i
@@ -258,7 +270,7 @@ def build_tiny_captioner(*, seed: int = TINY_CAPTIONER_SEED):
         if i != tokenizer.eos_token_id
         and (
             token in tokenizer.all_special_tokens
-            or token == str(processor.image_token)
+            or token == image_token
             or not set(tokenizer.convert_tokens_to_string([token])) <= allowed
         )
     )
@@ -270,4 +282,3 @@ def build_tiny_captioner(*, seed: int = TINY_CAPTIONER_SEED):
         gen_config.eos_token_id = tokenizer.eos_token_id
         gen_config.pad_token_id = tokenizer.pad_token_id
         gen_config.suppress_tokens = suppress
-    return net.eval(), processor

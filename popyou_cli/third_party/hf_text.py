@@ -135,9 +135,9 @@ def build_hf_text_encoder(config_spec: str, tokenizer: str | None = None,
         with _explained(config_spec, "text encoder weights"), _quiet_transformers():
             model = cls.from_pretrained(config_spec, config=cfg)
     else:
-        import torch
+        from popyou_cli.core.devices import on_meta
 
-        with torch.device("meta"):
+        with on_meta():
             model = cls(cfg)
         sd = _fit_layout(state_dict, model)
         want = model.state_dict()
@@ -157,9 +157,17 @@ def build_hf_text_encoder(config_spec: str, tokenizer: str | None = None,
 
 def load_hf_text_encoder(folder_or_id: str | Path, tokenizer: str | Path | None = None,
                          device="cpu") -> HFTextEncoder:
-    """A saved text encoder (a folder written by save_pretrained, or a Hub id) and its tokenizer."""
-    enc = build_hf_text_encoder(str(folder_or_id), str(tokenizer) if tokenizer else None)
-    return enc.to(device)
+    """A saved text encoder (a folder written by save_pretrained, or a Hub id) and its tokenizer. A local folder
+    of a SigLIP text tower loads without transformers' model classes (siglip_text.py: the same numbers, seconds
+    sooner); anything else through transformers."""
+    from popyou_cli.third_party.siglip_text import load_text_tower, load_tokenizer_file
+
+    tower = load_text_tower(folder_or_id)
+    if tower is None:
+        return build_hf_text_encoder(str(folder_or_id), str(tokenizer) if tokenizer else None).to(device)
+    tok_spec = tokenizer or folder_or_id
+    tok = load_tokenizer_file(tok_spec) or load_tokenizer(str(tok_spec))
+    return HFTextEncoder(tower, tok).to(device)
 
 
 def load_pipeline_text_encoder(pipeline_folder: str | Path, entry: dict, device="cpu") -> HFTextEncoder:

@@ -147,62 +147,91 @@ def build_tiny_text_to_image(image_size: int = TINY_IMAGE_SIZE, *, seed: int = T
     """
     if image_size % 8 or image_size < 8:
         raise PopyouError(f"tiny text-to-image size must be a positive multiple of 8, got {image_size}")
-    from diffusers import (
-        AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = clip_tokenizer()
-    text_width, time_embed_dim = 32, 8
-    with seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 1),
-            cross_attention_dim=2 * text_width,  # the two encoders' hidden states, concatenated
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_embed_dim,
-            # 6 micro-conditioning numbers (original size, crop, target size) + the pooled text embedding
-            projection_class_embeddings_input_dim=6 * time_embed_dim + text_width,
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=image_size,
-        )
-        text_config = dict(
-            vocab_size=len(tokenizer),
-            hidden_size=text_width,
-            intermediate_size=2 * text_width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_CONTEXT_LENGTH,
-            projection_dim=text_width,
-            hidden_act="gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    with seeded(seed):  # the draws in this order: unet, vae, then the two text encoders
+        unet = _tiny_unet(image_size)
+        vae = _tiny_vae(image_size)
+        text_config = _tiny_clip_text_config(tokenizer)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-    scheduler = EulerAncestralDiscreteScheduler(
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=_turbo_scheduler())
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_TINY_TEXT_WIDTH, _TINY_TIME_EMBED_DIM = 32, 8
+
+
+def _tiny_unet(image_size: int):
+    """SDXL's UNet layout in miniature: two levels, cross-attention on the lower one, text_time conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=image_size // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        cross_attention_dim=2 * _TINY_TEXT_WIDTH,  # the two encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TINY_TIME_EMBED_DIM,
+        # 6 micro-conditioning numbers (original size, crop, target size) + the pooled text embedding
+        projection_class_embeddings_input_dim=6 * _TINY_TIME_EMBED_DIM + _TINY_TEXT_WIDTH,
+        norm_num_groups=32,
+    )
+
+
+def _tiny_vae(image_size: int):
+    """An AutoencoderKL with SDXL's 4 levels (vae_scale_factor 8) and 4 latent channels, narrow."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=image_size,
+    )
+
+
+def _tiny_clip_text_config(tokenizer) -> dict:
+    """The CLIPTextConfig fields of both tiny text encoders (the second adds its projection)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=_TINY_TEXT_WIDTH,
+        intermediate_size=2 * _TINY_TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_CONTEXT_LENGTH,
+        projection_dim=_TINY_TEXT_WIDTH,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _turbo_scheduler():
+    """SDXL-Turbo's scheduler: Euler ancestral with trailing timesteps (one step lands on t = 999)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    return EulerAncestralDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -210,16 +239,3 @@ def build_tiny_text_to_image(image_size: int = TINY_IMAGE_SIZE, *, seed: int = T
         timestep_spacing="trailing",
         steps_offset=1,
     )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-    )
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -89,7 +89,7 @@ def finetune(*, data: Path, out: Path, preset: str = "full", vae: str | None = N
     p = train_preset(FINETUNE_PRESETS, preset, stage="finetune", **options)
     check_training(p)  # every number in its range (bounds.py), before the folder is made
     out = ensure_writable_dir(Path(out))
-    acc = make_accelerator(p, out)
+    acc = make_accelerator(p, out, dtype_from_preset=preset if options.get("mixed_precision") is None else None)
     lock = lock_run(acc, out, "popyou finetune")  # one run per folder: a second one is refused, naming this process
 
     # Everything that can be wrong with the input is checked here, before the first step.

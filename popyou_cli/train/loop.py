@@ -58,8 +58,9 @@ class TrainResult:
     history: list = field(default_factory=list)  # settings changed by --resume-with-changes: [{step, changed}]
 
 
-def make_accelerator(cfg: TrainPreset, run_dir: Path):
-    """The process's Accelerator. Also checks the mixed precision and tracker choices before anything loads."""
+def make_accelerator(cfg: TrainPreset, run_dir: Path, dtype_from_preset: str | None = None):
+    """The process's Accelerator. Also checks the mixed precision and tracker choices before anything loads.
+    `dtype_from_preset`: the preset's name when the user gave no --dtype (an error then names the preset)."""
     import importlib.util
 
     from accelerate import Accelerator
@@ -70,6 +71,9 @@ def make_accelerator(cfg: TrainPreset, run_dir: Path):
         raise PopyouError(f"--report-to {cfg.report_to} needs the '{cfg.report_to}' package (pip install "
                           f"{cfg.report_to}), or use --report-to none (metrics.jsonl is always written)")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        if dtype_from_preset:  # the user never wrote --dtype fp16: name what set it
+            raise PopyouError(f"the {dtype_from_preset} preset trains in fp16 on a GPU, and no CUDA GPU is visible; "
+                              "on this CPU pass --preset tiny, or --dtype fp32")
         raise PopyouError("--dtype fp16 needs a CUDA GPU for training (its loss scaler is CUDA-only); "
                           "use bf16 or fp32 on CPU")
     # accelerate keeps one global state per process; a second stage run in the same Python process (tests,
@@ -212,7 +216,7 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
             if not math.isfinite(mean_loss):
                 msg = (f"stopped: the loss became {mean_loss} at step {state['step'] + 1}; nothing was updated or "
                        f"saved after it. Last good checkpoint: {last or 'none'}. Lower --lr, raise --warmup, or "
-                       "use --mixed-precision bf16/no, then --resume latest")
+                       "use --dtype bf16 or --dtype fp32, then --resume latest")
                 if cfg.report_to != "none":
                     acc.end_training()
                 raise PopyouError(msg)

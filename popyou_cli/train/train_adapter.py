@@ -70,7 +70,7 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
     p = train_preset(ADAPTER_PRESETS, preset, stage="train-adapter", **options)
     check_training(p)  # every number in its range (bounds.py), before the folder is made
     out = ensure_writable_dir(Path(out))
-    acc = make_accelerator(p, out)
+    acc = make_accelerator(p, out, dtype_from_preset=preset if options.get("mixed_precision") is None else None)
     lock = lock_run(acc, out, "popyou train-adapter")  # one run per folder: a second one is refused
 
     # --- every input check before the first step
