@@ -61,12 +61,11 @@ def test_dtype_spellings_agree_with_devices():
     import torch
 
     from popyou_cli.core import devices
-    from popyou_cli.cli.common import DTYPE_ALIASES, DTYPES, PRESETS, QUANTIZE_MODES
-    from popyou_cli.models.fast import QUANTIZE_MODES as FAST_MODES
-    from popyou_cli.core.presets import FINETUNE_PRESETS
+    from popyou_cli.core.presets import DTYPE_ALIASES, DTYPES, FINETUNE_PRESETS, PRESET_NAMES
 
-    assert DTYPES == devices.DTYPE_CHOICES and set(PRESETS) == set(FINETUNE_PRESETS)
-    assert QUANTIZE_MODES == FAST_MODES
+    assert set(PRESET_NAMES) == set(FINETUNE_PRESETS) and DTYPES[0] == "auto"
+    for short in DTYPES[1:]:  # what --help lists, devices parses
+        assert devices.dtype_name(devices.parse_dtype(short)) == short
     for alias, short in DTYPE_ALIASES.items():
         assert devices.parse_dtype(alias) == devices.parse_dtype(short) != torch.float64
 

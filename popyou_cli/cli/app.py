@@ -13,13 +13,15 @@ from typing import Optional
 import typer
 
 from popyou_cli.cli.bench import bench_app
-from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, cfg_scales_option, choice_option, console, hidden_alias,
+from popyou_cli.cli.common import (cfg_scales_option, choice_option, console, hidden_alias,
                          pipeline_at, progress_every_option, quantize_option, renamed, revision_option,
                          show_help_literally, user_errors, demo_fast_option, fast_option)
 from popyou_cli.cli.data import caption_cmd, encode_cmd, gen_data_cmd
 from popyou_cli.cli.train import finetune_cmd, train_adapter_cmd
 from popyou_cli.core.bounds import check_demo_options, check_eval_options, check_sample_options
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.formats import METRICS_JSON
+from popyou_cli.core.presets import DEFAULT_VAE, DEFAULT_VAR, DTYPE_ALIASES, DTYPES, PRESET_NAMES as PRESETS
 from popyou_cli.core.progress import set_progress_every
 
 show_help_literally()  # help texts say "[preset: 3e-4]" and "START:END:N" and mean them as written
@@ -53,8 +55,6 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     failures.debug_flag = debug  # set on every invocation: an in-process caller's next command starts without it
 
 
-DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
-DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
 _DEVICE_SAMPLE = typer.Option("auto", "--device", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")
 _DTYPE_SAMPLE = choice_option("auto", "--dtype", choices=DTYPES, aliases=DTYPE_ALIASES, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (autocast); float32, float16, half, bfloat16 accepted too.")
 
@@ -273,7 +273,7 @@ def eval_cmd(
                        allow_other_data=allow_other_data)
     console.print(summary_line(res), highlight=False, markup=False)
     console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False, markup=False)
-    typer.echo(str(out / "metrics.json"))
+    typer.echo(str(out / METRICS_JSON))
 
 
 @app.command("materialize")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.text import Text
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import QUANTIZE_MODES  # the option's values, no torch: --help stays fast
 
 console = Console(stderr=True)
 
@@ -64,15 +65,6 @@ def show_help_literally() -> None:
 
 def warn(message: str) -> None:
     console.print(Text.assemble(("warning:", "bold yellow"), " ", message), highlight=False, soft_wrap=True)
-
-
-# ------------------------------------------------------------------------------------------ fixed value sets
-# devices.DTYPE_CHOICES, the spellings devices.parse_dtype accepts and models.fast.QUANTIZE_MODES, restated here so
-# that --help does not import torch; test_cli_usability checks that they agree.
-PRESETS = ("full", "tiny")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-QUANTIZE_MODES = ("int8", "bf16")
 
 
 def choice_option(default, *names: str, choices: Sequence[str], aliases: Optional[dict] = None, **kw):

@@ -10,9 +10,10 @@ from typing import Optional
 
 import typer
 
-from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, int_list,
+from popyou_cli.cli.common import (choice_option, console, hidden_alias, int_list,
                          progress_every_option, renamed, user_errors)
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import DTYPE_ALIASES, DTYPES, PRESET_NAMES as PRESETS
 from popyou_cli.core.progress import set_progress_every
 
 # Options shared by the data stages (gen-data, caption, encode).

@@ -8,9 +8,10 @@ from typing import Optional
 
 import typer
 
-from popyou_cli.cli.common import (DTYPE_ALIASES, DTYPES, PRESETS, choice_option, console, hidden_alias, progress_every_option,
+from popyou_cli.cli.common import (choice_option, console, hidden_alias, progress_every_option,
                          renamed, user_errors)
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import DTYPE_ALIASES, DTYPES, PRESET_NAMES as PRESETS
 from popyou_cli.core.progress import set_progress_every
 
 # Help panels of the training options.

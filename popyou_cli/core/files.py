@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from popyou_cli.core.errors import PopyouError, short_error
+from popyou_cli.core.presets import TINY
 
 TMP_SUFFIX = ".tmp"  # temporary files are named ".<final name>.<pid>.<hex>.tmp": hidden, and easy to sweep
 _TMP_RE = re.compile(r"^\..+\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
@@ -314,7 +315,7 @@ def portable_path(target: str | os.PathLike, folder: str | os.PathLike) -> str:
 def resolve_recorded(spec: str | None, folder: str | os.PathLike) -> str | None:
     """The inverse of portable_path for a spec read from `folder`'s records: a relative path that exists there
     becomes a usable path; Hub ids, "tiny" and absolute paths stay as they are."""
-    if not spec or os.path.isabs(spec) or spec == "tiny":
+    if not spec or os.path.isabs(spec) or spec == TINY:
         return spec
     candidate = Path(folder) / spec
     return str(candidate) if candidate.exists() else spec
@@ -323,6 +324,6 @@ def resolve_recorded(spec: str | None, folder: str | os.PathLike) -> str | None:
 def portable_spec(spec: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
     """A model or data spec as a record in `folder`: a local path made portable (portable_path); a Hub id,
     "tiny" or None as it is."""
-    if spec is None or str(spec) == "tiny" or not os.path.exists(os.path.expanduser(str(spec))):
+    if spec is None or str(spec) == TINY or not os.path.exists(os.path.expanduser(str(spec))):
         return None if spec is None else str(spec)
     return portable_path(spec, folder)

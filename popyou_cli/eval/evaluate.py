@@ -30,7 +30,7 @@ from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import ensure_writable_dir, portable_spec, resolve_recorded
 from popyou_cli.eval.heldout import check_training_data, held_out, heldout_summary, per_row_nll
 from popyou_cli.infer.pipeline import Pipeline
-from popyou_cli.core.presets import ADAPTER_PRESETS, get_preset
+from popyou_cli.core.presets import ADAPTER_PRESETS, TINY, get_preset
 from popyou_cli.core.progress import Progress
 from popyou_cli.eval.fid_reference import (ReferenceSet, any_reference, dataset_images, dataset_reference, read_sample_folder,
                          reference_features)
@@ -38,7 +38,6 @@ from popyou_cli.eval.report import caveats, command_line, write_report
 from popyou_cli.infer.options import SamplingOptions, check_disk, read_prompts
 
 FID_PROGRESS_BATCH = 32
-STAND_IN = "tiny"  # the spec of popyou's seeded random stand-in models (--preset tiny)
 
 
 def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
@@ -47,15 +46,15 @@ def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
     import json
 
     parts = [name for name, spec in (("VAR", config.get("var")), ("VQ-VAE", config.get("vqvae")),
-                                     ("text encoder", (config.get("encoder") or {}).get("model"))) if spec == STAND_IN]
+                                     ("text encoder", (config.get("encoder") or {}).get("model"))) if spec == TINY]
     var_config = folder / str(config.get("var")) / "config.json" if folder is not None and config.get("var") else None
     if "VAR" not in parts and var_config is not None and var_config.is_file():
         try:
-            if json.loads(var_config.read_text(encoding="utf-8")).get("base") == STAND_IN:
+            if json.loads(var_config.read_text(encoding="utf-8")).get("base") == TINY:
                 parts.append("VAR")
         except (OSError, ValueError):
             pass
-    if (config.get("train") or {}).get("preset") == STAND_IN:
+    if (config.get("train") or {}).get("preset") == TINY:
         parts.append("training preset")
     return parts
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.formats import SAMPLES_JSONL
 
 CACHE_SUBFOLDER = "fid-reference"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SAMPLES_JSONL = "samples.jsonl"
 
 
 @dataclass

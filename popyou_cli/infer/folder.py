@@ -20,10 +20,9 @@ from torch import nn
 
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import atomic_write_json
+from popyou_cli.core.formats import PIPELINE_JSON
 from popyou_cli.models.adapter import CondAdapter, save_adapter
 from popyou_cli.models.lora import save_var
-
-PIPELINE_JSON = "pipeline.json"
 
 
 def read_pipeline_json(folder: Path, shown: str) -> dict:

@@ -18,14 +18,15 @@ import torch
 
 from popyou_cli.core import hub
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.core.presets import DEFAULT_VAE
 from popyou_cli.core.files import atomic_write_json, disk_full_error, sweep_temporaries, temporary_name
 from popyou_cli.core.locks import LOCK_FILE, FolderLock
-from popyou_cli.infer.folder import PIPELINE_JSON
 from popyou_cli.infer.original import (_EXPECTS, CHECKPOINT_SUFFIXES, DEFAULT_CLASS_ID, DEFAULT_LORA_ALPHA,
                                        ORIGINAL_SAMPLING, _adapter, _var_state_dict, pick_checkpoint,
                                        read_checkpoint, split_state_dict)
 from popyou_cli.models.adapter import save_adapter
-from popyou_cli.models.checkpoints import DEFAULT_VAE, check_keys, infer_var_config, infer_vqvae_config, save_model
+from popyou_cli.models.checkpoints import check_keys, infer_var_config, infer_vqvae_config, save_model
 from popyou_cli.models.var import VAR
 from popyou_cli.models.vqvae import VQVAE
 from popyou_cli.third_party.hf_text import DEFAULT_HF_TEXT_ENCODER, build_hf_text_encoder

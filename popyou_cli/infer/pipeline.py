@@ -28,7 +28,9 @@ from torch import nn
 from popyou_cli.core import devices
 from popyou_cli.models.autotune import check_fast
 from popyou_cli.core.errors import PopyouError
-from popyou_cli.models.checkpoints import DEFAULT_VAE, load_vqvae
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.core.presets import DEFAULT_VAE, TINY
+from popyou_cli.models.checkpoints import load_vqvae
 from popyou_cli.models.generate import SamplingGraphs, generate
 from popyou_cli.models.lora import load_var_lora
 from popyou_cli.models.var import VAR
@@ -63,8 +65,8 @@ class Pipeline:
         check_fast(fast, dtype, quantize)
         spec = spec or default_pipeline()
         local = Path(spec).expanduser()
-        is_model_folder = local.is_dir() and not (local / "pipeline.json").is_file() and (local / "config.json").is_file()
-        if is_model_folder or local.is_file() or spec == "tiny":
+        is_model_folder = local.is_dir() and not (local / PIPELINE_JSON).is_file() and (local / "config.json").is_file()
+        if is_model_folder or local.is_file() or spec == TINY:
             return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
         folder = resolve_pipeline(spec, revision)
         return cls._load_folder(folder, spec, device, dtype, vae, quantize, fast)

@@ -1,7 +1,7 @@
 """A pipeline spec -> a local pipeline folder: the one resolver of model specs for `sample`, `demo`, `eval`,
 `download` and `Pipeline.from_pretrained`.
 
-None means $POPYOU_PIPELINE, else the original demo's model (original.DEFAULT_PIPELINE). A local folder is used as
+None means $POPYOU_PIPELINE, else the original demo's model (core/presets.DEFAULT_PIPELINE). A local folder is used as
 it is; a Hub spec (core/hub.py: any repo type, optional file and revision) holding a popyou folder is downloaded
 as a snapshot; one holding the original model is downloaded once through the Hugging Face cache and imported once
 into popyou's cache (`imports/<repo>/<commit>--<file>`), then reused, offline too, without a single request.
@@ -15,9 +15,10 @@ from pathlib import Path
 from popyou_cli.core import hub
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import cache_root
-from popyou_cli.infer.folder import PIPELINE_JSON
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.core.presets import DEFAULT_PIPELINE
 from popyou_cli.infer.import_model import import_checkpoint
-from popyou_cli.infer.original import DEFAULT_PIPELINE, WHERE_IT_LIVES, pick_checkpoint
+from popyou_cli.infer.original import WHERE_IT_LIVES, pick_checkpoint
 
 PIPELINE_ENV = "POPYOU_PIPELINE"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from popyou_cli.core.formats import SAMPLES_JSONL
 from popyou_cli.core.files import atomic_write, ensure_writable_dir, portable_spec
 from popyou_cli.core.images import grid, image_label, save_png
 from popyou_cli.infer.pipeline import Pipeline
@@ -92,7 +93,7 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
         records.append({"prompt_index": p, "prompt": prompts[p], "seed": im.info["seed"], "path": paths[-1].name,
                         **settings})
     grid_path = _write_grid(images, out, "grid.png", ncol=n if len(prompts) > 1 else None)
-    return SampleResult(out, paths, grid_path, _write_jsonl(out / "samples.jsonl", records))
+    return SampleResult(out, paths, grid_path, _write_jsonl(out / SAMPLES_JSONL, records))
 
 
 def _beta_sweep(pipe: Pipeline, prompt: str, betas: list[float], seed: int, opts: SamplingOptions, batch_size: int,
@@ -110,7 +111,7 @@ def _beta_sweep(pipe: Pipeline, prompt: str, betas: list[float], seed: int, opts
         records.append({"prompt": prompt, "seed": seed, "path": paths[-1].name, **settings, "beta": b})
     mp4, strip = write_beta_sweep(frames, betas, out / "beta_sweep.mp4", fps=SWEEP_FPS)
     strip_path = save_png(strip, out / "beta_strip.png")
-    return SampleResult(out, paths, strip_path, _write_jsonl(out / "samples.jsonl", records), extras=[mp4])
+    return SampleResult(out, paths, strip_path, _write_jsonl(out / SAMPLES_JSONL, records), extras=[mp4])
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:

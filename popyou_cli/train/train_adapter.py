@@ -24,7 +24,8 @@ from popyou_cli.train.model_card import write_model_card
 from popyou_cli.models.adapter import AdapterConfig, CondAdapter, load_adapter
 from popyou_cli.models.lora import apply_lora, base_var, load_var_lora
 from popyou_cli.models.var import next_scale_loss
-from popyou_cli.infer.folder import PIPELINE_JSON, push_to_hub, read_pipeline_json, save_pipeline
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.infer.folder import push_to_hub, read_pipeline_json, save_pipeline
 from popyou_cli.core.presets import ADAPTER_PRESETS, train_preset
 from popyou_cli.train.resume import data_fingerprint, fingerprint, lock_run
 from popyou_cli.train.loop import make_accelerator, train
