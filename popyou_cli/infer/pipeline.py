@@ -28,7 +28,6 @@ from torch import nn
 from popyou_cli.core import devices
 from popyou_cli.models.autotune import check_fast
 from popyou_cli.core.errors import PopyouError
-from popyou_cli.core.formats import PIPELINE_JSON
 from popyou_cli.core.presets import DEFAULT_VAE, TINY
 from popyou_cli.models.checkpoints import load_vqvae
 from popyou_cli.models.generate import SamplingGraphs, generate
@@ -36,7 +35,7 @@ from popyou_cli.models.lora import load_var_lora
 from popyou_cli.models.var import VAR
 from popyou_cli.models.vqvae import VQVAE
 from popyou_cli.infer.resolve import default_pipeline, resolve_pipeline
-from popyou_cli.infer.folder import read_pipeline_json
+from popyou_cli.infer.folder import PipelineFolder
 from popyou_cli.infer.options import SamplingOptions, check_seed
 
 
@@ -65,11 +64,12 @@ class Pipeline:
         check_fast(fast, dtype, quantize)
         spec = spec or default_pipeline()
         local = Path(spec).expanduser()
-        is_model_folder = local.is_dir() and not (local / PIPELINE_JSON).is_file() and (local / "config.json").is_file()
+        is_model_folder = (local.is_dir() and not PipelineFolder.is_pipeline(local)
+                           and (local / "config.json").is_file())
         if is_model_folder or local.is_file() or spec == TINY:
             return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
-        folder = resolve_pipeline(spec, revision)
-        return cls._load_folder(folder, spec, device, dtype, vae, quantize, fast)
+        folder = PipelineFolder.read(resolve_pipeline(spec, revision), spec)
+        return cls._load_folder(folder, device, dtype, vae, quantize, fast)
 
     @classmethod
     def from_model(cls, var: str, vae: str | None = None, *, device="auto", dtype="auto",
@@ -85,20 +85,19 @@ class Pipeline:
         return pipe._prepared(quantize, fast)
 
     @classmethod
-    def _load_folder(cls, folder: Path, shown: str, device, dtype, vae, quantize, fast: bool = False) -> "Pipeline":
+    def _load_folder(cls, folder: PipelineFolder, device, dtype, vae, quantize, fast: bool = False) -> "Pipeline":
         from popyou_cli.third_party.text import load_text_encoder
         from popyou_cli.models.adapter import load_adapter
 
-        cfg = read_pipeline_json(folder, shown)
+        cfg, shown = folder.config, folder.shown
         dev = devices.resolve_device(device)
-        local = lambda ref: str(folder / ref) if (folder / ref).is_dir() else ref  # noqa: E731
-        var, _ = load_var_lora(local(cfg["var"]), device=dev)
-        vqvae = _load_vqvae_for(var, vae or local(cfg["vqvae"]), dev, resize=cfg.get("vqvae_resize"))
-        adapter, _ = load_adapter(folder, device=dev)
+        var, _ = load_var_lora(folder.part("var"), device=dev)
+        vqvae = _load_vqvae_for(var, vae or folder.part("vqvae"), dev, resize=cfg.get("vqvae_resize"))
+        adapter, _ = load_adapter(folder.path, device=dev)
         if adapter.config.var_dim != var.config.embed_dim:
             raise PopyouError(f"{shown}: the adapter outputs {adapter.config.var_dim} values, the VAR is "
                               f"{var.config.embed_dim} wide")
-        encoder = load_text_encoder(cfg["encoder"], folder, device=dev)
+        encoder = load_text_encoder(cfg["encoder"], folder.path, device=dev)
         if encoder.dim != adapter.config.embed_dim:
             raise PopyouError(f"{shown}: the text encoder gives {encoder.dim} values, the adapter takes "
                               f"{adapter.config.embed_dim}")

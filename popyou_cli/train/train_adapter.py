@@ -24,8 +24,7 @@ from popyou_cli.train.model_card import write_model_card
 from popyou_cli.models.adapter import AdapterConfig, CondAdapter, load_adapter
 from popyou_cli.models.lora import apply_lora, base_var, load_var_lora
 from popyou_cli.models.var import next_scale_loss
-from popyou_cli.core.formats import PIPELINE_JSON
-from popyou_cli.infer.folder import push_to_hub, read_pipeline_json, save_pipeline
+from popyou_cli.infer.folder import PipelineFolder
 from popyou_cli.core.presets import ADAPTER_PRESETS, train_preset
 from popyou_cli.train.resume import data_fingerprint, fingerprint, lock_run
 from popyou_cli.train.loop import make_accelerator, train
@@ -51,14 +50,15 @@ def _init_from(init: str | None, var: str | None) -> tuple[CondAdapter | None, d
     if init is None:
         return None, {}, var
     init_dir = Path(init)
-    if not (init_dir / PIPELINE_JSON).is_file() and (init_dir / "pipeline" / PIPELINE_JSON).is_file():
+    if not PipelineFolder.is_pipeline(init_dir) and PipelineFolder.is_pipeline(init_dir / "pipeline"):
         raise PopyouError(f"--init {init} is a train-adapter run folder; its pipeline is {init_dir / 'pipeline'}")
     adapter, _ = load_adapter(init_dir)
-    init_cfg = read_pipeline_json(init_dir, init) if (init_dir / PIPELINE_JSON).is_file() else {}
-    if init_cfg and var is None:  # the text stage continues on the image stage's VAR (its LoRA merged in)
-        ref = init_cfg["var"]
-        var = str(init_dir / ref) if (init_dir / ref).is_dir() else ref
-    return adapter, init_cfg, var
+    if not PipelineFolder.is_pipeline(init_dir):  # an adapter folder alone
+        return adapter, {}, var
+    folder = PipelineFolder.read(init_dir, init)
+    if var is None:  # the text stage continues on the image stage's VAR (its LoRA merged in)
+        var = folder.part("var")
+    return adapter, folder.config, var
 
 
 def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = "full", init: str | None = None,
@@ -150,21 +150,22 @@ def train_adapter(*, data: Path, out: Path, stage: str = "image", preset: str = 
             atomic_write_json(out / "eval.json", result.eval)
         sampling = {"cfg": p.sample_cfg, "top_k": p.sample_top_k, "top_p": p.sample_top_p, "alpha": p.alpha,
                     "beta": p.beta, "class_id": cid, "more_smooth": False}
-        save_pipeline(out / "pipeline", var=inner.var, var_spec=var, var_changed=p.lora,
-                      var_extra={k: v for k, v in meta.items() if k not in ("popyou_type", "config", "lora")},
-                      lora_save=p.lora_save, vqvae=portable_spec(vae_spec, folder), adapter=inner.adapter.cpu(),
-                      adapter_extra={"trained_on": column, "class_id": cid}, encoder=encoder, sampling=sampling,
-                      # Local paths relative to the pipeline folder: it is uploaded as it is (--push-to-hub).
-                      train={"stage": stage, "data": portable_spec(data, folder), "data_content": run["data"],
-                             "steps": res.steps, "init": portable_spec(init, folder), "lora": p.lora,
-                             "eval": result.eval, "preset": preset, "val_fraction": p.val_fraction,
-                             "resumed_from": portable_spec(res.resumed_from, folder), "history": res.history})
+        saved = PipelineFolder.save(
+            folder, var=inner.var, var_spec=var, var_changed=p.lora,
+            var_extra={k: v for k, v in meta.items() if k not in ("popyou_type", "config", "lora")},
+            lora_save=p.lora_save, vqvae=portable_spec(vae_spec, folder), adapter=inner.adapter.cpu(),
+            adapter_extra={"trained_on": column, "class_id": cid}, encoder=encoder, sampling=sampling,
+            # Local paths relative to the pipeline folder: it is uploaded as it is (--push-to-hub).
+            train={"stage": stage, "data": portable_spec(data, folder), "data_content": run["data"],
+                   "steps": res.steps, "init": portable_spec(init, folder), "lora": p.lora,
+                   "eval": result.eval, "preset": preset, "val_fraction": p.val_fraction,
+                   "resumed_from": portable_spec(res.resumed_from, folder), "history": res.history})
         write_model_card(folder, "pipeline", repo=push, facts={
             "stage": "train-adapter", "stage_name": stage, "preset": preset, "steps": res.steps,
             "data": portable_spec(data, folder), "settings": asdict(p), "losses": res.losses, "eval": result.eval,
             "embedding": "image" if stage == "image" else f"text ({text_field})", "var": var})
         if push:
-            result.pushed = push_to_hub(folder, push, private=private)
+            result.pushed = saved.push_to_hub(push, private=private)
     acc.wait_for_everyone()
     if lock is not None:
         lock.release()
