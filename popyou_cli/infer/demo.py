@@ -166,17 +166,17 @@ class Demo:
 
     def _seed(self, seed) -> int:
         """The seed box's text: empty -> a random seed (shown with the result), else a whole number >= 0."""
-        from popyou_cli.infer.options import check_seed
+        from popyou_cli.infer.options import seed_or_random
 
         text = "" if seed is None else str(seed).strip()
         if not text:
-            return check_seed(None)
+            return seed_or_random(None)
         try:
             value = int(text)
         except ValueError:
             raise PopyouError(f"the seed must be a whole number >= 0, or empty for a random one (got '{text}')") \
                 from None
-        return check_seed(value)
+        return seed_or_random(value)
 
     # --------------------------------------------------------------------------------- image tab
     def images(self, prompt, beta, seed, n, cfg, top_k, top_p, more_smooth, progress=gr.Progress()):

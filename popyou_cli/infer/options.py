@@ -12,7 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from popyou_cli.core.bounds import MAX_SEED  # noqa: F401 - seeds are 0 <= seed < 2^63 (bounds.py says why)
+from popyou_cli.core.bounds import check_seed
 from popyou_cli.core.errors import PopyouError
 
 VAR_DEFAULTS = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False, "alpha": 1.0, "beta": 1.0,
@@ -63,12 +63,12 @@ class SamplingOptions:
         return asdict(self)
 
 
-def check_seed(seed: int | None) -> int:
-    """The seed itself, or a fresh random one for None."""
+def seed_or_random(seed: int | None, count: int = 1) -> int:
+    """The seed itself, checked for `count` images (seed .. seed + count - 1: bounds.check_seed), or a fresh random
+    one for None."""
     if seed is None:
         return random.SystemRandom().randrange(2**31)
-    if not 0 <= seed < MAX_SEED:
-        raise PopyouError(f"--seed must be in [0, 2^63) (got {seed})")
+    check_seed("--seed", seed, count)
     return int(seed)
 
 

@@ -36,7 +36,7 @@ from popyou_cli.models.var import VAR
 from popyou_cli.models.vqvae import VQVAE
 from popyou_cli.infer.resolve import default_pipeline, resolve_pipeline
 from popyou_cli.infer.folder import PipelineFolder
-from popyou_cli.infer.options import SamplingOptions, check_seed
+from popyou_cli.infer.options import SamplingOptions, seed_or_random
 
 
 @dataclass
@@ -195,7 +195,7 @@ class Pipeline:
         from popyou_cli.infer.options import check_counts
 
         check_counts(n, batch_size)
-        seed = check_seed(seed)
+        seed = seed_or_random(seed, n)
         opts = self.options(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta,
                             cfg_scales=cfg_scales)
         if prompts is None:
@@ -227,7 +227,7 @@ class Pipeline:
         tokens; batched frames may differ from a single image by one level of decoder rounding)."""
         from PIL import Image
 
-        seed = check_seed(seed)
+        seed = seed_or_random(seed)
         opts = self.options(**options)
         delta = self.encode_prompts([prompt])
         frames = []

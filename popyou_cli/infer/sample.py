@@ -16,7 +16,7 @@ from popyou_cli.core.files import atomic_write, ensure_writable_dir, portable_sp
 from popyou_cli.core.images import grid, image_label, save_png
 from popyou_cli.infer.pipeline import Pipeline
 from popyou_cli.core.progress import Progress
-from popyou_cli.infer.options import SamplingOptions, check_counts, check_disk, check_seed, parse_sweep
+from popyou_cli.infer.options import SamplingOptions, check_counts, check_disk, parse_sweep, seed_or_random
 
 
 SWEEP_FPS = 10  # frames per second of a beta sweep's MP4: 11 frames (0:2.5:11) play in about a second
@@ -50,7 +50,7 @@ def sample_classes(*, var: str, vae: str | None, class_id: int, n: int, batch_si
                    console=None, fast: bool = False) -> SampleResult:
     """n images of one class; image k uses seed + k."""
     check_counts(n, batch_size)
-    seed = check_seed(seed)
+    seed = seed_or_random(seed, n)
     opts.check()
     pipe = Pipeline.from_model(var, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
     pipe.options(**opts.as_dict())  # range checks against this model before any file is written
@@ -71,7 +71,7 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
                 quantize: str | None = None, console=None, fast: bool = False) -> SampleResult:
     """Text-to-image. Writes p{prompt}_seed{seed}.png per image, a grid and samples.jsonl."""
     check_counts(n, batch_size)
-    seed = check_seed(seed)
+    seed = seed_or_random(seed, n)
     sweep = parse_sweep(beta_sweep) if beta_sweep else None
     opts.check()
     pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize, fast=fast)
