@@ -47,7 +47,8 @@ def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
 
     parts = [name for name, spec in (("VAR", config.get("var")), ("VQ-VAE", config.get("vqvae")),
                                      ("text encoder", (config.get("encoder") or {}).get("model"))) if spec == TINY]
-    var_config = folder / str(config.get("var")) / "config.json" if folder is not None and config.get("var") else None
+    var = resolve_recorded(str(config["var"]), folder) if folder is not None and config.get("var") else None
+    var_config = Path(var) / "config.json" if var else None
     if "VAR" not in parts and var_config is not None and var_config.is_file():
         try:
             if json.loads(var_config.read_text(encoding="utf-8")).get("base") == TINY:

@@ -29,7 +29,7 @@ from popyou_cli.core import devices
 from popyou_cli.models.autotune import check_fast
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.presets import DEFAULT_VAE, TINY
-from popyou_cli.models.checkpoints import load_vqvae
+from popyou_cli.models.checkpoints import load_vqvae, recorded_vqvae
 from popyou_cli.models.generate import SamplingGraphs, generate
 from popyou_cli.models.lora import load_var_lora
 from popyou_cli.models.var import VAR
@@ -79,7 +79,7 @@ class Pipeline:
         check_fast(fast, dtype, quantize)
         dev = devices.resolve_device(device)
         model, meta = load_var_lora(var, device=dev)  # a finetune folder may keep its LoRA separate
-        vqvae = _load_vqvae_for(model, vae or _recorded_vqvae(var, meta), dev)
+        vqvae = _load_vqvae_for(model, vae or recorded_vqvae(Path(var).expanduser(), meta) or DEFAULT_VAE, dev)
         pipe = cls(var=model, vqvae=vqvae, source=var, device=dev,
                    dtype=devices.resolve_dtype(dtype, dev, "sample"), config={"class_names": meta.get("class_names")})
         return pipe._prepared(quantize, fast)
@@ -250,15 +250,6 @@ class Pipeline:
         if not 0 <= class_id < self.var.config.num_classes:
             raise PopyouError(f"--class-id {class_id} is out of range: this model has classes "
                               f"0..{self.var.config.num_classes - 1}")
-
-
-def _recorded_vqvae(var_spec: str, meta: dict) -> str:
-    """The VQ-VAE a model folder's config.json records (relative to the folder when local), else the official."""
-    ref = meta.get("vqvae")
-    if not ref:
-        return DEFAULT_VAE
-    local = Path(var_spec).expanduser() / ref
-    return str(local) if local.exists() else ref
 
 
 def _load_vqvae_for(var: VAR, spec: str, dev: torch.device, resize: str | None = None) -> VQVAE:
