@@ -157,9 +157,7 @@ def make_plan(stages: list[str], *, preset: str = "full", pipeline: str | None =
                 _siglip_needs(plan, stage, e.siglip_model, e.siglip_pretrained)
         elif stage in ("sample", "eval"):
             if stage == "eval" and preset != "tiny":
-                from popyou_cli.third_party.siglip import DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED
-
-                _siglip_needs(plan, stage, DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED)
+                _siglip_needs(plan, stage, P.DEFAULT_SIGLIP, P.DEFAULT_SIGLIP_PRETRAINED)
             if preset != "tiny" and (stage == "sample" or pipeline):
                 _pipeline_needs(plan, stage, pipeline)
         else:

@@ -325,7 +325,8 @@ def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device:
     names a mode (the demo is fast by default; sample and eval are exact by default)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     from popyou_cli.models.autotune import check_fast
-    from popyou_cli.infer.pipeline import Pipeline, default_pipeline
+    from popyou_cli.infer.pipeline import Pipeline
+    from popyou_cli.infer.resolve import default_pipeline
     from popyou_cli.infer.options import SamplingOptions
 
     _check_can_listen(host, port)  # before the (slow) model load
