@@ -37,6 +37,7 @@ FRAME_CAP_REASON = ("each frame is a whole image generation and requests take tu
 EXAMPLES = ["a wizard funko pop", "a funko pop astronaut holding a guitar", "a knight in golden armour funko pop",
             "a funko pop of a chef with a big white hat", "a pirate with a parrot on his shoulder funko pop"]
 FILE_MAX_AGE_S = 3600  # videos older than this are deleted from the demo's work folder
+MAX_UPLOAD = "1mb"  # the page takes no files, but Gradio's upload route exists anyway: refused past this size
 
 
 def _page_errors(fn):
@@ -368,7 +369,7 @@ def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device:
     _stop_on_sigterm()
     try:
         app.launch(server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False,
-                   allowed_paths=[str(demo.work_dir)], footer_links=["api"])
+                   allowed_paths=[str(demo.work_dir)], footer_links=["api"], max_file_size=MAX_UPLOAD)
     except OSError:
         raise PopyouError(f"cannot listen on {host}:{port} (in use?); pass another --port") from None
 
