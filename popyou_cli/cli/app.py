@@ -53,6 +53,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     from popyou_cli.core import failures
 
     failures.debug_flag = debug  # set on every invocation: an in-process caller's next command starts without it
+    failures.one_line_warnings()
 
 
 _DEVICE_SAMPLE = typer.Option("auto", "--device", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")
