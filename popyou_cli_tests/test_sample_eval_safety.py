@@ -1,19 +1,88 @@
-"""What an adversarial probe broke in `sample` and `eval`, kept fixed: the Python API holds alpha and beta to the
-CLI's bounds; a bad pipeline.json default is named as pipeline.json names it; warnings are one line. Tiny, CPU,
-offline."""
+"""What an adversarial probe broke in `sample` and `eval`, kept fixed: eval --images reads only the folder's own
+files, and an enormous image is one line; the Python API holds alpha and beta to the CLI's bounds; a bad
+pipeline.json default is named as pipeline.json names it; warnings are one line. Tiny, CPU, offline."""
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import invoke, one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 CLASS = ["sample", "--var", "tiny", "--vae", "tiny", "--class-id", 1, "--n", 1, "--device", "cpu"]
+
+
+def png_claiming(path: Path, side: int) -> Path:
+    """A 1-bit PNG of side x side pixels (all black): tiny on disk, enormous once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + (side + 7) // 8)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def sample_folder(folder: Path, paths: list[str]) -> Path:
+    """A folder like `popyou sample` writes: two 16 px PNGs and a samples.jsonl naming `paths`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(folder / name)
+    (folder / "samples.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "path": p, "seed": i}) + "\n"
+                                                  for i, p in enumerate(paths)))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ eval --images reads
+@pytest.mark.parametrize("case", ["absolute", "up", "link out"])
+def test_eval_images_reads_only_files_inside_the_folder(tmp_path, case):
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(outside)
+    folder = tmp_path / "s"
+    name = {"absolute": str(outside), "up": "../secret.png", "link out": "link.png"}[case]
+    sample_folder(folder, ["a.png", name])
+    if case == "link out":
+        (folder / "link.png").symlink_to(outside)
+    line = one_line_error(invoke("eval", "--images", folder, "--out", tmp_path / "report"))
+    assert f"names '{name}', which is not a file inside the folder" in line, line
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("side", [10_000, 40_000])  # over PIL's warning limit; over its error limit
+def test_an_enormous_image_is_one_line(tmp_path, side):
+    folder = sample_folder(tmp_path / "s", ["a.png", "b.png"])
+    png_claiming(folder / "b.png", side)
+    res = invoke("eval", "--images", folder, "--out", tmp_path / "report")
+    line = one_line_error(res)
+    assert "too large to decode safely" in line and str(folder / "b.png") in line, line
+    assert "unexpected" not in line and "Warning" not in res.output
+
+
+def test_an_enormous_image_in_a_reference_folder_stays_out_of_it(tmp_path):
+    from popyou_cli.eval.fid_reference import folder_reference
+
+    ref = tmp_path / "ref"
+    sample_folder(ref, [])
+    png_claiming(ref / "huge.png", 40_000)
+    assert folder_reference(ref, 16, 10).load().shape == (2, 16, 16, 3)
+
+
+def test_a_bomb_anywhere_else_is_one_line_not_unexpected():
+    from PIL import Image as PILImage
+
+    from popyou_cli.core.failures import describe
+
+    line = describe(PILImage.DecompressionBombError("Image size (1600000000 pixels) exceeds limit"))
+    assert line.startswith("an image is too large to decode safely") and "unexpected" not in line
 
 
 # ------------------------------------------------------------------------------------------ numbers

@@ -87,6 +87,8 @@ def describe(err: BaseException) -> str:
     if name in ("ArrowInvalid", "ArrowIOError", "ArrowException"):
         return (f"a dataset file is corrupt or truncated ({short_error(err, 120)}); 'popyou verify FOLDER' finds "
                 "and sets aside damaged shards, then rerun the stage that made them")
+    if name in ("DecompressionBombError", "DecompressionBombWarning"):  # PIL's, outside core/images' readers
+        return f"an image is too large to decode safely ({short_error(err, 120)}); --debug shows which"
     if name == "JSONDecodeError":
         return f"a JSON file is corrupt ({short_error(err, 120)}); --debug shows which"
     from popyou_cli.core.files import is_disk_full
