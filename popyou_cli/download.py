@@ -67,9 +67,10 @@ class Plan:
 # ------------------------------------------------------------------------------------------ what stages need
 def _weights_spec(spec: str | None, kind: str) -> tuple[str, list] | None:
     """(repo, files) of a VAR / VQ-VAE weights spec on the Hub (None: tiny, a local path or nothing)."""
-    from popyou_cli.models.checkpoints import _OFFICIAL_DEFAULT_FILE, OFFICIAL_REPO
+    from popyou_cli.core.presets import OFFICIAL_REPO, TINY
+    from popyou_cli.models.checkpoints import _OFFICIAL_DEFAULT_FILE
 
-    if not spec or spec == "tiny" or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+    if not spec or spec == TINY or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
         return None
     parts = spec.strip("/").split("/")
     if len(parts) < 2:
@@ -126,7 +127,7 @@ def make_plan(stages: list[str], *, preset: str = "full", pipeline: str | None =
               dtype: str = "auto") -> Plan:
     from popyou_cli.core.devices import dtype_name, resolve_dtype
     from popyou_cli.third_party.common import is_tiny
-    from popyou_cli.models.checkpoints import DEFAULT_VAE
+    from popyou_cli.core.presets import DEFAULT_VAE
 
     plan = Plan()
     for stage in stages:
@@ -156,9 +157,7 @@ def make_plan(stages: list[str], *, preset: str = "full", pipeline: str | None =
                 _siglip_needs(plan, stage, e.siglip_model, e.siglip_pretrained)
         elif stage in ("sample", "eval"):
             if stage == "eval" and preset != "tiny":
-                from popyou_cli.third_party.siglip import DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED
-
-                _siglip_needs(plan, stage, DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED)
+                _siglip_needs(plan, stage, P.DEFAULT_SIGLIP, P.DEFAULT_SIGLIP_PRETRAINED)
             if preset != "tiny" and (stage == "sample" or pipeline):
                 _pipeline_needs(plan, stage, pipeline)
         else:

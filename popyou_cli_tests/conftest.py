@@ -50,6 +50,14 @@ def quickstart(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def work(quickstart):
+    """The quick-start's work folder, once its run succeeded: its data, pipelines, samples and report."""
+    work, proc = quickstart
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return work
+
+
+@pytest.fixture(scope="module")
 def demo_server(quickstart, tmp_path_factory):
     """`popyou demo` on the quick-start's tiny text pipeline, on 127.0.0.1 and a free port, in its own process.
     Yields (url, pipeline folder); the server is stopped when the test module ends, pass or fail."""

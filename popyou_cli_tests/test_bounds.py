@@ -70,3 +70,14 @@ def test_a_checkpoint_claiming_an_impossible_step_is_refused(tmp_path, field, va
                  [*FT, "--data", data, "--max-steps", 4, "--resume", tmp_path / "ckpt", "--out", tmp_path / "b"]):
         line = one_line_error(invoke(*args))
         assert "trainer_state.json: '" + field + "' must be a whole number in 0.." in line, line
+
+
+def test_the_python_api_checks_seeds_as_the_cli_does():
+    from popyou_cli.core.errors import PopyouError
+    from popyou_cli.infer.options import seed_or_random
+
+    with pytest.raises(PopyouError, match=r"--seed 9223372036854775807 with 3 images uses seeds up to"):
+        seed_or_random(2**63 - 1, 3)
+    with pytest.raises(PopyouError, match=r"--seed must be in \[0, 2\^63\) \(got -1\)"):
+        seed_or_random(-1)
+    assert seed_or_random(7, 3) == 7 and 0 <= seed_or_random(None) < 2**31

@@ -194,3 +194,25 @@ def test_exact_is_one_switch_away(tmp_path, monkeypatch):
         assert res.output.splitlines()[-1].startswith("error: tiny is a class-conditional")
     line = one_line_error(invoke("demo", "--pipeline", "tiny", "--port", port, "--fast", "--dtype", "bf16"))
     assert "--fast picks --dtype and --quantize itself" in line
+
+
+def test_uploads_past_the_limit_are_refused(demo_server):
+    """The page takes no files, but Gradio's upload route answers anyway: past MAX_UPLOAD it refuses (413)."""
+    import urllib.error
+    import urllib.request
+
+    url, _ = demo_server
+
+    def upload(size: int) -> int:
+        body = (b"--popyou\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n"
+                b"Content-Type: application/octet-stream\r\n\r\n" + b"\0" * size + b"\r\n--popyou--\r\n")
+        request = urllib.request.Request(f"{url}gradio_api/upload", data=body,
+                                         headers={"Content-Type": "multipart/form-data; boundary=popyou"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert upload(1000) == 200
+    assert upload(2 << 20) == 413

@@ -108,15 +108,13 @@ def _var_repo(folder: Path) -> None:
 def fake_hub(local_hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from popyou_cli.models import checkpoints
-
     monkeypatch.setenv("POPYOU_CACHE", str(tmp_path / "popyou-cache"))
     monkeypatch.setitem(P.GEN_DATA_PRESETS, "full", replace(P.GEN_DATA_PRESETS["full"], model="fake/sdxl"))
     monkeypatch.setitem(P.CAPTION_PRESETS, "full", replace(P.CAPTION_PRESETS["full"], model="fake/blip2"))
     monkeypatch.setitem(P.ENCODE_PRESETS, "full", replace(P.ENCODE_PRESETS["full"], siglip_model="hf-hub:fake/siglip",
                                                            siglip_pretrained=None, vqvae="fake/var/vae_tiny.pth"))
     monkeypatch.setitem(P.FINETUNE_PRESETS, "full", replace(P.FINETUNE_PRESETS["full"], var="fake/var/var_tiny.pth"))
-    monkeypatch.setattr(checkpoints, "DEFAULT_VAE", "fake/var/vae_tiny.pth")
+    monkeypatch.setattr(P, "DEFAULT_VAE", "fake/var/vae_tiny.pth")
     repos = tmp_path / "repos"
     _sdxl_repo(repos / "fake/sdxl")
     _blip2_repo(repos / "fake/blip2")

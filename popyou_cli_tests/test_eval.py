@@ -9,13 +9,6 @@ import torch
 from helpers import invoke, one_line_error
 
 
-@pytest.fixture(scope="module")
-def work(quickstart):
-    work, proc = quickstart
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return work
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fid_cache(tmp_path_factory):
     """popyou's cache folder for this module: the FID reference features of one data set are computed once."""

@@ -17,7 +17,7 @@ from conftest import golden_dir
 from helpers import invoke, one_line_error
 from hub_server import go_offline, hub_env, local_hub_fixture  # noqa: F401 - the local_hub fixture
 from popyou_cli.core import hub
-from popyou_cli.infer import original
+from popyou_cli.core.presets import DEFAULT_PIPELINE
 from popyou_cli.infer.resolve import resolve_pipeline
 
 SPACE, SPACE_FILE, SIGLIP = "AmitIsraeli/PopYou", "VARtext_v1.pth", "google/siglip-base-patch16-224"
@@ -103,7 +103,7 @@ def test_default_model_from_a_fresh_cache_then_offline_without_a_request(popyou_
     assert _requests(popyou_hub) == []
     from popyou_cli import Pipeline
 
-    assert Pipeline.from_pretrained(device="cpu").source == original.DEFAULT_PIPELINE
+    assert Pipeline.from_pretrained(device="cpu").source == DEFAULT_PIPELINE
     assert _requests(popyou_hub) == []
 
 

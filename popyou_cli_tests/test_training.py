@@ -126,6 +126,24 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
     assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)
 
 
+def test_a_refusal_on_the_main_process_reaches_every_process(tmp_path):
+    """Only the main process takes the run folder's lock; its refusal (core/processes.on_main_process) must stop
+    the other process too, with the same line, instead of leaving it waiting at the next barrier."""
+    from popyou_cli.core.locks import FolderLock
+
+    out = tmp_path / "held"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "popyou_cli", "finetune", "--preset", "tiny",
+           "--data", str(encoded_stage()), "--max-steps", "2", "--out", str(out)]
+    with FolderLock(out, "run folder", "popyou test"):  # held by this process: both ranks are other processes
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode != 0
+    refusals = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: run folder") and "is in use by" in ln]
+    assert len(refusals) == 2 and "(popyou test)" in refusals[0], proc.stderr[-3000:]
+
+
 def test_bench_train_reports_both_modes(tmp_path):
     res = invoke("bench", "train", "--arch", "tiny", "--steps", 6, "--warmup", 2, "--batch-size", 8, "--device", "cpu",
                  "--out", tmp_path / "b.json")

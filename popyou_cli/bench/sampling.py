@@ -26,7 +26,7 @@ from popyou_cli.models import autotune
 
 from popyou_cli.core import devices
 from popyou_cli.models.fast import DEFAULT_KERNELS, prepare_for_sampling
-from popyou_cli.models.generate import gumbel_softmax, sample_top_k_top_p_  # noqa: F401 - the reference loop below samples so
+from popyou_cli.models.generate import sample_top_k_top_p_  # the reference loop below samples so
 from popyou_cli.models.generate import generate
 
 

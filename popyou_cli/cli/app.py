@@ -49,6 +49,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     from popyou_cli.core import failures
 
     failures.debug_flag = debug  # set on every invocation: an in-process caller's next command starts without it
+    failures.one_line_warnings()
 
 
 for _name, _command in (("download", download_cmd), ("gen-data", gen_data_cmd), ("caption", caption_cmd),

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import DTYPES, QUANTIZE_MODES, PRESET_NAMES as PRESETS  # noqa: F401 - no torch
 
 console = Console(stderr=True)
 
@@ -82,11 +83,8 @@ def show_help_literally() -> None:
 
 
 # ------------------------------------------------------------------------------------------ fixed value sets
-# devices.DTYPE_CHOICES, the spellings devices.parse_dtype accepts and models.fast.QUANTIZE_MODES, restated here so
-# that --help does not import torch; test_cli_usability checks that they agree.
-PRESETS = ("full", "tiny")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-QUANTIZE_MODES = ("int8", "bf16")
+# PRESETS, DTYPES and QUANTIZE_MODES come from core/presets (no torch there); test_cli_usability checks that they
+# agree with devices.DTYPE_CHOICES and models.fast.QUANTIZE_MODES.
 
 
 def choice_option(default, *names: str, choices: Sequence[str], noun: Optional[str] = None, **kw):

@@ -24,14 +24,11 @@ from pathlib import Path
 import torch
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import DTYPE_ALIASES
 
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # the spellings shown in --help; aliases below also parse
-_ALIASES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-SHORT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # presets.DTYPES but auto
+SHORT_NAMES = {dtype: name for name, dtype in _BY_NAME.items()}
+_ALIASES = {**_BY_NAME, **{alias: _BY_NAME[name] for alias, name in DTYPE_ALIASES.items()}}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -1,13 +1,16 @@
 """Every failure a user can cause or meet, as one line: what `cli.common.user_errors` prints for exceptions that
 are not already a PopyouError (a full disk, a permission, a corrupt or truncated file, a refused pickle, a bad
 encoding, memory), with what to do about it. Anything else is reported as unexpected, with the way to see the
-traceback: `--debug` or POPYOU_DEBUG=1.
+traceback: `--debug` or POPYOU_DEBUG=1. A warning (popyou's own or a library's) is one line too (`one_line_warnings`):
+`warning: MESSAGE`, without the path of the file that raised it.
 """
 from __future__ import annotations
 
 import errno
 import os
 import pickle
+import sys
+import warnings
 
 from popyou_cli.core.errors import short_error
 
@@ -21,6 +24,26 @@ debug_flag = False  # `popyou --debug ...` (cli.py sets it on every invocation)
 
 def debug_enabled() -> bool:
     return debug_flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def one_line_warnings() -> None:
+    """From now on every warning is shown as `warning: MESSAGE` on stderr, one line: Python's default names the
+    file and line that raised it (a path into the installed libraries) and repeats the source line. With --debug
+    (or POPYOU_DEBUG=1) warnings keep Python's format."""
+    if debug_enabled():
+        warnings.showwarning = _PYTHON_SHOWWARNING
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(f"warning: {' '.join(str(message).split())[:400]}", file=file or sys.stderr)
+        except (OSError, ValueError):  # stderr closed: a warning is not worth a failure
+            pass
+
+    warnings.showwarning = show
 
 
 def _where(err: OSError) -> str:
@@ -64,6 +87,8 @@ def describe(err: BaseException) -> str:
     if name in ("ArrowInvalid", "ArrowIOError", "ArrowException"):
         return (f"a dataset file is corrupt or truncated ({short_error(err, 120)}); 'popyou verify FOLDER' finds "
                 "and sets aside damaged shards, then rerun the stage that made them")
+    if name in ("DecompressionBombError", "DecompressionBombWarning"):  # PIL's, outside core/images' readers
+        return f"an image is too large to decode safely ({short_error(err, 120)}); --debug shows which"
     if name == "JSONDecodeError":
         return f"a JSON file is corrupt ({short_error(err, 120)}); --debug shows which"
     from popyou_cli.core.files import is_disk_full

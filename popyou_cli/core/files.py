@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from popyou_cli.core.errors import PopyouError, short_error
+from popyou_cli.core.presets import TINY
 
 TMP_SUFFIX = ".tmp"  # temporary files are named ".<final name>.<pid>.<hex>.tmp": hidden, and easy to sweep
 _TMP_RE = re.compile(r"^\..+\.(\d+)(\.[0-9a-f]{8})?\.tmp$")
@@ -311,18 +312,32 @@ def portable_path(target: str | os.PathLike, folder: str | os.PathLike) -> str:
     return os.path.relpath(t, f)
 
 
-def resolve_recorded(spec: str | None, folder: str | os.PathLike) -> str | None:
+def resolve_recorded(spec: str | None, folder: str | os.PathLike, *, inside: bool = False) -> str | None:
     """The inverse of portable_path for a spec read from `folder`'s records: a relative path that exists there
-    becomes a usable path; Hub ids, "tiny" and absolute paths stay as they are."""
-    if not spec or os.path.isabs(spec) or spec == "tiny":
+    becomes a usable path; Hub ids, "tiny" and absolute paths stay as they are.
+    inside: the record names a file of the folder itself (samples.jsonl's images): an absolute path, a way up
+    (..) or a link that leads out of the folder is a one-line PopyouError, so a folder someone shared cannot make
+    popyou read files elsewhere."""
+    if inside:
+        return str(_inside(spec, Path(folder)))
+    if not spec or os.path.isabs(spec) or spec == TINY:
         return spec
     candidate = Path(folder) / spec
     return str(candidate) if candidate.exists() else spec
 
 
+def _inside(name: str | None, folder: Path) -> Path:
+    where = os.path.realpath(folder)
+    path = folder / str(name or "")
+    if not name or os.path.isabs(name) or os.path.commonpath([where, os.path.realpath(path)]) != where:
+        raise PopyouError(f"{folder}: a record names '{name}', which is not a file inside the folder; popyou reads "
+                          "only the folder's own files (a path relative to it, no '..', no link out)")
+    return path
+
+
 def portable_spec(spec: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
     """A model or data spec as a record in `folder`: a local path made portable (portable_path); a Hub id,
     "tiny" or None as it is."""
-    if spec is None or str(spec) == "tiny" or not os.path.exists(os.path.expanduser(str(spec))):
+    if spec is None or str(spec) == TINY or not os.path.exists(os.path.expanduser(str(spec))):
         return None if spec is None else str(spec)
     return portable_path(spec, folder)

@@ -10,7 +10,8 @@ PIL image, or into an error message, and never raises:
 - refused with a message: no image, undecodable or truncated files, decompression bombs, pictures under
   `MIN_SIDE` pixels on a side (nothing left to caption or tokenize once scaled up from a handful of pixels).
 
-The stage keeps a refused row, writes placeholders and the message, and counts it at the end.
+The stage keeps a refused row, writes placeholders and the message, and counts it at the end. A file read whole
+(`load_rgb_file`: eval's images and references) is refused the same way, as one line.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from popyou_cli.core.errors import short_error
+from popyou_cli.core.errors import PopyouError, short_error
 from popyou_cli.core.files import atomic_write
 
 MIN_SIDE = 8
@@ -32,6 +33,29 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WHITE = (255, 255, 255)
 LABEL_INK = (32, 32, 32)  # grid labels: dark grey on the white band under each tile
 LABEL_MAX_PX = 14  # label font size: a tenth of the tile width, 8 to 14 px
+
+
+# PIL refuses an image over twice its pixel limit (DecompressionBombError) and warns, with the library's file path,
+# over the limit (DecompressionBombWarning): popyou makes the warning an error and refuses both in one line.
+BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def too_large(e: BaseException) -> str:
+    return f"image too large to decode safely ({short_error(e, 120)})"
+
+
+def load_rgb_file(path: str | os.PathLike) -> Image.Image:
+    """An image file, decoded now, as 8-bit RGB (PIL's convert); a missing or undecodable file, or a decompression
+    bomb, is a one-line PopyouError ("cannot read PATH (why)")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except BOMBS as e:
+        raise PopyouError(f"cannot read {path} ({too_large(e)})") from None
+    except OSError as e:
+        raise PopyouError(f"cannot read {path} ({e})") from None
 
 
 def open_rgb(cell: Any) -> tuple[Image.Image | None, str]:
@@ -47,8 +71,8 @@ def open_rgb(cell: Any) -> tuple[Image.Image | None, str]:
                 return None, "no image in this row"
             img.load()  # decodes now: a truncated file fails here, not later in a worker's collate
             img = _to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return None, f"image too large to decode safely ({short_error(e, 120)})"
+    except BOMBS as e:
+        return None, too_large(e)
     except Exception as e:  # noqa: BLE001 - any decoder failure is bad data, reported per row
         return None, f"undecodable image ({short_error(e, 120, with_type=True)})"
     if min(img.size) < MIN_SIDE:

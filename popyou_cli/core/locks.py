@@ -157,8 +157,3 @@ class FolderLock:
             self.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
-
-
-def lock_folder(folder: str | os.PathLike, what: str = "output folder", command: str = "popyou") -> FolderLock:
-    """The folder's lock, or a one-line PopyouError naming the process that holds it."""
-    return FolderLock(folder, what, command)

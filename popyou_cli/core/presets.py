@@ -11,7 +11,21 @@ from typing import Any, Mapping, TypeVar
 
 from popyou_cli.core.errors import PopyouError
 
-PRESET_NAMES = ("full", "tiny")
+TINY = "tiny"  # the spec of popyou's seeded random stand-in models, and the preset that uses them
+PRESET_NAMES = ("full", TINY)
+
+# The real models the "full" presets and the defaults name (Hub specs, core/hub.py).
+OFFICIAL_REPO = "FoundationVision/var"
+DEFAULT_VAR = f"{OFFICIAL_REPO}/var_d16.pth"
+DEFAULT_VAE = f"{OFFICIAL_REPO}/vae_ch160v4096z32.pth"
+DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED = "ViT-B-16-SigLIP", "webli"  # open_clip's name and tag
+# The model the original demo runs: the demo Space's file (the model repo AmitIsraeli/VARpop holds only a README)
+DEFAULT_PIPELINE = "spaces/AmitIsraeli/PopYou/VARtext_v1.pth"
+
+# The values of --dtype and --quantize, here (no torch) so that --help lists them without loading torch.
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # the spellings shown in --help; DTYPE_ALIASES parse too
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+QUANTIZE_MODES = ("int8", "bf16")  # models/fast.py
 
 T = TypeVar("T")
 
@@ -158,11 +172,11 @@ def train_preset(presets: Mapping[str, TrainPreset], name: str, *, stage: str, *
 FINETUNE_PRESETS: dict[str, TrainPreset] = {
     # The original stage 1: VAR-d16, lr 3e-4, batch 4 x accumulation 2, label smoothing 0.1, 8% warm-up then
     # linear decay, grad clip 1, fp16 (plus VAR's AdamW betas/decay groups); "tens of thousands of steps".
-    "full": TrainPreset(var="FoundationVision/var/var_d16.pth", lr=3e-4, batch_size=4, grad_accum=2,
+    "full": TrainPreset(var=DEFAULT_VAR, lr=3e-4, batch_size=4, grad_accum=2,
                         max_steps=30000, warmup=0.08, mixed_precision="fp16", label_smoothing=0.1, cond_drop=0.1,
                         save_every=1000, keep_last=3, sample_every=1000, log_every=20),
     # Seconds on a CPU: the tiny VAR, a few steps, a checkpoint and a grid mid-way.
-    "tiny": TrainPreset(var="tiny", lr=3e-3, batch_size=8, max_steps=20, warmup=0.1, cond_drop=0.1, save_every=10,
+    "tiny": TrainPreset(var=TINY, lr=3e-3, batch_size=8, max_steps=20, warmup=0.1, cond_drop=0.1, save_every=10,
                         keep_last=2, sample_every=10, log_every=5, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
                         n_samples=4, sample_cfg=1.5, sample_top_k=16, sample_top_p=0.0),
 }
@@ -220,11 +234,10 @@ class EncodePreset:
 
 ENCODE_PRESETS: dict[str, EncodePreset] = {
     # The original recipe: SigLIP base (the weights of google/siglip-base-patch16-224) and VAR's 256 px VQ-VAE.
-    "full": EncodePreset(siglip_model="ViT-B-16-SigLIP", siglip_pretrained="webli",
-                         vqvae="FoundationVision/var/vae_ch160v4096z32.pth",
+    "full": EncodePreset(siglip_model=DEFAULT_SIGLIP, siglip_pretrained=DEFAULT_SIGLIP_PRETRAINED, vqvae=DEFAULT_VAE,
                          patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), resize=None, batch_size=64, shard_size=1000,
                          embed_dtype="float16", dtype="auto"),
     # 64 px: the tiny VQ-VAE's four scales (1, 2, 3, 4) at 16x downsampling; 72 -> 64 keeps the 9/8 ratio.
-    "tiny": EncodePreset(siglip_model="tiny", siglip_pretrained=None, vqvae="tiny", patch_nums=(1, 2, 3, 4),
+    "tiny": EncodePreset(siglip_model=TINY, siglip_pretrained=None, vqvae=TINY, patch_nums=(1, 2, 3, 4),
                          resize=None, batch_size=8, shard_size=16, embed_dtype="float16", dtype="auto"),
 }

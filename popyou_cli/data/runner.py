@@ -71,20 +71,10 @@ def open_stage_writer(state, out, **kw):
     """store.StageWriter built with the multi-process protocol: the main process creates or checks the folder
     first, then the others only read its manifest. A refusal on the main process is sent to every process (the
     others would otherwise wait forever at the barrier) and raised everywhere as the same PopyouError."""
+    from popyou_cli.core.processes import on_main_process
     from popyou_cli.store import StageWriter
 
-    writer, error = None, None
-    if state.is_main_process:
-        try:
-            writer = StageWriter(out, main_process=True, **kw)
-        except PopyouError as e:
-            error = str(e)
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        error = broadcast_object_list([error])[0]
-    if error is not None:
-        raise PopyouError(error)
+    writer = on_main_process(state, lambda: StageWriter(out, main_process=True, **kw))
     if writer is None:
         kw.pop("overwrite", None)  # only the main process may wipe
         writer = StageWriter(out, main_process=False, **kw)

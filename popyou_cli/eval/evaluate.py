@@ -30,7 +30,7 @@ from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import ensure_writable_dir, portable_spec, resolve_recorded
 from popyou_cli.eval.heldout import check_training_data, held_out, heldout_summary, per_row_nll
 from popyou_cli.infer.pipeline import Pipeline
-from popyou_cli.core.presets import ADAPTER_PRESETS, get_preset
+from popyou_cli.core.presets import ADAPTER_PRESETS, TINY, get_preset
 from popyou_cli.core.progress import Progress
 from popyou_cli.eval.fid_reference import (ReferenceSet, any_reference, dataset_images, dataset_reference, read_sample_folder,
                          reference_features)
@@ -38,7 +38,6 @@ from popyou_cli.eval.report import caveats, command_line, write_report
 from popyou_cli.infer.options import SamplingOptions, check_disk, read_prompts
 
 FID_PROGRESS_BATCH = 32
-STAND_IN = "tiny"  # the spec of popyou's seeded random stand-in models (--preset tiny)
 
 
 def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
@@ -47,15 +46,16 @@ def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
     import json
 
     parts = [name for name, spec in (("VAR", config.get("var")), ("VQ-VAE", config.get("vqvae")),
-                                     ("text encoder", (config.get("encoder") or {}).get("model"))) if spec == STAND_IN]
-    var_config = folder / str(config.get("var")) / "config.json" if folder is not None and config.get("var") else None
+                                     ("text encoder", (config.get("encoder") or {}).get("model"))) if spec == TINY]
+    var = resolve_recorded(str(config["var"]), folder) if folder is not None and config.get("var") else None
+    var_config = Path(var) / "config.json" if var else None
     if "VAR" not in parts and var_config is not None and var_config.is_file():
         try:
-            if json.loads(var_config.read_text(encoding="utf-8")).get("base") == STAND_IN:
+            if json.loads(var_config.read_text(encoding="utf-8")).get("base") == TINY:
                 parts.append("VAR")
         except (OSError, ValueError):
             pass
-    if (config.get("train") or {}).get("preset") == STAND_IN:
+    if (config.get("train") or {}).get("preset") == TINY:
         parts.append("training preset")
     return parts
 
@@ -132,6 +132,57 @@ def _data_folder(pipeline: str, data: Path | None, train: dict) -> Path:
     return data
 
 
+def _val_fraction(given: float | None, train: dict) -> float:
+    """--val-fraction, else what train-adapter used (pipeline.json), else its preset's."""
+    if given is not None:
+        return given
+    if train.get("val_fraction") is not None:
+        return train["val_fraction"]
+    return get_preset(ADAPTER_PRESETS, train.get("preset", "full"), stage="eval").val_fraction
+
+
+def _held_out_prompts(ds, held, n_prompts: int, data: Path) -> list[str]:
+    """The prompts of the first `n_prompts` held-out rows."""
+    if "prompt" not in ds.column_names:
+        raise PopyouError(f"{data} has no 'prompt' column (made by 'popyou gen-data'); pass --prompt-file FILE")
+    return [ds[int(i)]["prompt"] for i in held.index[:n_prompts]]
+
+
+def _generate(pipe: Pipeline, prompts: list[str], opts: SamplingOptions, seed: int, batch_size: int,
+              console) -> tuple[torch.Tensor, float]:
+    """One image per prompt, image i with seed + i: (images (N, H, W, 3) uint8, images per second)."""
+    delta = pipe.encode_prompts(prompts) * opts.beta
+    gen, t0 = [], time.perf_counter()
+    with Progress("eval: generating", len(prompts), console=console) as progress:
+        for start in range(0, len(prompts), batch_size):
+            idx = list(range(start, min(len(prompts), start + batch_size)))
+            gen.append(pipe.generate_u8(delta[idx], [seed + i for i in idx], opts))
+            progress.advance(len(idx))
+    gen = torch.cat(gen)
+    return gen, len(gen) / (time.perf_counter() - t0)
+
+
+def _paired_scores(result: dict, judge, prompts: list[str], gen: torch.Tensor, paired: torch.Tensor | None):
+    """The data set's own images for the same prompts: their SigLIP score and the paired difference, into `result`.
+    Returns the images, or None when not every prompt has its image."""
+    if paired is None or len(paired) != len(prompts):
+        return None
+    text_emb = judge(prompts).float().cpu()
+    generated, own = (metrics.cosines(judge.encode_images(_u8_to_pil(x)), text_emb) for x in (gen, paired))
+    result["siglip_score_dataset"] = float(own.mean())
+    result["siglip_score_difference"] = metrics.paired_difference(generated, own).as_dict()
+    return paired
+
+
+def _heldout_nll(pipe: Pipeline, held, opts: SamplingOptions) -> dict:
+    """Held-out next-scale NLL with the right, shuffled and no text (heldout.py), as the pipeline samples."""
+    from popyou_cli.train.conditioning import ConditionedVAR
+
+    trainer = ConditionedVAR(pipe.var, pipe.vqvae.quantize, pipe.class_id, hflip=False, adapter=pipe.adapter,
+                             column=held.column, alpha=opts.alpha, beta=opts.beta)
+    return heldout_summary(per_row_nll(trainer, held.rows, pipe.device))
+
+
 def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: list[str] | None = None,
              prompt_file: Path | None = None, n_prompts: int = 64, batch_size: int = 8, seed: int = 0,
              opts: SamplingOptions | None = None, device: str = "auto", dtype: str = "auto",
@@ -142,7 +193,6 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     `quantize` (an opt-in fast mode) and `fast` apply to the whole model, so the held-out NLL is that model's too.
     The data must still hold the rows the pipeline was trained on (heldout.py), unless `allow_other_data`."""
     from popyou_cli.core.bounds import check_seed
-    from popyou_cli.train.conditioning import ConditionedVAR
     from popyou_cli.store import load_stage
 
     if n_prompts < 2:
@@ -159,33 +209,18 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     data = _data_folder(pipeline, data, train)
     ensure_writable_dir(out)
     check = check_training_data(train, pipeline, data, allow_other_data)
-    if val_fraction is None:
-        val_fraction = train.get("val_fraction")
-    if val_fraction is None:
-        val_fraction = get_preset(ADAPTER_PRESETS, train.get("preset", "full"), stage="eval").val_fraction
+    val_fraction = _val_fraction(val_fraction, train)
     held = held_out(pipe, data, val_fraction, check, console)
     ds = load_stage(data)
     from_dataset = prompts is None  # only then do the dataset's own images pair with the prompts
     if prompts is None:
-        if "prompt" not in ds.column_names:
-            raise PopyouError(f"{data} has no 'prompt' column (made by 'popyou gen-data'); pass --prompt-file FILE")
-        prompts = [ds[int(i)]["prompt"] for i in held.index[:n_prompts]]
+        prompts = _held_out_prompts(ds, held, n_prompts, data)
     if len(prompts) < 2:
         raise PopyouError("eval needs at least 2 prompts")
     image_size = pipe.image_size
     check_disk(out, 2 * len(prompts), image_size)
 
-    # --- generate, timed: image i (one per prompt) uses seed + i
-    delta = pipe.encode_prompts(prompts) * opts.beta
-    gen, t0 = [], time.perf_counter()
-    with Progress("eval: generating", len(prompts), console=console) as progress:
-        for start in range(0, len(prompts), batch_size):
-            idx = list(range(start, min(len(prompts), start + batch_size)))
-            gen.append(pipe.generate_u8(delta[idx], [seed + i for i in idx], opts))
-            progress.advance(len(idx))
-    gen = torch.cat(gen)
-    images_per_s = len(gen) / (time.perf_counter() - t0)
-
+    gen, images_per_s = _generate(pipe, prompts, opts, seed, batch_size, console)
     if reference is not None:
         ref = any_reference(reference, image_size, max_reference)
     else:
@@ -200,17 +235,9 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
                         console=console),
               "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed, **pipe.speed_record},
               "images_per_s": images_per_s, "batch_size": batch_size, "device": str(dev)}
-    paired = dataset_images(ds, held.index[:len(prompts)], image_size) if from_dataset else None
-    if paired is not None and len(paired) == len(prompts):
-        text_emb = judge(prompts).float().cpu()
-        generated, own = (metrics.cosines(judge.encode_images(_u8_to_pil(x)), text_emb) for x in (gen, paired))
-        result["siglip_score_dataset"] = float(own.mean())
-        result["siglip_score_difference"] = metrics.paired_difference(generated, own).as_dict()
-    else:
-        paired = None
-    trainer = ConditionedVAR(pipe.var, pipe.vqvae.quantize, pipe.class_id, hflip=False, adapter=pipe.adapter,
-                             column=held.column, alpha=opts.alpha, beta=opts.beta)
-    result["heldout_nll"] = heldout_summary(per_row_nll(trainer, held.rows, dev))
+    paired = _paired_scores(result, judge, prompts, gen,
+                            dataset_images(ds, held.index[:len(prompts)], image_size) if from_dataset else None)
+    result["heldout_nll"] = _heldout_nll(pipe, held, opts)
     result["heldout_index"] = [int(i) for i in held.index]  # the data set rows scored (their `index`)
     here = lambda path: portable_spec(path, out)  # noqa: E731 - the command runs in the report's folder
     result["reproduce"] = command_line("popyou eval", {

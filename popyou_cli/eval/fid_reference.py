@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.formats import SAMPLES_JSONL
 
 CACHE_SUBFOLDER = "fid-reference"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SAMPLES_JSONL = "samples.jsonl"
 
 
 @dataclass
@@ -79,7 +79,7 @@ def dataset_reference(folder: Path, rows: Sequence[int], size: int, what: str, d
 
 def folder_reference(folder: Path, size: int, max_images: int) -> ReferenceSet:
     """Image files under `folder` (recursively, sorted by path), the first `max_images`."""
-    from PIL import Image
+    from popyou_cli.core.images import load_rgb_file
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:max_images]
     if not files:
@@ -89,10 +89,9 @@ def folder_reference(folder: Path, size: int, max_images: int) -> ReferenceSet:
         out = []
         for path in files:
             try:
-                with Image.open(path) as img:
-                    out.append(_prepared(img.convert("RGB"), size))
-            except OSError:
-                continue  # an unreadable file stays out of the reference set
+                out.append(_prepared(load_rgb_file(path), size))
+            except PopyouError:
+                continue  # an unreadable file (or a decompression bomb) stays out of the reference set
         if not out:
             raise PopyouError(f"none of the image files in {folder} could be read")
         return torch.stack(out)
@@ -159,8 +158,10 @@ def _save(path: Path, key: str, features: torch.Tensor, console) -> None:
 
 # ------------------------------------------------------------------------------------------ existing samples
 def read_sample_folder(folder: Path) -> tuple[list[dict], torch.Tensor]:
-    """The records of a `popyou sample` folder (samples.jsonl) and its images (N, H, W, 3) uint8, in file order."""
-    from PIL import Image
+    """The records of a `popyou sample` folder (samples.jsonl) and its images (N, H, W, 3) uint8, in file order.
+    Only the folder's own files are read: a record naming an absolute path, a way up or a link out is refused."""
+    from popyou_cli.core.files import resolve_recorded
+    from popyou_cli.core.images import load_rgb_file
 
     folder = Path(folder)
     jsonl = folder / SAMPLES_JSONL
@@ -172,10 +173,10 @@ def read_sample_folder(folder: Path) -> tuple[list[dict], torch.Tensor]:
         if not r.get("prompt") or not r.get("path"):
             raise PopyouError(f"{jsonl}: every line needs 'prompt' and 'path'")
         try:
-            with Image.open(folder / r["path"]) as img:
-                images.append(torch.from_numpy(np.asarray(img.convert("RGB")).copy()))
-        except OSError as e:
-            raise PopyouError(f"--images: cannot read {folder / r['path']} ({e})") from None
+            img = load_rgb_file(resolve_recorded(str(r["path"]), folder, inside=True))
+        except PopyouError as e:
+            raise PopyouError(f"--images: {e}") from None
+        images.append(torch.from_numpy(np.asarray(img).copy()))
     if len(images) < 2:
         raise PopyouError(f"--images {folder}: eval needs at least 2 images (found {len(images)})")
     if len({tuple(im.shape) for im in images}) > 1:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from popyou_cli.core.files import atomic_write, atomic_write_json
+from popyou_cli.core.formats import METRICS_JSON
 from popyou_cli.core.images import grid, image_label, save_png
 from popyou_cli.eval.metrics import CONFIDENCE, PairedDifference
 
@@ -303,7 +304,7 @@ def write_report(out: Path, result: dict, prompts: list[str], images: torch.Tens
     paired_names = ([save_png(im, img_dir / f"data_{i:04d}.png").name for i, im in enumerate(paired)]
                     if paired is not None else None)
     save_png(grid(images, labels=[image_label(p, seed) for p, seed in zip(prompts, seeds)]), out / "grid.png")
-    atomic_write_json(out / "metrics.json", result, default=str)
+    atomic_write_json(out / METRICS_JSON, result, default=str)
     blocks = outline(result, prompts, names, seeds, paired_names)
     atomic_write(out / "report.md", render_markdown(blocks))
     atomic_write(out / "report.html", render_html(blocks))

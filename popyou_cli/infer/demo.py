@@ -37,6 +37,7 @@ FRAME_CAP_REASON = ("each frame is a whole image generation and requests take tu
 EXAMPLES = ["a wizard funko pop", "a funko pop astronaut holding a guitar", "a knight in golden armour funko pop",
             "a funko pop of a chef with a big white hat", "a pirate with a parrot on his shoulder funko pop"]
 FILE_MAX_AGE_S = 3600  # videos older than this are deleted from the demo's work folder
+MAX_UPLOAD = "1mb"  # the page takes no files, but Gradio's upload route exists anyway: refused past this size
 
 
 def _page_errors(fn):
@@ -170,17 +171,17 @@ class Demo:
 
     def _seed(self, seed) -> int:
         """The seed box's text: empty -> a random seed (shown with the result), else a whole number >= 0."""
-        from popyou_cli.infer.options import check_seed
+        from popyou_cli.infer.options import seed_or_random
 
         text = "" if seed is None else str(seed).strip()
         if not text:
-            return check_seed(None)
+            return seed_or_random(None)
         try:
             value = int(text)
         except ValueError:
             raise PopyouError(f"the seed must be a whole number >= 0, or empty for a random one (got '{text}')") \
                 from None
-        return check_seed(value)
+        return seed_or_random(value)
 
     # --------------------------------------------------------------------------------- image tab
     def images(self, prompt, beta, seed, n, cfg, top_k, top_p, more_smooth, progress=gr.Progress()):
@@ -236,85 +237,100 @@ class Demo:
                 old.unlink(missing_ok=True)
 
 
+def _sampling_options(d, vocab: int) -> list:
+    """The folded "Sampling options" of a tab: cfg, top-k, top-p, more smooth (the pipeline's defaults `d`)."""
+    with gr.Accordion("Sampling options", open=False):
+        with gr.Row():
+            cfg = gr.Number(d.cfg, label="CFG (guidance; 0 = off)", minimum=0, step=0.1)
+            top_k = gr.Number(d.top_k, label="Top-k (0 = off)", minimum=0, maximum=vocab, precision=0)
+            top_p = gr.Slider(0, 1, value=d.top_p, step=0.01, label="Top-p (0 = off)")
+            smooth = gr.Checkbox(bool(d.more_smooth), label="More smooth")
+    return [cfg, top_k, top_p, smooth]
+
+
+def _seed_box(elem_id: str):
+    # a text box, not gr.Number: a number box cannot stay empty in the page (it shows and sends 0)
+    return gr.Textbox("", label="Seed (empty = random; the one used is shown)", placeholder="random",
+                      max_lines=1, elem_id=elem_id)
+
+
+def _reproduce_box(elem_id: str):
+    return gr.Code(label="Reproduce with", language="shell", lines=2, wrap_lines=True, show_line_numbers=False,
+                   elem_id=elem_id)
+
+
+def _image_tab(demo: Demo, vocab: int) -> None:
+    """The Image tab: a prompt, beta, seed and count -> a gallery, the seeds and time, the reproduce command."""
+    d = demo.defaults
+    with gr.Tab("Image", id="image"):
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLES[0], lines=2, elem_id="prompt")
+                beta = gr.Slider(BETA_MIN, BETA_MAX, value=min(max(float(d.beta), BETA_MIN), BETA_MAX),
+                                 step=BETA_STEP, elem_id="beta",
+                                 label="Beta (weight of the prompt; 0 = a generic Funko Pop!)")
+                with gr.Row():
+                    seed = _seed_box("seed")
+                    n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="n")
+                options = _sampling_options(d, vocab)
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+            with gr.Column():
+                gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
+                info = gr.Markdown(elem_id="image-info")
+                command = _reproduce_box("command")
+        image_event = dict(fn=_page_errors(demo.images), inputs=[prompt, beta, seed, n, *options],
+                           outputs=[gallery, info, command], concurrency_id="device", concurrency_limit=1)
+        go.click(api_name="generate", **image_event)
+        prompt.submit(api_name=False, **image_event)
+
+
+def _video_tab(demo: Demo, vocab: int) -> None:
+    """The Beta video tab: a prompt, start and target beta, frame rate and length, seed -> the frames as they come,
+    the MP4, the labelled strip, the reproduce command; Stop cancels the video."""
+    with gr.Tab("Beta video", id="video"):
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLES[0], lines=2, elem_id="v-prompt")
+                with gr.Row():
+                    b0 = gr.Slider(BETA_MIN, BETA_MAX, value=0.0, step=BETA_STEP, label="Start beta",
+                                   elem_id="beta-start")
+                    b1 = gr.Slider(BETA_MIN, BETA_MAX, value=BETA_MAX, step=BETA_STEP, label="Target beta",
+                                   elem_id="beta-target")
+                with gr.Row():
+                    fps = gr.Slider(1, MAX_FPS, value=8, step=1, label="Frames per second", elem_id="fps")
+                    seconds = gr.Slider(1, MAX_SECONDS, value=3, step=0.5, label="Seconds", elem_id="seconds")
+                seed = _seed_box("v-seed")
+                options = _sampling_options(demo.defaults, vocab)
+                gr.Markdown(f"At most {MAX_FRAMES} frames: {FRAME_CAP_REASON}.")
+                with gr.Row():
+                    go = gr.Button("Generate video", variant="primary", elem_id="generate-video")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop-video")
+                gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+            with gr.Column():
+                frame = gr.Image(label="Latest frame", type="pil", format="png", height=256, elem_id="frame")
+                status = gr.Markdown(elem_id="video-status")
+                video = gr.Video(label="Beta sweep (MP4, H.264)", format="mp4", height=320, loop=True,
+                                 elem_id="video")
+                strip = gr.Image(label="Frames, each labelled with its beta", type="pil", format="png",
+                                 elem_id="strip")
+                command = _reproduce_box("v-command")
+        video_event = go.click(_page_errors(demo.video), api_name="video",
+                               inputs=[prompt, b0, b1, fps, seconds, seed, *options],
+                               outputs=[frame, status, video, strip, command], concurrency_id="device",
+                               concurrency_limit=1, show_progress_on=[video])  # frames stay visible
+        stop.click(_stopped, inputs=status, outputs=status, cancels=[video_event], queue=False, api_name=False)
+
+
 def build_app(demo: Demo):
     """The page: header, Image tab, Beta video tab. Returns the gr.Blocks (not launched)."""
-    pipe, d = demo.pipe, demo.defaults
-    default_beta = min(max(float(d.beta), BETA_MIN), BETA_MAX)
+    pipe = demo.pipe
     vocab = pipe.var.config.vocab_size
-
-    def sampling_options():
-        with gr.Accordion("Sampling options", open=False):
-            with gr.Row():
-                cfg = gr.Number(d.cfg, label="CFG (guidance; 0 = off)", minimum=0, step=0.1)
-                top_k = gr.Number(d.top_k, label=f"Top-k (0 = off; {vocab} = all codes)", minimum=0, precision=0)
-                top_p = gr.Slider(0, 1, value=d.top_p, step=0.01, label="Top-p (0 = off)")
-                smooth = gr.Checkbox(bool(d.more_smooth), label="More smooth")
-        return [cfg, top_k, top_p, smooth]
-
-    def seed_box(elem_id):
-        # a text box, not gr.Number: a number box cannot stay empty in the page (it shows and sends 0)
-        return gr.Textbox("", label="Seed (empty = random; the one used is shown)", placeholder="random",
-                          max_lines=1, elem_id=elem_id)
-
     with gr.Blocks(title="popyou demo", analytics_enabled=False, delete_cache=(FILE_MAX_AGE_S, FILE_MAX_AGE_S)) as app:
         gr.Markdown(f"# popyou demo\n**{pipe.description}** · {pipe.image_size} px on {pipe.device} · "
                     f"{demo.speed_mode()} · one request at a time: others wait in the queue", elem_id="header")
-        with gr.Tab("Image", id="image"):
-            with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLES[0], lines=2, elem_id="prompt")
-                    beta = gr.Slider(BETA_MIN, BETA_MAX, value=default_beta, step=BETA_STEP, elem_id="beta",
-                                     label="Beta (weight of the prompt; 0 = a generic Funko Pop!)")
-                    with gr.Row():
-                        seed = seed_box("seed")
-                        n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="n")
-                    options = sampling_options()
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
-                with gr.Column():
-                    gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
-                    info = gr.Markdown(elem_id="image-info")
-                    command = gr.Code(label="Reproduce with", language="shell", lines=2, wrap_lines=True,
-                                      show_line_numbers=False, elem_id="command")
-            inputs = [prompt, beta, seed, n, *options]
-            image_event = dict(fn=_page_errors(demo.images), inputs=inputs,
-                               outputs=[gallery, info, command], concurrency_id="device", concurrency_limit=1)
-            go.click(api_name="generate", **image_event)
-            prompt.submit(api_name=False, **image_event)
-
-        with gr.Tab("Beta video", id="video"):
-            with gr.Row():
-                with gr.Column():
-                    v_prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLES[0], lines=2, elem_id="v-prompt")
-                    with gr.Row():
-                        b0 = gr.Slider(BETA_MIN, BETA_MAX, value=0.0, step=BETA_STEP, label="Start beta",
-                                       elem_id="beta-start")
-                        b1 = gr.Slider(BETA_MIN, BETA_MAX, value=BETA_MAX, step=BETA_STEP, label="Target beta",
-                                       elem_id="beta-target")
-                    with gr.Row():
-                        fps = gr.Slider(1, MAX_FPS, value=8, step=1, label="Frames per second", elem_id="fps")
-                        seconds = gr.Slider(1, MAX_SECONDS, value=3, step=0.5, label="Seconds", elem_id="seconds")
-                    v_seed = seed_box("v-seed")
-                    v_options = sampling_options()
-                    gr.Markdown(f"At most {MAX_FRAMES} frames: {FRAME_CAP_REASON}.")
-                    with gr.Row():
-                        v_go = gr.Button("Generate video", variant="primary", elem_id="generate-video")
-                        stop = gr.Button("Stop", variant="stop", elem_id="stop-video")
-                    gr.Examples([[e] for e in EXAMPLES], inputs=[v_prompt], label="Example prompts")
-                with gr.Column():
-                    frame = gr.Image(label="Latest frame", type="pil", format="png", height=256, elem_id="frame")
-                    status = gr.Markdown(elem_id="video-status")
-                    video = gr.Video(label="Beta sweep (MP4, H.264)", format="mp4", height=320, loop=True,
-                                     elem_id="video")
-                    strip = gr.Image(label="Frames, each labelled with its beta", type="pil", format="png",
-                                     elem_id="strip")
-                    v_command = gr.Code(label="Reproduce with", language="shell", lines=2, wrap_lines=True,
-                                        show_line_numbers=False, elem_id="v-command")
-            video_event = v_go.click(_page_errors(demo.video), api_name="video",
-                                     inputs=[v_prompt, b0, b1, fps, seconds, v_seed, *v_options],
-                                     outputs=[frame, status, video, strip, v_command], concurrency_id="device",
-                                     concurrency_limit=1, show_progress_on=[video])  # frames stay visible
-            stop.click(_stopped, inputs=status, outputs=status, cancels=[video_event], queue=False, api_name=False)
+        _image_tab(demo, vocab)
+        _video_tab(demo, vocab)
     return app
 
 
@@ -329,7 +345,8 @@ def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device:
     names a mode (the demo is fast by default; sample and eval are exact by default)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     from popyou_cli.models.autotune import check_fast
-    from popyou_cli.infer.pipeline import Pipeline, default_pipeline
+    from popyou_cli.infer.pipeline import Pipeline
+    from popyou_cli.infer.resolve import default_pipeline
     from popyou_cli.infer.options import SamplingOptions
 
     _check_can_listen(host, port)  # before the (slow) model load
@@ -356,7 +373,7 @@ def run_demo(*, pipeline: str | None, host: str, port: int, share: bool, device:
     _stop_on_sigterm()
     try:
         app.launch(server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False,
-                   allowed_paths=[str(demo.work_dir)], footer_links=["api"])
+                   allowed_paths=[str(demo.work_dir)], footer_links=["api"], max_file_size=MAX_UPLOAD)
     except OSError:
         raise PopyouError(f"cannot listen on {host}:{port} (in use?); pass another --port") from None
 

@@ -19,14 +19,16 @@ import torch
 from popyou_cli.core import hub
 from popyou_cli.core.devices import on_meta
 from popyou_cli.core.errors import PopyouError
-from popyou_cli.core.files import atomic_write_json, disk_full_error, sweep_temporaries, temporary_name
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.core.presets import DEFAULT_VAE
+from popyou_cli.core.files import disk_full_error, sweep_temporaries, temporary_name
 from popyou_cli.core.locks import LOCK_FILE, FolderLock
-from popyou_cli.infer.folder import PIPELINE_JSON
 from popyou_cli.infer.original import (_EXPECTS, CHECKPOINT_SUFFIXES, DEFAULT_CLASS_ID, DEFAULT_LORA_ALPHA,
                                        ORIGINAL_SAMPLING, _adapter, _var_state_dict, pick_checkpoint,
                                        read_checkpoint, split_state_dict)
+from popyou_cli.infer.folder import PipelineFolder
 from popyou_cli.models.adapter import save_adapter
-from popyou_cli.models.checkpoints import DEFAULT_VAE, check_keys, infer_var_config, infer_vqvae_config, save_model
+from popyou_cli.models.checkpoints import check_keys, infer_var_config, infer_vqvae_config, save_model
 from popyou_cli.models.var import VAR
 from popyou_cli.models.vqvae import VQVAE
 from popyou_cli.third_party.hf_text import DEFAULT_HF_TEXT_ENCODER, build_hf_text_encoder
@@ -100,11 +102,10 @@ def _write_folder(out: Path, weights: dict, var_extra: dict, adapter, enc, class
         save_adapter(adapter, tmp, {"provenance": prov, "embedding": "text"})
         encoder_entry = enc.save_pretrained(tmp)
         sampling = {"class_id": class_id, **ORIGINAL_SAMPLING}
-        pipeline = {"popyou_type": "pipeline", "version": 1, "var": "var", "vqvae": "vqvae", "vqvae_resize": "bilinear",
-                    "vqvae_encoder": _encoder_source(vae_cfg), "encoder": encoder_entry,
-                    "adapter": {"weights": "adapter.safetensors", "config": "adapter.json"},
-                    "sampling": sampling, "provenance": prov}
-        atomic_write_json(tmp / PIPELINE_JSON, pipeline)  # last: a folder with it is complete
+        pipeline = PipelineFolder.write_config(tmp, {  # last: a folder with it is complete
+            "var": "var", "vqvae": "vqvae", "vqvae_resize": "bilinear", "vqvae_encoder": _encoder_source(vae_cfg),
+            "encoder": encoder_entry, "adapter": PipelineFolder.adapter_entry(), "sampling": sampling,
+            "provenance": prov}).config
         _move_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,7 +180,7 @@ def _locate(source: str, filename: str | None, revision: str | None) -> tuple[Pa
     """(local checkpoint file, provenance) for a local path or a Hub spec."""
     p = Path(source).expanduser()
     if p.is_dir():
-        if (p / PIPELINE_JSON).is_file() or ((p / "config.json").is_file() and (p / "model.safetensors").is_file()):
+        if PipelineFolder.is_pipeline(p) or ((p / "config.json").is_file() and (p / "model.safetensors").is_file()):
             raise PopyouError(f"{source} is already a popyou folder (pipeline or model folder); use it directly with "
                               f"--pipeline / --var; {_EXPECTS}")
         raise PopyouError(f"{source} is a folder; {_EXPECTS}")

@@ -2,7 +2,9 @@
 
 Defaults come in three layers: what the caller passes, then the pipeline's `sampling` defaults (pipeline.json),
 then VAR's own (`VAR_DEFAULTS`, the reference demo's values). Every check raises a one-line PopyouError before any
-model is loaded, with the accepted range in the message.
+model is loaded, with the accepted range in the message, and names where the value came from: the option
+(`--cfg`) or, for a pipeline's default, `pipeline.json's sampling.cfg`. The Python API is held to the CLI's bounds
+(core/bounds.py): |alpha|, |beta| <= 100.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from popyou_cli.core.bounds import MAX_SEED  # noqa: F401 - seeds are 0 <= seed < 2^63 (bounds.py says why)
+from popyou_cli.core.bounds import MAX_WEIGHT, check_float, check_seed
 from popyou_cli.core.errors import PopyouError
 
 VAR_DEFAULTS = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False, "alpha": 1.0, "beta": 1.0,
@@ -31,27 +33,34 @@ class SamplingOptions:
     beta: float | None = None  # weight of the text condition (cond_delta)
     cfg_scales: int | None = None  # guidance only on the first K scales (None: all)
 
-    def check(self) -> "SamplingOptions":
-        """Range checks of whatever is set (NaN and infinities included)."""
-        for name in ("cfg", "top_p", "alpha", "beta"):
-            v = getattr(self, name)
+    def check(self, from_pipeline: frozenset[str] = frozenset()) -> "SamplingOptions":
+        """Range checks of whatever is set (NaN and infinities included). `from_pipeline`: the options whose value
+        is the pipeline's default, which the messages name as pipeline.json does (the user gave no such flag)."""
+        def name(key: str) -> str:
+            return f"pipeline.json's sampling.{key}" if key in from_pipeline else f"--{key.replace('_', '-')}"
+
+        for key in ("cfg", "top_p", "alpha", "beta"):
+            v = getattr(self, key)
             if v is not None and not math.isfinite(v):
-                raise PopyouError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
+                raise PopyouError(f"{name(key)} must be a finite number (got {v})")
         if self.cfg is not None and self.cfg < 0:
-            raise PopyouError(f"--cfg must be >= 0 (got {self.cfg}); 0 turns guidance off")
+            raise PopyouError(f"{name('cfg')} must be >= 0 (got {self.cfg}); 0 turns guidance off")
         if self.top_k is not None and self.top_k < 0:
-            raise PopyouError(f"--top-k must be >= 0 (got {self.top_k}); 0 turns it off")
+            raise PopyouError(f"{name('top_k')} must be >= 0 (got {self.top_k}); 0 turns it off")
         if self.top_p is not None and not 0 <= self.top_p <= 1:
-            raise PopyouError(f"--top-p must be in [0, 1] (got {self.top_p}); 0 turns it off")
+            raise PopyouError(f"{name('top_p')} must be in [0, 1] (got {self.top_p}); 0 turns it off")
         if self.cfg_scales is not None and self.cfg_scales < 0:
-            raise PopyouError(f"--cfg-scales must be >= 0 (got {self.cfg_scales})")
+            raise PopyouError(f"{name('cfg_scales')} must be >= 0 (got {self.cfg_scales})")
+        for key in ("alpha", "beta"):  # the condition's weights, bounded as the CLI bounds them
+            check_float(name(key), getattr(self, key), -MAX_WEIGHT, MAX_WEIGHT)
         return self
 
     def resolve(self, defaults: dict, vocab_size: int) -> "SamplingOptions":
         """Every unset option from `defaults`, then from VAR_DEFAULTS; top-k checked against the vocabulary."""
         filled = {f.name: getattr(self, f.name) if getattr(self, f.name) is not None
                   else defaults.get(f.name, VAR_DEFAULTS[f.name]) for f in fields(self)}
-        opts = replace(self, **filled).check()
+        from_pipeline = frozenset(f.name for f in fields(self) if getattr(self, f.name) is None and f.name in defaults)
+        opts = replace(self, **filled).check(from_pipeline)
         if opts.top_k > vocab_size:
             if self.top_k is not None:
                 raise PopyouError(f"--top-k {opts.top_k} is larger than the vocabulary ({vocab_size} codes)")
@@ -63,12 +72,12 @@ class SamplingOptions:
         return asdict(self)
 
 
-def check_seed(seed: int | None) -> int:
-    """The seed itself, or a fresh random one for None."""
+def seed_or_random(seed: int | None, count: int = 1) -> int:
+    """The seed itself, checked for `count` images (seed .. seed + count - 1: bounds.check_seed), or a fresh random
+    one for None."""
     if seed is None:
         return random.SystemRandom().randrange(2**31)
-    if not 0 <= seed < MAX_SEED:
-        raise PopyouError(f"--seed must be in [0, 2^63) (got {seed})")
+    check_seed("--seed", seed, count)
     return int(seed)
 
 

@@ -25,12 +25,11 @@ import torch
 from popyou_cli.core import hub
 from popyou_cli.core.devices import on_meta
 from popyou_cli.core.errors import PopyouError
-from popyou_cli.infer.folder import PIPELINE_JSON
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.core.presets import DEFAULT_PIPELINE
 from popyou_cli.models.adapter import AdapterConfig, CondAdapter
 from popyou_cli.models.checkpoints import check_keys
 
-# The model the original demo runs: the demo Space's file (the model repo AmitIsraeli/VARpop holds only a README)
-DEFAULT_PIPELINE = "spaces/AmitIsraeli/PopYou/VARtext_v1.pth"
 DEFAULT_CLASS_ID = 578  # the original demo's class when the checkpoint does not name one
 DEFAULT_LORA_ALPHA = 32  # the original's LoraConfig; its checkpoints do not record it
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")

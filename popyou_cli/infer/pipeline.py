@@ -28,14 +28,15 @@ from torch import nn
 from popyou_cli.core import devices
 from popyou_cli.models.autotune import check_fast
 from popyou_cli.core.errors import PopyouError
-from popyou_cli.models.checkpoints import DEFAULT_VAE, load_vqvae
+from popyou_cli.core.presets import DEFAULT_VAE, TINY
+from popyou_cli.models.checkpoints import load_vqvae, recorded_vqvae
 from popyou_cli.models.generate import SamplingGraphs, generate
 from popyou_cli.models.lora import load_var_lora
 from popyou_cli.models.var import VAR
 from popyou_cli.models.vqvae import VQVAE
 from popyou_cli.infer.resolve import default_pipeline, resolve_pipeline
-from popyou_cli.infer.folder import read_pipeline_json
-from popyou_cli.infer.options import SamplingOptions, check_seed
+from popyou_cli.infer.folder import PipelineFolder
+from popyou_cli.infer.options import SamplingOptions, seed_or_random
 
 
 @dataclass
@@ -63,11 +64,12 @@ class Pipeline:
         check_fast(fast, dtype, quantize)
         spec = spec or default_pipeline()
         local = Path(spec).expanduser()
-        is_model_folder = local.is_dir() and not (local / "pipeline.json").is_file() and (local / "config.json").is_file()
-        if is_model_folder or local.is_file() or spec == "tiny":
+        is_model_folder = (local.is_dir() and not PipelineFolder.is_pipeline(local)
+                           and (local / "config.json").is_file())
+        if is_model_folder or local.is_file() or spec == TINY:
             return cls.from_model(spec, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
-        folder = resolve_pipeline(spec, revision)
-        return cls._load_folder(folder, spec, device, dtype, vae, quantize, fast)
+        folder = PipelineFolder.read(resolve_pipeline(spec, revision), spec)
+        return cls._load_folder(folder, device, dtype, vae, quantize, fast)
 
     @classmethod
     def from_model(cls, var: str, vae: str | None = None, *, device="auto", dtype="auto",
@@ -77,26 +79,25 @@ class Pipeline:
         check_fast(fast, dtype, quantize)
         dev = devices.resolve_device(device)
         model, meta = load_var_lora(var, device=dev)  # a finetune folder may keep its LoRA separate
-        vqvae = _load_vqvae_for(model, vae or _recorded_vqvae(var, meta), dev)
+        vqvae = _load_vqvae_for(model, vae or recorded_vqvae(Path(var).expanduser(), meta) or DEFAULT_VAE, dev)
         pipe = cls(var=model, vqvae=vqvae, source=var, device=dev,
                    dtype=devices.resolve_dtype(dtype, dev, "sample"), config={"class_names": meta.get("class_names")})
         return pipe._prepared(quantize, fast)
 
     @classmethod
-    def _load_folder(cls, folder: Path, shown: str, device, dtype, vae, quantize, fast: bool = False) -> "Pipeline":
+    def _load_folder(cls, folder: PipelineFolder, device, dtype, vae, quantize, fast: bool = False) -> "Pipeline":
         from popyou_cli.third_party.text import load_text_encoder
         from popyou_cli.models.adapter import load_adapter
 
-        cfg = read_pipeline_json(folder, shown)
+        cfg, shown = folder.config, folder.shown
         dev = devices.resolve_device(device)
-        local = lambda ref: str(folder / ref) if (folder / ref).is_dir() else ref  # noqa: E731
-        var, _ = load_var_lora(local(cfg["var"]), device=dev)
-        vqvae = _load_vqvae_for(var, vae or local(cfg["vqvae"]), dev, resize=cfg.get("vqvae_resize"))
-        adapter, _ = load_adapter(folder, device=dev)
+        var, _ = load_var_lora(folder.part("var"), device=dev)
+        vqvae = _load_vqvae_for(var, vae or folder.part("vqvae"), dev, resize=cfg.get("vqvae_resize"))
+        adapter, _ = load_adapter(folder.path, device=dev)
         if adapter.config.var_dim != var.config.embed_dim:
             raise PopyouError(f"{shown}: the adapter outputs {adapter.config.var_dim} values, the VAR is "
                               f"{var.config.embed_dim} wide")
-        encoder = load_text_encoder(cfg["encoder"], folder, device=dev)
+        encoder = load_text_encoder(cfg["encoder"], folder.path, device=dev)
         if encoder.dim != adapter.config.embed_dim:
             raise PopyouError(f"{shown}: the text encoder gives {encoder.dim} values, the adapter takes "
                               f"{adapter.config.embed_dim}")
@@ -194,7 +195,7 @@ class Pipeline:
         from popyou_cli.infer.options import check_counts
 
         check_counts(n, batch_size)
-        seed = check_seed(seed)
+        seed = seed_or_random(seed, n)
         opts = self.options(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, alpha=alpha, beta=beta,
                             cfg_scales=cfg_scales)
         if prompts is None:
@@ -226,7 +227,7 @@ class Pipeline:
         tokens; batched frames may differ from a single image by one level of decoder rounding)."""
         from PIL import Image
 
-        seed = check_seed(seed)
+        seed = seed_or_random(seed)
         opts = self.options(**options)
         delta = self.encode_prompts([prompt])
         frames = []
@@ -249,15 +250,6 @@ class Pipeline:
         if not 0 <= class_id < self.var.config.num_classes:
             raise PopyouError(f"--class-id {class_id} is out of range: this model has classes "
                               f"0..{self.var.config.num_classes - 1}")
-
-
-def _recorded_vqvae(var_spec: str, meta: dict) -> str:
-    """The VQ-VAE a model folder's config.json records (relative to the folder when local), else the official."""
-    ref = meta.get("vqvae")
-    if not ref:
-        return DEFAULT_VAE
-    local = Path(var_spec).expanduser() / ref
-    return str(local) if local.exists() else ref
 
 
 def _load_vqvae_for(var: VAR, spec: str, dev: torch.device, resize: str | None = None) -> VQVAE:

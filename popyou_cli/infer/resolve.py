@@ -1,7 +1,7 @@
 """A pipeline spec -> a local pipeline folder: the one resolver of model specs for `sample`, `demo`, `eval`,
 `download` and `Pipeline.from_pretrained`.
 
-None means $POPYOU_PIPELINE, else the original demo's model (original.DEFAULT_PIPELINE). A local folder is used as
+None means $POPYOU_PIPELINE, else the original demo's model (core/presets.DEFAULT_PIPELINE). A local folder is used as
 it is; a Hub spec (core/hub.py: any repo type, optional file and revision) holding a popyou folder is downloaded
 as a snapshot; one holding the original model is downloaded once through the Hugging Face cache and imported once
 into popyou's cache (`imports/<repo>/<commit>--<file>`), then reused, offline too, without a single request.
@@ -15,9 +15,11 @@ from pathlib import Path
 from popyou_cli.core import hub
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import cache_root
-from popyou_cli.infer.folder import PIPELINE_JSON
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.infer.folder import PipelineFolder
+from popyou_cli.core.presets import DEFAULT_PIPELINE
 from popyou_cli.infer.import_model import import_checkpoint
-from popyou_cli.infer.original import DEFAULT_PIPELINE, WHERE_IT_LIVES, pick_checkpoint
+from popyou_cli.infer.original import WHERE_IT_LIVES, pick_checkpoint
 
 PIPELINE_ENV = "POPYOU_PIPELINE"
 
@@ -55,7 +57,7 @@ def resolve_pipeline(spec: str | None = None, revision: str | None = None) -> Pa
                           f"(files: {', '.join(listing.files[:10]) or 'none'}); {WHERE_IT_LIVES}")
     key = f"{listing.commit}--{_safe_name(filename)}"
     folder = repo_dir / key
-    if not (folder / PIPELINE_JSON).is_file():
+    if not PipelineFolder.is_pipeline(folder):
         import_checkpoint(ref.repo, folder, filename=filename, revision=listing.commit, overwrite=True)
     pointer.parent.mkdir(parents=True, exist_ok=True)
     pointer.write_text(key)
@@ -69,10 +71,10 @@ def _is_popyou_folder(files: list[str]) -> bool:
 def _resolve_offline(ref: hub.HubRef, repo_dir: Path, pointer: Path) -> Path:
     """What an earlier online run left: the imported folder the pointer names, else a cached popyou snapshot."""
     cached = repo_dir / pointer.read_text().strip() if pointer.is_file() else None
-    if cached is not None and (cached / PIPELINE_JSON).is_file():
+    if cached is not None and PipelineFolder.is_pipeline(cached):
         return cached
     snap = hub.cached_snapshot(ref) if ref.filename is None else None
-    if snap is not None and (snap / PIPELINE_JSON).is_file():
+    if snap is not None and PipelineFolder.is_pipeline(snap):
         return snap
     raise PopyouError(f"the pipeline '{ref}' is not in popyou's cache ({cache_root()}) and the Hub cannot be "
                       f"reached: run once online (`popyou download` fetches it), or `popyou import FILE --out DIR` "

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from popyou_cli.core.formats import SAMPLES_JSONL
 from popyou_cli.core.files import atomic_write, ensure_writable_dir, portable_spec
 from popyou_cli.core.images import grid, image_label, save_png
 from popyou_cli.infer.pipeline import Pipeline
 from popyou_cli.core.progress import Progress
-from popyou_cli.infer.options import SamplingOptions, check_counts, check_disk, check_seed, parse_sweep
+from popyou_cli.infer.options import SamplingOptions, check_counts, check_disk, parse_sweep, seed_or_random
 
 
 SWEEP_FPS = 10  # frames per second of a beta sweep's MP4: 11 frames (0:2.5:11) play in about a second
@@ -49,7 +50,7 @@ def sample_classes(*, var: str, vae: str | None, class_id: int, n: int, batch_si
                    console=None, fast: bool = False) -> SampleResult:
     """n images of one class; image k uses seed + k."""
     check_counts(n, batch_size)
-    seed = check_seed(seed)
+    seed = seed_or_random(seed, n)
     opts.check()
     pipe = Pipeline.from_model(var, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
     pipe.options(**opts.as_dict())  # range checks against this model before any file is written
@@ -70,7 +71,7 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
                 quantize: str | None = None, console=None, fast: bool = False) -> SampleResult:
     """Text-to-image. Writes p{prompt}_seed{seed}.png per image, a grid and samples.jsonl."""
     check_counts(n, batch_size)
-    seed = check_seed(seed)
+    seed = seed_or_random(seed, n)
     sweep = parse_sweep(beta_sweep) if beta_sweep else None
     opts.check()
     pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize, fast=fast)
@@ -92,7 +93,7 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
         records.append({"prompt_index": p, "prompt": prompts[p], "seed": im.info["seed"], "path": paths[-1].name,
                         **settings})
     grid_path = _write_grid(images, out, "grid.png", ncol=n if len(prompts) > 1 else None)
-    return SampleResult(out, paths, grid_path, _write_jsonl(out / "samples.jsonl", records))
+    return SampleResult(out, paths, grid_path, _write_jsonl(out / SAMPLES_JSONL, records))
 
 
 def _beta_sweep(pipe: Pipeline, prompt: str, betas: list[float], seed: int, opts: SamplingOptions, batch_size: int,
@@ -110,7 +111,7 @@ def _beta_sweep(pipe: Pipeline, prompt: str, betas: list[float], seed: int, opts
         records.append({"prompt": prompt, "seed": seed, "path": paths[-1].name, **settings, "beta": b})
     mp4, strip = write_beta_sweep(frames, betas, out / "beta_sweep.mp4", fps=SWEEP_FPS)
     strip_path = save_png(strip, out / "beta_strip.png")
-    return SampleResult(out, paths, strip_path, _write_jsonl(out / "samples.jsonl", records), extras=[mp4])
+    return SampleResult(out, paths, strip_path, _write_jsonl(out / SAMPLES_JSONL, records), extras=[mp4])
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:

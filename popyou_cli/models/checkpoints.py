@@ -19,13 +19,12 @@ import torch
 
 from popyou_cli.core.devices import on_meta
 from popyou_cli.core.errors import PopyouError, short_error
+from popyou_cli.core.formats import PIPELINE_JSON
+from popyou_cli.core.presets import DEFAULT_VAE, DEFAULT_VAR, OFFICIAL_REPO, TINY
 from popyou_cli.models.var import VAR, VARConfig
 from popyou_cli.models.vqvae import OFFICIAL_PATCH_NUMS, VQVAE, VQVAEConfig
 
-OFFICIAL_REPO = "FoundationVision/var"
-DEFAULT_VAR = f"{OFFICIAL_REPO}/var_d16.pth"
-DEFAULT_VAE = f"{OFFICIAL_REPO}/vae_ch160v4096z32.pth"
-_OFFICIAL_DEFAULT_FILE = {"var": "var_d16.pth", "vqvae": "vae_ch160v4096z32.pth"}
+_OFFICIAL_DEFAULT_FILE = {"var": DEFAULT_VAR.rpartition("/")[2], "vqvae": DEFAULT_VAE.rpartition("/")[2]}
 # patch_nums by (number of scales, total tokens) for checkpoints that carry no lvl_1L buffer
 _KNOWN_PATCH_NUMS = {(10, 680): OFFICIAL_PATCH_NUMS, (10, 2240): (1, 2, 3, 4, 6, 9, 13, 18, 24, 32), (4, 30): (1, 2, 3, 4)}
 # training checkpoints of the reference nest the weights; popyou's own training checkpoints use "model"
@@ -86,9 +85,9 @@ def _right_folder_hint(folder: Path) -> str:
     """The folder meant when a run folder (or a pipeline folder) is given where a model folder belongs."""
     if (folder / "model" / "config.json").is_file():
         return f"; it is a finetune run folder: its model is {folder / 'model'}"
-    if (folder / "pipeline.json").is_file() and (folder / "var" / "config.json").is_file():
+    if (folder / PIPELINE_JSON).is_file() and (folder / "var" / "config.json").is_file():
         return f"; it is a pipeline folder: its VAR is {folder / 'var'} (or use --pipeline / --init {folder})"
-    if (folder / "pipeline" / "pipeline.json").is_file():
+    if (folder / "pipeline" / PIPELINE_JSON).is_file():
         return (f"; it is a train-adapter run folder: its pipeline is {folder / 'pipeline'} (use --pipeline / --init "
                 f"{folder / 'pipeline'})")
     return ""
@@ -206,7 +205,6 @@ def infer_vqvae_config(sd: dict[str, torch.Tensor], patch_nums=None) -> VQVAECon
 
 
 # ------------------------------------------------------------------------------------------ tiny stand-ins
-TINY = "tiny"
 TINY_PATCH_NUMS = (1, 2, 3, 4)
 
 

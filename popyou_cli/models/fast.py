@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import QUANTIZE_MODES
 from popyou_cli.models.generate import SamplingGraphs
 
-QUANTIZE_MODES = ("int8", "bf16")
 _KERNEL_SPELLINGS = {"gemm": ("onednn", "plain"), "gelu": ("fused", "separate"),
                      "upsample": ("subpixel", "nearest"), "layout": ("channels_last", "nchw")}
 

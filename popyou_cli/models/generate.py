@@ -133,22 +133,9 @@ def generate(var, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None
     B, dev = batch_size, var.pos_1LC.device
     pns, S = var.config.patch_nums, len(var.config.patch_nums)
     K = guided_scales(cfg, cfg_scales, S)
-    if labels is None:
-        g = generator[0] if isinstance(generator, (list, tuple)) else generator
-        uniform = torch.ones(var.num_classes, device=g.device if g is not None else dev)
-        labels = torch.multinomial(uniform, B, replacement=True, generator=g).to(dev)
-    elif isinstance(labels, int):
-        labels = torch.full((B,), labels, device=dev)
-    labels = torch.where(labels < 0, var.num_classes, labels.to(dev))
-    null = torch.full_like(labels, var.num_classes)
+    labels = _labels(var, labels, B, generator, dev)
     rows = 2 * B if K > 0 else B
-    with torch.autocast(dev.type, enabled=False):
-        cond = var.condition(labels, cond_delta, alpha, beta)
-        if K > 0:
-            cond = torch.cat((cond, var.condition(null, None, alpha)))
-        lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-        nxt = (cond.unsqueeze(1).expand(rows, var.first_l, -1) + var.pos_start.expand(rows, var.first_l, -1)
-               + lvl_pos[:, :var.first_l])
+    cond, lvl_pos, nxt = _first_input(var, labels, cond_delta, alpha, beta, guided=K > 0)
     mods = var.block_modulations(cond)  # computed once: the condition never changes during sampling
     static = graphs.steps_for(var, rows, dev) if graphs is not None else None
     if static is not None:
@@ -180,12 +167,7 @@ def generate(var, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None
                 logits = logits.clone()  # the static output buffer is overwritten by the next call
             raw = logits.clone() if on_step is not None else None
             idx = sample_top_k_top_p_(logits, top_k, top_p, generator)
-            if more_smooth:
-                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                h = gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ vae.quantize.embedding.weight.unsqueeze(0)
-            else:
-                h = vae.quantize.embedding(idx)
-            h = h.transpose(1, 2).reshape(B, -1, pn, pn)
+            h = _code_embeddings(vae, logits, idx, ratio, more_smooth, generator).transpose(1, 2).reshape(B, -1, pn, pn)
             f_hat, nxt_map = vae.quantize.next_ar_input(si, f_hat, h)
             if on_step is not None:
                 on_step(si, raw, idx, f_hat.clone())
@@ -200,6 +182,42 @@ def generate(var, vae: VQVAE, batch_size: int, labels: torch.Tensor | int | None
     if return_fhat:
         return f_hat
     return vae.decode_fhat(f_hat).add_(1).mul_(0.5)
+
+
+def _labels(var, labels: torch.Tensor | int | None, B: int, generator, dev: torch.device) -> torch.Tensor:
+    """The class of every image (B,): as given, one int for all, or drawn uniformly (None) from the first
+    generator; negative means the null class."""
+    if labels is None:
+        g = generator[0] if isinstance(generator, (list, tuple)) else generator
+        uniform = torch.ones(var.num_classes, device=g.device if g is not None else dev)
+        labels = torch.multinomial(uniform, B, replacement=True, generator=g).to(dev)
+    elif isinstance(labels, int):
+        labels = torch.full((B,), labels, device=dev)
+    return torch.where(labels < 0, var.num_classes, labels.to(dev))
+
+
+def _first_input(var, labels: torch.Tensor, cond_delta, alpha: float, beta: float, *, guided: bool):
+    """(condition rows, level + position embeddings, the first scale's input), in fp32. Guided: the unconditional
+    rows (null class, no delta) follow the conditional ones."""
+    rows = 2 * len(labels) if guided else len(labels)
+    with torch.autocast(labels.device.type, enabled=False):
+        cond = var.condition(labels, cond_delta, alpha, beta)
+        if guided:
+            cond = torch.cat((cond, var.condition(torch.full_like(labels, var.num_classes), None, alpha)))
+        lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
+        nxt = (cond.unsqueeze(1).expand(rows, var.first_l, -1) + var.pos_start.expand(rows, var.first_l, -1)
+               + lvl_pos[:, :var.first_l])
+    return cond, lvl_pos, nxt
+
+
+def _code_embeddings(vae: VQVAE, logits: torch.Tensor, idx: torch.Tensor, ratio: float, more_smooth: bool,
+                     generator) -> torch.Tensor:
+    """The drawn codes' embeddings (B, l, C); with more_smooth, a Gumbel-softmax blend of the codebook instead,
+    sharper as the scales grow (the reference's tau schedule)."""
+    if more_smooth:
+        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+        return gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ vae.quantize.embedding.weight.unsqueeze(0)
+    return vae.quantize.embedding(idx)
 
 
 def _step(var, si: int, offset: int, x: torch.Tensor, *, mods: list[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import DEFAULT_VAE
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 RESIZE_MODES = ("reference", "bilinear")
@@ -344,8 +345,7 @@ class VQVAE(nn.Module):
     def encode_latent(self, img: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
             raise PopyouError("this VQ-VAE was saved without its encoder (decoder side only, as the original demo's "
-                              "model file): encode with the full VQ-VAE, e.g. --vae "
-                              "FoundationVision/var/vae_ch160v4096z32.pth")
+                              f"model file): encode with the full VQ-VAE, e.g. --vae {DEFAULT_VAE}")
         return self.quant_conv(self.encoder(img))
 
     @torch.no_grad()

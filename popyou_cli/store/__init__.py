@@ -35,7 +35,7 @@ and parent records. `loading.py`: `load_stage` (a folder joined with its parents
 subcommand that makes a missing column), `materialize` (one standalone copy). `verify.py`: `popyou verify`. User errors raise `PopyouError` (one line).
 Import everything from `popyou_cli.store`.
 """
-from popyou_cli.store.folder import (INDEX, INFO, MANIFEST, STATE, ShardSpec, StageWriter, check_can_replace,  # noqa: F401
-                     check_not_same, read_manifest)
+from popyou_cli.store.folder import StageWriter, check_can_replace, check_not_same  # noqa: F401
+from popyou_cli.store.layout import INDEX, INFO, MANIFEST, STATE, ShardSpec, read_manifest  # noqa: F401
 from popyou_cli.store.loading import load_stage, materialize, producer_of, require_columns  # noqa: F401
 from popyou_cli.store.verify import verify  # noqa: F401

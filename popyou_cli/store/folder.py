@@ -21,7 +21,7 @@ from popyou_cli.core.locks import LOCK_FILE, FolderLock
 
 from popyou_cli.store.lineage import (DAMAGED_SUFFIX, SIDECAR_SUFFIX, HashingWriter, content_digest, lineage_problem,
                       parent_record, portable_settings, read_sidecar, shard_entries, shard_is_sound, sidecar)
-from popyou_cli.store.layout import (INDEX, INFO, MANIFEST, REPLACING, SHARD_RE as _SHARD_RE, STATE, ShardSpec,  # noqa: F401
+from popyou_cli.store.layout import (INDEX, INFO, MANIFEST, REPLACING, SHARD_RE as _SHARD_RE, STATE, ShardSpec,
                      _dataset_info, _is_complete, is_being_replaced, read_manifest, shard_name as _shard_name,
                      shard_names as _shard_names)
 

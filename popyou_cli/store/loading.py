@@ -13,8 +13,9 @@ import numpy as np
 from popyou_cli.core.errors import PopyouError, short_error
 from popyou_cli.core.files import disk_full_error, ensure_writable_dir, remove, sweep_temporaries, temporary_name
 
-from popyou_cli.store.folder import (INDEX, INFO, MANIFEST, STATE, _is_complete, _parent_of, _shard_names, _visible_entries,
-                     check_can_replace, check_not_same, is_being_replaced, read_manifest)
+from popyou_cli.store.folder import _parent_of, _visible_entries, check_can_replace, check_not_same
+from popyou_cli.store.layout import (INDEX, INFO, MANIFEST, STATE, _is_complete, is_being_replaced, read_manifest,
+                                     shard_names as _shard_names)
 from popyou_cli.store.lineage import check_lineage, shard_range
 
 # Which subcommand makes a column, for the "missing column" message.

@@ -16,7 +16,8 @@ from pathlib import Path
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.locks import FolderLock
 
-from popyou_cli.store.folder import MANIFEST, _ancestors, _is_complete, _parent_of, _shard_names, is_being_replaced, read_manifest
+from popyou_cli.store.folder import _ancestors, _parent_of
+from popyou_cli.store.layout import MANIFEST, _is_complete, is_being_replaced, read_manifest, shard_names as _shard_names
 from popyou_cli.store.lineage import DAMAGED_SUFFIX, hash_file, lineage_problem, shard_is_sound, shard_range
 
 MAX_LISTED = 20  # shard lines per folder and kind; the rest are counted

@@ -25,6 +25,7 @@ errors, the CLIP tokenizer); this package re-exports their public names, so impo
 share weights by accident.
 """
 
+from popyou_cli.core.presets import DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED, TINY
 from popyou_cli.third_party.blip2 import (
     DEFAULT_CAPTIONER,
     TINY_CAPTIONER_IMAGE_SIZE,
@@ -35,7 +36,6 @@ from popyou_cli.third_party.blip2 import (
 )
 from popyou_cli.third_party.common import (
     CLIP_CONTEXT_LENGTH,
-    TINY,
     clip_tokenizer,
     hub_offline,
     is_tiny,
@@ -50,8 +50,6 @@ from popyou_cli.third_party.sdxl import (
     load_text_to_image,
 )
 from popyou_cli.third_party.siglip import (
-    DEFAULT_SIGLIP,
-    DEFAULT_SIGLIP_PRETRAINED,
     TINY_SIGLIP_CONTEXT_LENGTH,
     TINY_SIGLIP_EMBED_DIM,
     TINY_SIGLIP_IMAGE_SIZE,

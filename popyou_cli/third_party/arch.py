@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from popyou_cli.core.presets import DEFAULT_SIGLIP
+
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 SDXL_TURBO = ARCH_DIR / "sdxl-turbo"
 BLIP2_OPT = ARCH_DIR / "blip2-opt-2.7b"
-SIGLIP_NAME = "ViT-B-16-SigLIP"
 
 
 def read_config(path: Path) -> dict:
@@ -113,7 +114,7 @@ def full_siglip(device, seed: int = 0):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net, _, preprocess = open_clip.create_model_and_transforms(
-                SIGLIP_NAME, pretrained=None, device=dev, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+                DEFAULT_SIGLIP, pretrained=None, device=dev, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
     finally:
         logging.root.removeFilter(quiet)
     vocab, ctx = net.vocab_size, net.context_length

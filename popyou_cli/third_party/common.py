@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from popyou_cli.core.errors import PopyouError, short_error
+from popyou_cli.core.presets import TINY
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     pass
-
-TINY = "tiny"
 
 CLIP_CONTEXT_LENGTH = 77  # SDXL's CLIP text encoders read 77 tokens
 _CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"

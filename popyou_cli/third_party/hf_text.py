@@ -170,15 +170,6 @@ def load_hf_text_encoder(folder_or_id: str | Path, tokenizer: str | Path | None 
     return HFTextEncoder(tower, tok).to(device)
 
 
-def load_pipeline_text_encoder(pipeline_folder: str | Path, entry: dict, device="cpu") -> HFTextEncoder:
-    """The text encoder a pipeline.json `encoder` entry {"library": "transformers", "path", "tokenizer"} names;
-    paths are relative to the pipeline folder."""
-    folder = Path(pipeline_folder)
-    path = folder / entry.get("path", TEXT_ENCODER_DIR)
-    tok = folder / entry.get("tokenizer", TOKENIZER_DIR)
-    return load_hf_text_encoder(path if path.exists() else entry["path"], tok if tok.exists() else None, device)
-
-
 def _fit_layout(sd: dict, model) -> dict:
     """Adds or drops the `text_model.` prefix so the keys follow the installed transformers' layout."""
     want_prefixed = any(k.startswith("text_model.") for k in model.state_dict())

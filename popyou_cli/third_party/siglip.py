@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.presets import DEFAULT_SIGLIP, DEFAULT_SIGLIP_PRETRAINED
 from popyou_cli.third_party.common import _load_or_explain, _looks_like_path, fetch_hint, is_tiny, missing_from_cache, seeded
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
-
-DEFAULT_SIGLIP = "ViT-B-16-SigLIP"
-DEFAULT_SIGLIP_PRETRAINED = "webli"
 
 #: open_clip name under which the tiny SigLIP-like model is registered. It must not contain "siglip": open_clip
 #: would then pick its SigLipTokenizer, which needs files from the Hub. Without it, the bundled CLIP BPE

@@ -64,9 +64,10 @@ def load_text_encoder(spec: dict, folder: Path | None = None, device="cpu"):
     if library == "transformers":
         from popyou_cli.third_party.hf_text import load_hf_text_encoder
 
+        from popyou_cli.core.files import resolve_recorded
+
         def local(key: str) -> str:
-            ref = spec[key]
-            return str(folder / ref) if folder is not None and (folder / ref).exists() else ref
+            return resolve_recorded(spec[key], folder) if folder is not None else spec[key]
 
         return load_hf_text_encoder(local("path"), tokenizer=local("tokenizer"), device=device)
     raise PopyouError(f"unknown text encoder library '{library}' in pipeline.json (use open_clip or transformers)")

@@ -152,41 +152,18 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
     definition = run_definition(cfg, rows=n_rows, world_size=acc.num_processes, **(run or {}))
     start_ckpt = resolve_resume(cfg.resume, run_dir, overwrite)
     changes = check_resume(start_ckpt, definition, cfg, run_dir) if start_ckpt is not None else {}
-    if acc.is_main_process:
-        if start_ckpt is None and overwrite:
-            remove_checkpoints(run_dir)
-        remove_unfinished(run_dir)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
+    _clean_run_folder(acc, run_dir, wipe=start_ckpt is None and overwrite)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise PopyouError("nothing to train: every parameter is frozen")
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            fused=acc.device.type == "cuda" or None)  # fused on CUDA, as VAR trains
-    # Not handed to accelerate.prepare: its scheduler wrapper steps once per process, which would run the
-    # schedule num_processes times too fast; here it steps once per optimizer step.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
+    opt, sched = _optimizer(model, cfg, acc.device, total)
     model, opt = acc.prepare(model, opt)
     state = {"step": 0, "micro": 0, "total": total, "run": definition, "history": []}
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     if start_ckpt is not None:
-        old = load_checkpoint(acc, model, opt, sched, start_ckpt, changed=bool(changes))
-        history = old.get("history", [])
-        if changes:  # this command's settings replace the checkpoint's (optimizer.load_state_dict restored those)
-            for group, new in zip(opt.param_groups, fresh):
-                group.update(new)
-            sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(sched.last_epoch, total, cfg)
-            history = history + [{"step": old["step"], "changed": changes}]
-        state = {**state, "step": old["step"], "micro": old["micro"], "history": history}
+        state = _resume(acc, model, opt, sched, start_ckpt, changes, state, cfg)
     if start_ckpt is None or (changes and not (start_ckpt / f"rng-{acc.process_index}.pt").is_file()):
-        # Every rank its own stream (class dropout differs per rank); the model was built before this. numpy
-        # takes seeds below 2^32, torch below 2^64: reduced so, every seed under 2^63 works.
-        torch.manual_seed((cfg.seed * RANK_SEED_STRIDE + acc.process_index) % 2**64)
-        random.seed(cfg.seed + acc.process_index)
-        np.random.seed((cfg.seed + acc.process_index) % 2**32)
+        _seed_process(cfg, acc.process_index)
     metrics = run_dir / "metrics.jsonl"
     if acc.is_main_process:
         _truncate_metrics(metrics, state["step"])
@@ -201,25 +178,13 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
     t0, s0 = t_log, s_log
     with progress:
         while state["step"] < total:
-            model.train()
-            loss_sum = torch.zeros((), device=acc.device)
-            for k in range(cfg.grad_accum):
-                idx = batch_rows(state["micro"], n_rows, per_epoch, cfg, acc.process_index, acc.num_processes)
-                batch = {c: t[idx].to(acc.device, non_blocking=True) for c, t in rows.items()}
-                sync = k == cfg.grad_accum - 1  # DDP all-reduces gradients only on the last micro-batch
-                with contextlib.nullcontext() if sync else acc.no_sync(model):
-                    loss = loss_fn(model, batch)
-                    acc.backward(loss / cfg.grad_accum)
-                loss_sum += loss.detach().float()
-                state["micro"] += 1
-            mean_loss = acc.reduce(loss_sum / cfg.grad_accum, reduction="mean").item()  # same value on all ranks
+            mean_loss = _accumulate(acc, model, rows, loss_fn, cfg, state, n_rows, per_epoch)
             if not math.isfinite(mean_loss):
-                msg = (f"stopped: the loss became {mean_loss} at step {state['step'] + 1}; nothing was updated or "
-                       f"saved after it. Last good checkpoint: {last or 'none'}. Lower --lr, raise --warmup, or "
-                       "use --dtype bf16 or --dtype fp32, then --resume latest")
                 if cfg.report_to != "none":
                     acc.end_training()
-                raise PopyouError(msg)
+                raise PopyouError(f"stopped: the loss became {mean_loss} at step {state['step'] + 1}; nothing was "
+                                  f"updated or saved after it. Last good checkpoint: {last or 'none'}. Lower --lr, "
+                                  "raise --warmup, or use --mixed-precision bf16/no, then --resume latest")
             gnorm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
             opt.step()
             sched.step()
@@ -228,10 +193,7 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
             step, lr = state["step"], sched.get_last_lr()[0]
             losses.append(mean_loss)
             if acc.is_main_process:
-                rec = {"step": step, "loss": mean_loss, "lr": lr, "epoch": state["micro"] / per_epoch}
-                if gnorm is not None:
-                    rec["grad_norm"] = float(gnorm)
-                append_line(metrics, json.dumps(rec))
+                _append_metrics(metrics, step, mean_loss, lr, state["micro"] / per_epoch, gnorm)
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 tps = tok_per_step * (step - s_log) / max(now - t_log, 1e-9)
@@ -251,6 +213,77 @@ def train(model: nn.Module, rows: dict[str, torch.Tensor], loss_fn: Callable, cf
     overall = tok_per_step * (state["step"] - s0) / max(time.perf_counter() - t0, 1e-9)  # checkpoints included
     return TrainResult(steps=state["step"], losses=losses, last_checkpoint=last, tokens_per_s=overall,
                        resumed_from=start_ckpt, history=state["history"])
+
+
+def _clean_run_folder(acc, run_dir: Path, wipe: bool) -> None:
+    """On the main process: the checkpoints of a run started over (wipe) and an unfinished checkpoint go, the
+    checkpoints folder is made; the other processes wait for it."""
+    if acc.is_main_process:
+        if wipe:
+            remove_checkpoints(run_dir)
+        remove_unfinished(run_dir)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+
+
+def _optimizer(model: nn.Module, cfg: TrainPreset, device: torch.device, total: int):
+    """AdamW over VAR's decay groups (fused on CUDA, as VAR trains) and its warm-up/decay schedule. The scheduler
+    is not handed to accelerate.prepare: its wrapper steps once per process, which would run the schedule
+    num_processes times too fast; here it steps once per optimizer step."""
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                            fused=device.type == "cuda" or None)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
+
+
+def _resume(acc, model, opt, sched, start_ckpt: Path, changes: dict, state: dict, cfg: TrainPreset) -> dict:
+    """The checkpoint's weights, optimizer, scheduler and position; with --resume-with-changes, this command's
+    settings replace the checkpoint's (optimizer.load_state_dict restored those) and the change is recorded.
+    Returns the run's state from the checkpoint's step on."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    old = load_checkpoint(acc, model, opt, sched, start_ckpt, changed=bool(changes))
+    history = old.get("history", [])
+    if changes:
+        for group, new in zip(opt.param_groups, fresh):
+            group.update(new)
+        sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(sched.last_epoch, state["total"], cfg)
+        history = history + [{"step": old["step"], "changed": changes}]
+    return {**state, "step": old["step"], "micro": old["micro"], "history": history}
+
+
+def _seed_process(cfg: TrainPreset, rank: int) -> None:
+    """Every rank its own stream (class dropout differs per rank); the model was built before this. numpy takes
+    seeds below 2^32, torch below 2^64: reduced so, every seed under 2^63 works."""
+    torch.manual_seed((cfg.seed * RANK_SEED_STRIDE + rank) % 2**64)
+    random.seed(cfg.seed + rank)
+    np.random.seed((cfg.seed + rank) % 2**32)
+
+
+def _accumulate(acc, model, rows: dict, loss_fn: Callable, cfg: TrainPreset, state: dict, n_rows: int,
+                per_epoch: int) -> float:
+    """The gradients of one optimizer step: --grad-accum micro-batches (DDP all-reduces on the last one only).
+    Advances state["micro"]; returns the step's mean loss, the same value on every rank."""
+    model.train()
+    loss_sum = torch.zeros((), device=acc.device)
+    for k in range(cfg.grad_accum):
+        idx = batch_rows(state["micro"], n_rows, per_epoch, cfg, acc.process_index, acc.num_processes)
+        batch = {c: t[idx].to(acc.device, non_blocking=True) for c, t in rows.items()}
+        sync = k == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(model):
+            loss = loss_fn(model, batch)
+            acc.backward(loss / cfg.grad_accum)
+        loss_sum += loss.detach().float()
+        state["micro"] += 1
+    return acc.reduce(loss_sum / cfg.grad_accum, reduction="mean").item()
+
+
+def _append_metrics(path: Path, step: int, loss: float, lr: float, epoch: float, gnorm) -> None:
+    """One line of metrics.jsonl (rank 0)."""
+    rec = {"step": step, "loss": loss, "lr": lr, "epoch": epoch}
+    if gnorm is not None:
+        rec["grad_norm"] = float(gnorm)
+    append_line(path, json.dumps(rec))
 
 
 def _sample(acc, model, sample_fn, step: int, run_dir: Path) -> None:

@@ -125,22 +125,9 @@ def lock_run(acc, run_dir: Path, command: str = "popyou"):
     process as the same one-line error. Returns the lock (release it at the end) or None on other processes.
     command: what a second run is told holds the folder ("popyou finetune")."""
     from popyou_cli.core.locks import FolderLock
+    from popyou_cli.core.processes import on_main_process
 
-    lock, error = None, None
-    if acc.is_main_process:
-        try:
-            lock = FolderLock(run_dir, "run folder", command)
-        except PopyouError as e:
-            error = str(e)
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        error = broadcast_object_list([error])[0]
-    if error is not None:
-        if lock is not None:
-            lock.release()
-        raise PopyouError(error)
-    return lock
+    return on_main_process(acc, lambda: FolderLock(run_dir, "run folder", command))
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
