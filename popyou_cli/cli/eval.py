@@ -12,6 +12,7 @@ from popyou_cli.cli.common import (P_OUTPUT, P_SAMPLING, cfg_scales_option, chec
 from popyou_cli.core.bounds import check_eval_options
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.progress import set_progress_every
+from popyou_cli.core.formats import METRICS_JSON
 
 P_DATA, P_METRICS = "Data", "Metrics"
 
@@ -106,4 +107,4 @@ def eval_cmd(
 
     console.print(summary_line(res), highlight=False, markup=False)
     console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False, markup=False)
-    typer.echo(str(out / "metrics.json"))
+    typer.echo(str(out / METRICS_JSON))

@@ -17,9 +17,8 @@ from popyou_cli.cli.common import (P_MODEL, P_OUTPUT, P_SAMPLING, cfg_scales_opt
 from popyou_cli.core.bounds import check_demo_options, check_sample_options
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.progress import set_progress_every
+from popyou_cli.core.presets import DEFAULT_VAR
 
-DEFAULT_VAR = "FoundationVision/var/var_d16.pth"
-DEFAULT_VAE = "FoundationVision/var/vae_ch160v4096z32.pth"
 _DTYPE_HELP = "auto: bf16 on CUDA, fp32 on CPU."
 
 
