@@ -181,7 +181,7 @@ def test_a_value_after_a_flag_is_an_error_not_a_prompt(tmp_path):
         assert f"{flag} is a flag and takes no value: drop '{word}'" in msg
     assert not any(tmp_path.iterdir())
     msg = one_line_error(invoke("sample", "--dtype", "float64", "x", "--out", tmp_path))  # checked while parsing
-    assert msg == "error: unknown dtype 'float64' (use auto, fp32, bf16 or fp16)"
+    assert msg == "error: unknown dtype 'float64': --dtype must be auto, fp32, bf16 or fp16"
 
 
 def test_a_prompt_given_as_a_prompt_file_is_one_clear_line(tmp_path):

@@ -98,7 +98,8 @@ def choice_option(default, *names: str, choices: Sequence[str], noun: Optional[s
             return value
         key = str(value).strip().lower()
         if key not in choices:
-            raise PopyouError(f"unknown {noun or names[0]} '{value}' (use {', '.join(choices[:-1])} or {choices[-1]})")
+            raise PopyouError(f"unknown {noun or names[0]} '{value}': {names[0]} must be "
+                              f"{', '.join(choices[:-1])} or {choices[-1]}")
         return key
 
     def complete(incomplete: str) -> list[str]:
