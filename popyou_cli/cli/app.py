@@ -152,6 +152,7 @@ def sample(
     cfg_scales: Optional[int] = cfg_scales_option(),
     fast: bool = fast_option(),
     out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs, the grid and samples.jsonl."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder popyou did not write (no samples.jsonl or metrics.json in it); only the files sample writes are replaced."),
     progress_every: Optional[float] = progress_every_option(),
 ):
     """Generate images. Text: popyou sample "a wizard funko pop" (the original PopYOU model unless --pipeline says
@@ -170,7 +171,7 @@ def sample(
             raise PopyouError("--class-id samples a class with --var/--vae; drop the prompt/--pipeline, or drop --class-id")
         res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size, opts=opts,
                              seed=seed, device=device, dtype=dtype, out=out, quantize=quantize, console=console,
-                             fast=fast)
+                             fast=fast, overwrite=overwrite)
     else:
         texts = read_prompts(prompts or [], prompt_file, console=console)
         if not texts:
@@ -178,7 +179,7 @@ def sample(
                               "(or --prompt-file FILE), or --class-id N")
         res = sample_text(pipeline=pipeline_at(pipeline, revision), prompts=texts, n=n, batch_size=batch_size, opts=opts, seed=seed,
                           device=device, dtype=dtype, out=out, beta_sweep=beta_sweep, quantize=quantize,
-                          console=console, fast=fast)
+                          console=console, fast=fast, overwrite=overwrite)
     console.print(res.summary(), highlight=False, soft_wrap=True)
     typer.echo(str(res.grid))
 
@@ -212,6 +213,7 @@ def eval_cmd(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", envvar="POPYOU_PIPELINE", help="Pipeline folder made by 'popyou train-adapter', or a Hub spec. Default: $POPYOU_PIPELINE, else the original demo's model (which records no training data: give --data). With --images: only its SigLIP judges the images (default there: the pipeline the samples record).", show_default=False),
     revision: Optional[str] = revision_option(),
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for metrics.json, report.md, report.html, grid.png and images/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder popyou did not write (no metrics.json or samples.jsonl in it); only the files eval writes are replaced."),
     images: Optional[Path] = typer.Option(None, "--images", help="Score the images of this 'popyou sample' folder (with its samples.jsonl) as they are: nothing is generated and no training data is needed; FID/KID only with --reference.", show_default=False),
     data: Optional[Path] = typer.Option(None, "--data", help="The encode folder the pipeline was trained on (default: the one its pipeline.json names): held-out prompts, NLL rows and the FID reference.", show_default=False),
     reference: Optional[Path] = typer.Option(None, "--reference", help="FID/KID reference images: a data set folder or a folder of image files. Default: the training rows of --data (none with --images). Its features are cached in popyou's cache folder ($POPYOU_CACHE, else ~/.cache/popyou), never in it.", show_default=False),
@@ -255,7 +257,7 @@ def eval_cmd(
             raise PopyouError("--images scores existing images, nothing is sampled: drop --quantize/--cfg-scales/--fast")
         res = evaluate_images(images=images, out=out, reference=reference, pipeline=pipeline, device=device,
                               dtype=dtype, inception=weights, siglip_fid=siglip_fid, max_reference=max_reference,
-                              console=console)
+                              overwrite=overwrite, console=console)
     else:
         pipeline = pipeline_at(pipeline, revision)
         if pipeline is None and data is None:
@@ -271,7 +273,7 @@ def eval_cmd(
                        batch_size=batch_size, seed=seed, opts=opts, device=device, dtype=dtype, quantize=quantize,
                        inception=weights, siglip_fid=siglip_fid, val_fraction=val_fraction,
                        max_reference=max_reference, reference=reference, console=console, fast=fast,
-                       allow_other_data=allow_other_data)
+                       allow_other_data=allow_other_data, overwrite=overwrite)
     console.print(summary_line(res), highlight=False, markup=False)
     console.print(f"wrote {out}/metrics.json and the report {out}/report.html", highlight=False, markup=False)
     typer.echo(str(out / METRICS_JSON))
