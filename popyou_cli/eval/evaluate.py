@@ -28,7 +28,6 @@ import torch
 from popyou_cli.eval import metrics
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import portable_spec, resolve_recorded
-from popyou_cli.core.formats import METRICS_JSON, SAMPLES_JSONL
 from popyou_cli.core.locks import claim_output_folder
 from popyou_cli.eval.heldout import check_training_data, held_out, heldout_summary, per_row_nll
 from popyou_cli.infer.pipeline import Pipeline
@@ -41,7 +40,6 @@ from popyou_cli.infer.options import SamplingOptions, check_disk, read_prompts
 
 FID_PROGRESS_BATCH = 32
 COMMAND = "popyou eval"
-RECORDS = (METRICS_JSON, SAMPLES_JSONL)  # a folder holding one was written by popyou (eval or sample)
 
 
 def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
@@ -212,7 +210,7 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     opts = pipe.options(**(opts or SamplingOptions()).as_dict())
     train = pipe.config.get("train", {})
     data = _data_folder(pipeline, data, train)
-    with claim_output_folder(out, command=COMMAND, records=RECORDS, overwrite=overwrite, subfolders=("images",)):
+    with claim_output_folder(out, command=COMMAND, overwrite=overwrite, subfolders=("images",)):
         check = check_training_data(train, pipeline, data, allow_other_data)
         val_fraction = _val_fraction(val_fraction, train)
         held = held_out(pipe, data, val_fraction, check, console)
@@ -267,7 +265,7 @@ def evaluate_images(*, images: Path, out: Path, reference: Path | None = None, p
         raise PopyouError("--out must not be the --images folder (the report writes an images/ folder of its own)")
     from popyou_cli.core.devices import resolve_device
 
-    with claim_output_folder(out, command=COMMAND, records=RECORDS, overwrite=overwrite, subfolders=("images",)):
+    with claim_output_folder(out, command=COMMAND, overwrite=overwrite, subfolders=("images",)):
         # The recorded pipeline is loaded for its judge only when it is a local folder: a Hub default (the original
         # model) has no image tower anyway, and the standard SigLIP is what judges it.
         spec = pipeline or resolve_recorded(records[0].get("pipeline"), images)  # recorded relative to the folder

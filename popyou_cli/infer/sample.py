@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from popyou_cli.core.formats import METRICS_JSON, SAMPLES_JSONL
+from popyou_cli.core.formats import SAMPLES_JSONL
 from popyou_cli.core.files import atomic_write, portable_spec
 from popyou_cli.core.locks import claim_output_folder
 from popyou_cli.core.images import grid, image_label, save_png
@@ -23,7 +23,6 @@ from popyou_cli.infer.options import SamplingOptions, check_counts, check_disk, 
 
 SWEEP_FPS = 10  # frames per second of a beta sweep's MP4: 11 frames (0:2.5:11) play in about a second
 COMMAND = "popyou sample"
-RECORDS = (SAMPLES_JSONL, METRICS_JSON)  # a folder holding one was written by popyou (sample or eval)
 CLASS_FILES = re.compile(r"class\d+_(seed\d+|grid)\.png")  # class sampling writes no record: its files' names
 
 
@@ -61,7 +60,7 @@ def sample_classes(*, var: str, vae: str | None, class_id: int, n: int, batch_si
     pipe = Pipeline.from_model(var, vae, device=device, dtype=dtype, quantize=quantize, fast=fast)
     pipe.options(**opts.as_dict())  # range checks against this model before any file is written
     pipe._check_class(class_id)
-    with claim_output_folder(out, command=COMMAND, records=RECORDS, own_names=CLASS_FILES, overwrite=overwrite):
+    with claim_output_folder(out, command=COMMAND, own_names=CLASS_FILES, overwrite=overwrite):
         check_disk(out, n, pipe.image_size)
         with Progress("sample", n, console=console) as progress:
             images = pipe(None, n=n, seed=seed, class_id=class_id, batch_size=batch_size,
@@ -84,7 +83,7 @@ def sample_text(*, pipeline: str | None, prompts: list[str], n: int, batch_size:
     opts.check()
     pipe = Pipeline.from_pretrained(pipeline, device=device, dtype=dtype, quantize=quantize, fast=fast)
     resolved = pipe.options(**opts.as_dict())
-    with claim_output_folder(out, command=COMMAND, records=RECORDS, overwrite=overwrite):
+    with claim_output_folder(out, command=COMMAND, overwrite=overwrite):
         check_disk(out, len(sweep) if sweep else len(prompts) * n, pipe.image_size)
         return _text_images(pipe, prompts, n, seed, opts, resolved, batch_size, out, sweep, console)
 
