@@ -1,6 +1,8 @@
-"""What an adversarial probe broke in `sample` and `eval`, kept fixed: eval --images reads only the folder's own
-files, and an enormous image is one line; the Python API holds alpha and beta to the CLI's bounds; a bad
-pipeline.json default is named as pipeline.json names it; warnings are one line. Tiny, CPU, offline."""
+"""What an adversarial probe broke in `sample` and `eval`, kept fixed: --out is locked like every command's, a folder
+popyou did not write is not written into without --overwrite, a killed run's temporaries go with the next run;
+eval --images reads only the folder's own files, and an enormous image is one line; the Python API holds alpha
+and beta to the CLI's bounds; a bad pipeline.json default is named as pipeline.json names it; warnings are one
+line. (The demo's upload limit is in test_demo.py.) Tiny, CPU, offline."""
 import json
 import os
 import shutil
@@ -18,6 +20,19 @@ from helpers import invoke, one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 CLASS = ["sample", "--var", "tiny", "--vae", "tiny", "--class-id", 1, "--n", 1, "--device", "cpu"]
+HOLD = """
+import sys
+from popyou_cli.core.locks import FolderLock
+lock = FolderLock(sys.argv[1], "--out", "popyou sample")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def png_claiming(path: Path, side: int) -> Path:
@@ -125,3 +140,70 @@ def test_a_warning_is_one_line_without_a_library_path(tmp_path):
     warned = [ln for ln in proc.stderr.splitlines() if "could not write" in ln]
     assert len(warned) == 1 and warned[0].startswith("warning: could not write"), proc.stderr
     assert ".py:" not in proc.stderr and "RuntimeWarning" not in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ the output folder
+def test_a_second_sample_into_a_locked_out_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_line_error(invoke(*CLASS, "--out", out))
+        assert f"--out {out} is in use by PID {holder.pid}" in line and "(popyou sample)" in line
+        assert [p.name for p in out.iterdir()] == [".popyou.lock"]  # nothing written meanwhile
+    finally:
+        holder.communicate("", timeout=60)
+    res = invoke(*CLASS, "--out", out)  # the holder is gone: the folder is free again
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == [".popyou.lock", "class1_grid.png", "class1_seed0.png"]
+
+
+def test_sample_refuses_a_folder_it_did_not_write_unless_overwrite(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "class1_grid.png").write_bytes(b"my own picture")
+    (out / "notes.txt").write_text("mine")
+    line = one_line_error(invoke(*CLASS, "--out", out))
+    assert f"--out {out} is not empty and popyou did not write it" in line and "--overwrite" in line
+    assert (out / "class1_grid.png").read_bytes() == b"my own picture" and not (out / "class1_seed0.png").exists()
+    res = invoke(*CLASS, "--out", out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert (out / "class1_grid.png").read_bytes() != b"my own picture" and (out / "class1_seed0.png").is_file()
+    assert (out / "notes.txt").read_text() == "mine"  # only the files sample writes are replaced
+    fresh = tmp_path / "again"
+    assert invoke(*CLASS, "--out", fresh).exit_code == 0
+    assert invoke(*CLASS, "--seed", 5, "--out", fresh).exit_code == 0  # a folder it wrote: no flag needed
+
+
+def test_text_sample_and_eval_refuse_a_folder_they_did_not_write(work, tmp_path):
+    pipe = work / "txt" / "pipeline"
+    for command, args, mine in (("sample", ["a wizard funko pop", "--pipeline", pipe, "--n", 2], "grid.png"),
+                                ("eval", ["--images", work / "samples"], "report.md")):
+        out = tmp_path / command
+        out.mkdir()
+        (out / mine).write_text("my own file")
+        line = one_line_error(invoke(command, *args, "--out", out))
+        assert "is not empty and popyou did not write it" in line and "--overwrite" in line, line
+        assert (out / mine).read_text() == "my own file" and sorted(p.name for p in out.iterdir()) == [mine]
+        res = invoke(command, *args, "--out", out, "--overwrite")
+        assert res.exit_code == 0, res.output
+        assert (out / mine).read_bytes() != b"my own file"
+        assert invoke(command, *args, "--out", out).exit_code == 0  # now it holds popyou's record
+
+
+def test_the_next_run_removes_what_a_killed_sample_or_eval_left(work, tmp_path):
+    gone = dead_pid()
+    samples, report = tmp_path / "samples", tmp_path / "report"
+    assert invoke("sample", "a wizard funko pop", "--pipeline", work / "txt" / "pipeline", "--n", 2,
+                  "--out", samples).exit_code == 0
+    assert invoke("eval", "--images", samples, "--out", report).exit_code == 0
+    planted = [samples / f".grid.png.{gone}.0123abcd.tmp", samples / f".samples.jsonl.{gone}.0123abcd.tmp",
+               report / f".metrics.json.{gone}.0123abcd.tmp", report / "images" / f".0000.png.{gone}.0123abcd.tmp"]
+    for p in planted:
+        p.write_text("left by a kill")
+    assert invoke("sample", "a wizard funko pop", "--pipeline", work / "txt" / "pipeline", "--n", 2,
+                  "--out", samples).exit_code == 0
+    assert invoke("eval", "--images", samples, "--out", report).exit_code == 0
+    assert [p.name for p in planted if p.exists()] == []

@@ -54,6 +54,8 @@ def eval_cmd(
                                       "for FID/KID, at most."),
     out: Path = typer.Option(Path("eval"), "--out", rich_help_panel=P_OUTPUT, help="Folder for metrics.json, the "
                              "report, grid.png and images/."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=P_OUTPUT, help="Write into a folder popyou "
+                                   "did not write; only eval's own files are replaced."),
     device: str = device_option(),
     dtype: str = dtype_option("auto: bf16 on CUDA, fp32 on CPU."),
     quantize: Optional[str] = quantize_option(),
@@ -83,7 +85,7 @@ def eval_cmd(
 
         res = evaluate_images(images=images, out=out, reference=reference, pipeline=pipeline, device=device,
                               dtype=dtype, inception=weights, siglip_fid=siglip_fid, max_reference=max_reference,
-                              console=console)
+                              overwrite=overwrite, console=console)
     else:
         pipeline = pipeline_at(pipeline, revision)
         if pipeline is None and data is None:
@@ -102,7 +104,7 @@ def eval_cmd(
                        batch_size=batch_size, seed=seed, opts=opts, device=device, dtype=dtype, quantize=quantize,
                        inception=weights, siglip_fid=siglip_fid, val_fraction=val_fraction,
                        max_reference=max_reference, reference=reference, console=console, fast=fast,
-                       allow_other_data=allow_other_data)
+                       allow_other_data=allow_other_data, overwrite=overwrite)
     from popyou_cli.eval.report import summary_line
 
     console.print(summary_line(res), highlight=False, markup=False)

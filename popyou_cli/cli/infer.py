@@ -87,6 +87,8 @@ def sample_cmd(
                                              "PNGs, a strip and an MP4."),
     out: Path = typer.Option(Path("samples"), "--out", rich_help_panel=P_OUTPUT, help="Folder for the PNGs, the "
                              "grid and samples.jsonl."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=P_OUTPUT, help="Write into a folder popyou "
+                                   "did not write; only sample's own files are replaced."),
     device: str = device_option(),
     dtype: str = dtype_option(_DTYPE_HELP),
     quantize: Optional[str] = quantize_option(),
@@ -122,11 +124,11 @@ def sample_cmd(
     if class_id is not None:
         res = sample_classes(var=var, vae=vae, class_id=class_id, n=n, batch_size=batch_size, opts=opts,
                              seed=seed, device=device, dtype=dtype, out=out, quantize=quantize, console=console,
-                             fast=fast)
+                             fast=fast, overwrite=overwrite)
     else:
         res = sample_text(pipeline=pipeline_at(pipeline, revision), prompts=texts, n=n, batch_size=batch_size,
                           opts=opts, seed=seed, device=device, dtype=dtype, out=out, beta_sweep=beta_sweep,
-                          quantize=quantize, console=console, fast=fast)
+                          quantize=quantize, console=console, fast=fast, overwrite=overwrite)
     console.print(res.summary(), highlight=False, soft_wrap=True)
     typer.echo(str(res.grid))
 

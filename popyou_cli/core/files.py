@@ -335,6 +335,26 @@ def _inside(name: str | None, folder: Path) -> Path:
     return path
 
 
+def check_ours(out: str | os.PathLike, records: tuple[str, ...], *, overwrite: bool, command: str,
+               own_names: re.Pattern | None = None, what: str = "--out") -> None:
+    """Before `command` writes its files into `out`: a folder that holds visible files but none of `records` (the
+    record `command` writes, as a regular file) was not written by popyou, and its files (a grid.png, a report.md)
+    are someone's own: a one-line PopyouError unless `overwrite`, which lets the command replace the files of the
+    names it writes and nothing else. A missing or empty folder, one popyou wrote, or (own_names) one whose every
+    file is named as the command names its files, is fine."""
+    o = Path(out)
+    if overwrite or not o.is_dir():
+        return
+    visible = [c for c in o.iterdir() if not c.name.startswith(".")]
+    if not visible or any(stat.S_ISREG(os.lstat(o / r).st_mode) for r in records if os.path.lexists(o / r)):
+        return
+    if own_names is not None and all(own_names.fullmatch(c.name) and c.is_file() for c in visible):
+        return
+    raise PopyouError(f"{what} {out} is not empty and popyou did not write it (no {' or '.join(records)} in it): its "
+                      f"files could be replaced; choose an empty or new folder, or pass --overwrite to let {command} "
+                      "write into it (only the files it writes are replaced)")
+
+
 def portable_spec(spec: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
     """A model or data spec as a record in `folder`: a local path made portable (portable_path); a Hub id,
     "tiny" or None as it is."""

@@ -157,3 +157,21 @@ class FolderLock:
             self.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def claim_output_folder(out: str | os.PathLike, *, command: str, overwrite: bool = False, own_names=None,
+                        subfolders: tuple[str, ...] = ()) -> FolderLock:
+    """What `sample` and `eval` do before writing into --out, as every other command does: make it and prove it
+    writable, refuse a folder popyou did not write (files.check_ours: formats.OUTPUT_RECORDS, or `own_names`, mark
+    popyou's), take its lock (a second writer is refused in one line, naming this process), then remove the
+    temporaries a killed run left in it and in `subfolders`. Returns the lock: release it when the files are
+    written."""
+    from popyou_cli.core.files import check_ours, ensure_writable_dir, sweep_temporaries
+    from popyou_cli.core.formats import OUTPUT_RECORDS
+
+    check_ours(out, OUTPUT_RECORDS, overwrite=overwrite, command=command, own_names=own_names)
+    folder = ensure_writable_dir(out)
+    lock = FolderLock(folder, "--out", command)
+    for sub in ("", *subfolders):
+        sweep_temporaries(folder / sub)  # under the lock: every temporary there is an orphan
+    return lock

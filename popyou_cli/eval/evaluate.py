@@ -27,7 +27,8 @@ import torch
 
 from popyou_cli.eval import metrics
 from popyou_cli.core.errors import PopyouError
-from popyou_cli.core.files import ensure_writable_dir, portable_spec, resolve_recorded
+from popyou_cli.core.files import portable_spec, resolve_recorded
+from popyou_cli.core.locks import claim_output_folder
 from popyou_cli.eval.heldout import check_training_data, held_out, heldout_summary, per_row_nll
 from popyou_cli.infer.pipeline import Pipeline
 from popyou_cli.core.presets import ADAPTER_PRESETS, TINY, get_preset
@@ -38,6 +39,7 @@ from popyou_cli.eval.report import caveats, command_line, write_report
 from popyou_cli.infer.options import SamplingOptions, check_disk, read_prompts
 
 FID_PROGRESS_BATCH = 32
+COMMAND = "popyou eval"
 
 
 def stand_in_parts(config: dict, folder: Path | None = None) -> list[str]:
@@ -188,8 +190,9 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
              opts: SamplingOptions | None = None, device: str = "auto", dtype: str = "auto",
              quantize: str | None = None, inception: str | None = None, siglip_fid: bool = False,
              val_fraction: float | None = None, max_reference: int = 2000, reference: Path | None = None,
-             allow_other_data: bool = False, fast: bool = False, console=None) -> dict:
-    """Generate one image per prompt (image i uses seed + i) and score them; writes the report into `out`.
+             allow_other_data: bool = False, fast: bool = False, overwrite: bool = False, console=None) -> dict:
+    """Generate one image per prompt (image i uses seed + i) and score them; writes the report into `out` (locked
+    meanwhile; a folder popyou did not write is refused unless `overwrite`, which replaces only eval's files).
     `quantize` (an opt-in fast mode) and `fast` apply to the whole model, so the held-out NLL is that model's too.
     The data must still hold the rows the pipeline was trained on (heldout.py), unless `allow_other_data`."""
     from popyou_cli.core.bounds import check_seed
@@ -207,79 +210,81 @@ def evaluate(*, pipeline: str, out: Path, data: Path | None = None, prompts: lis
     opts = pipe.options(**(opts or SamplingOptions()).as_dict())
     train = pipe.config.get("train", {})
     data = _data_folder(pipeline, data, train)
-    ensure_writable_dir(out)
-    check = check_training_data(train, pipeline, data, allow_other_data)
-    val_fraction = _val_fraction(val_fraction, train)
-    held = held_out(pipe, data, val_fraction, check, console)
-    ds = load_stage(data)
-    from_dataset = prompts is None  # only then do the dataset's own images pair with the prompts
-    if prompts is None:
-        prompts = _held_out_prompts(ds, held, n_prompts, data)
-    if len(prompts) < 2:
-        raise PopyouError("eval needs at least 2 prompts")
-    image_size = pipe.image_size
-    check_disk(out, 2 * len(prompts), image_size)
+    with claim_output_folder(out, command=COMMAND, overwrite=overwrite, subfolders=("images",)):
+        check = check_training_data(train, pipeline, data, allow_other_data)
+        val_fraction = _val_fraction(val_fraction, train)
+        held = held_out(pipe, data, val_fraction, check, console)
+        ds = load_stage(data)
+        from_dataset = prompts is None  # only then do the dataset's own images pair with the prompts
+        if prompts is None:
+            prompts = _held_out_prompts(ds, held, n_prompts, data)
+        if len(prompts) < 2:
+            raise PopyouError("eval needs at least 2 prompts")
+        image_size = pipe.image_size
+        check_disk(out, 2 * len(prompts), image_size)
 
-    gen, images_per_s = _generate(pipe, prompts, opts, seed, batch_size, console)
-    if reference is not None:
-        ref = any_reference(reference, image_size, max_reference)
-    else:
-        ref = dataset_reference(data, held.train_index[:max_reference], image_size, "training rows", ds)
-    judge = _judge(pipe, dev)
-    parts = stand_in_parts(pipe.config, Path(str(pipe.source)).expanduser())
-    result = {"mode": "generated", "pipeline": portable_spec(pipeline, out),
-              "pipeline_description": _description(pipe, out), "data": portable_spec(data, out),
-              "data_check": check.as_dict(), "n_prompts": len(prompts), "tiny_stand_ins": bool(parts),
-              "stand_in_parts": parts,
-              **_scores(gen, prompts, judge, ref, out, inception=inception, siglip_fid=siglip_fid, device=dev,
-                        console=console),
-              "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed, **pipe.speed_record},
-              "images_per_s": images_per_s, "batch_size": batch_size, "device": str(dev)}
-    paired = _paired_scores(result, judge, prompts, gen,
-                            dataset_images(ds, held.index[:len(prompts)], image_size) if from_dataset else None)
-    result["heldout_nll"] = _heldout_nll(pipe, held, opts)
-    result["heldout_index"] = [int(i) for i in held.index]  # the data set rows scored (their `index`)
-    here = lambda path: portable_spec(path, out)  # noqa: E731 - the command runs in the report's folder
-    result["reproduce"] = command_line("popyou eval", {
-        "--pipeline": here(pipeline), "--data": here(data), "--prompt-file": here(prompt_file),
-        "--n-prompts": None if prompt_file or not from_dataset else n_prompts, "--seed": seed,
-        "--cfg": opts.cfg, "--top-k": opts.top_k, "--top-p": opts.top_p, "--cfg-scales": opts.cfg_scales,
-        "--quantize": pipe.quantize, "--batch-size": batch_size,  # --fast's pick by its flags: the same anywhere
-        "--reference": here(reference), "--max-reference": max_reference, "--inception": here(inception),
-        "--siglip-fid": siglip_fid, "--val-fraction": val_fraction, "--allow-other-data": allow_other_data,
-        "--device": device, "--dtype": pipe.speed_record["dtype"] if pipe.fast_mode else dtype, "--out": "."})
-    return _finish(out, result, prompts, gen, [seed + i for i in range(len(prompts))], paired)
+        gen, images_per_s = _generate(pipe, prompts, opts, seed, batch_size, console)
+        if reference is not None:
+            ref = any_reference(reference, image_size, max_reference)
+        else:
+            ref = dataset_reference(data, held.train_index[:max_reference], image_size, "training rows", ds)
+        judge = _judge(pipe, dev)
+        parts = stand_in_parts(pipe.config, Path(str(pipe.source)).expanduser())
+        result = {"mode": "generated", "pipeline": portable_spec(pipeline, out),
+                  "pipeline_description": _description(pipe, out), "data": portable_spec(data, out),
+                  "data_check": check.as_dict(), "n_prompts": len(prompts), "tiny_stand_ins": bool(parts),
+                  "stand_in_parts": parts,
+                  **_scores(gen, prompts, judge, ref, out, inception=inception, siglip_fid=siglip_fid, device=dev,
+                            console=console),
+                  "sampling": {**opts.as_dict(), "class_id": pipe.class_id, "seed": seed, **pipe.speed_record},
+                  "images_per_s": images_per_s, "batch_size": batch_size, "device": str(dev)}
+        paired = _paired_scores(result, judge, prompts, gen,
+                                dataset_images(ds, held.index[:len(prompts)], image_size) if from_dataset else None)
+        result["heldout_nll"] = _heldout_nll(pipe, held, opts)
+        result["heldout_index"] = [int(i) for i in held.index]  # the data set rows scored (their `index`)
+        here = lambda path: portable_spec(path, out)  # noqa: E731 - the command runs in the report's folder
+        result["reproduce"] = command_line("popyou eval", {
+            "--pipeline": here(pipeline), "--data": here(data), "--prompt-file": here(prompt_file),
+            "--n-prompts": None if prompt_file or not from_dataset else n_prompts, "--seed": seed,
+            "--cfg": opts.cfg, "--top-k": opts.top_k, "--top-p": opts.top_p, "--cfg-scales": opts.cfg_scales,
+            "--quantize": pipe.quantize, "--batch-size": batch_size,  # --fast's pick by its flags: the same anywhere
+            "--reference": here(reference), "--max-reference": max_reference, "--inception": here(inception),
+            "--siglip-fid": siglip_fid, "--val-fraction": val_fraction, "--allow-other-data": allow_other_data,
+            "--device": device, "--dtype": pipe.speed_record["dtype"] if pipe.fast_mode else dtype, "--out": "."})
+        return _finish(out, result, prompts, gen, [seed + i for i in range(len(prompts))], paired)
 
 
 def evaluate_images(*, images: Path, out: Path, reference: Path | None = None, pipeline: str | None = None,
                     device: str = "auto", dtype: str = "auto", inception: str | None = None,
-                    siglip_fid: bool = False, max_reference: int = 2000, console=None) -> dict:
+                    siglip_fid: bool = False, max_reference: int = 2000, overwrite: bool = False,
+                    console=None) -> dict:
     """Score the images of a `popyou sample` folder as they are: no generation, no training data. The SigLIP judge
     is --pipeline's encoder (default: the pipeline the samples record), FID/KID need `reference`."""
     records, gen = read_sample_folder(images)
     if Path(out).resolve() == Path(images).resolve():
         raise PopyouError("--out must not be the --images folder (the report writes an images/ folder of its own)")
-    ensure_writable_dir(out)
     from popyou_cli.core.devices import resolve_device
 
-    # The recorded pipeline is loaded for its judge only when it is a local folder: a Hub default (the original
-    # model) has no image tower anyway, and the standard SigLIP is what judges it.
-    spec = pipeline or resolve_recorded(records[0].get("pipeline"), images)  # recorded relative to the folder
-    local = spec is not None and Path(str(spec)).expanduser().is_dir()
-    pipe = Pipeline.from_pretrained(str(spec), device=device, dtype=dtype) if pipeline or local else None
-    dev = pipe.device if pipe is not None else resolve_device(device)
-    judge = _judge(pipe, dev)
-    ref = any_reference(reference, int(gen.shape[1]), max_reference) if reference is not None else None
-    prompts = [r["prompt"] for r in records]
-    parts = stand_in_parts(pipe.config, Path(str(spec)).expanduser()) if pipe is not None else []
-    result = {"mode": "existing images", "images": portable_spec(images, out), "pipeline": portable_spec(spec, out),
-              "n_prompts": len(set(prompts)), "tiny_stand_ins": bool(parts), "stand_in_parts": parts,
-              **_scores(gen, prompts, judge, ref, out, inception=inception, siglip_fid=siglip_fid, device=dev,
-                        console=console),
-              "sampling": {k: v for k, v in records[0].items() if k not in ("prompt", "prompt_index", "path", "seed")}}
-    here = lambda path: portable_spec(path, out)  # noqa: E731 - the command runs in the report's folder
-    result["reproduce"] = command_line("popyou eval", {
-        "--images": here(images), "--pipeline": here(pipeline), "--reference": here(reference),
-        "--max-reference": max_reference, "--inception": here(inception), "--siglip-fid": siglip_fid,
-        "--out": "."})
-    return _finish(out, result, prompts, gen, [r.get("seed") for r in records])
+    with claim_output_folder(out, command=COMMAND, overwrite=overwrite, subfolders=("images",)):
+        # The recorded pipeline is loaded for its judge only when it is a local folder: a Hub default (the original
+        # model) has no image tower anyway, and the standard SigLIP is what judges it.
+        spec = pipeline or resolve_recorded(records[0].get("pipeline"), images)  # recorded relative to the folder
+        local = spec is not None and Path(str(spec)).expanduser().is_dir()
+        pipe = Pipeline.from_pretrained(str(spec), device=device, dtype=dtype) if pipeline or local else None
+        dev = pipe.device if pipe is not None else resolve_device(device)
+        judge = _judge(pipe, dev)
+        ref = any_reference(reference, int(gen.shape[1]), max_reference) if reference is not None else None
+        prompts = [r["prompt"] for r in records]
+        parts = stand_in_parts(pipe.config, Path(str(spec)).expanduser()) if pipe is not None else []
+        result = {"mode": "existing images", "images": portable_spec(images, out), "pipeline": portable_spec(spec, out),
+                  "n_prompts": len(set(prompts)), "tiny_stand_ins": bool(parts), "stand_in_parts": parts,
+                  **_scores(gen, prompts, judge, ref, out, inception=inception, siglip_fid=siglip_fid, device=dev,
+                            console=console),
+                  "sampling": {k: v for k, v in records[0].items()
+                               if k not in ("prompt", "prompt_index", "path", "seed")}}
+        here = lambda path: portable_spec(path, out)  # noqa: E731 - the command runs in the report's folder
+        result["reproduce"] = command_line("popyou eval", {
+            "--images": here(images), "--pipeline": here(pipeline), "--reference": here(reference),
+            "--max-reference": max_reference, "--inception": here(inception), "--siglip-fid": siglip_fid,
+            "--out": "."})
+        return _finish(out, result, prompts, gen, [r.get("seed") for r in records])
