@@ -29,9 +29,7 @@ from popyou_cli.core.errors import PopyouError
 from popyou_cli.infer.video import beta_label, label_frame, write_beta_sweep
 
 BETA_MIN, BETA_MAX, BETA_STEP = 0.0, 2.5, 0.05  # the original Space's slider
-MAX_IMAGES = 8
-MAX_FPS, MAX_SECONDS = 30, 20
-MAX_FRAMES = 120
+MAX_IMAGES, MAX_FPS, MAX_SECONDS, MAX_FRAMES = 8, 30, 20, 120
 FRAME_CAP_REASON = ("each frame is a whole image generation and requests take turns on the device, so a longer "
                     "video would hold everyone else's requests")
 EXAMPLES = ["a wizard funko pop", "a funko pop astronaut holding a guitar", "a knight in golden armour funko pop",
