@@ -94,9 +94,11 @@ def test_dtype_spellings_agree_with_devices():
     from popyou_cli.models.fast import QUANTIZE_MODES as FAST_MODES
     from popyou_cli.core.presets import FINETUNE_PRESETS
 
-    assert DTYPES == devices.DTYPE_CHOICES and set(PRESETS) == set(FINETUNE_PRESETS)
+    assert set(PRESETS) == set(FINETUNE_PRESETS) and DTYPES[0] == "auto"
     assert QUANTIZE_MODES == FAST_MODES
     assert all(devices.parse_dtype(d) in (None, torch.float32, torch.bfloat16, torch.float16) for d in DTYPES)
+    for short in DTYPES[1:]:  # what --help lists, devices parses and names back the same way
+        assert devices.dtype_name(devices.parse_dtype(short)) == short
 
 
 def test_errors_keep_their_text(tmp_path):

@@ -148,8 +148,8 @@ def test_two_processes_equal_one(chain, tmp_path):
     cap, enc = tmp_path / "cap", tmp_path / "enc"
     script.write_text(
         "from popyou_cli.cli.app import app\n"
-        f"app({['caption', str(chain['gen']), '--out', str(cap), *CAPTION]!r}, standalone_mode=False)\n"
-        f"app({['encode', str(cap), '--out', str(enc), *ENCODE]!r}, standalone_mode=False)\n")
+        f"app({['caption', '--data', str(chain['gen']), '--out', str(cap), *CAPTION]!r}, standalone_mode=False)\n"
+        f"app({['encode', '--data', str(cap), '--out', str(enc), *ENCODE]!r}, standalone_mode=False)\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

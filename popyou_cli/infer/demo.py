@@ -240,7 +240,7 @@ def _sampling_options(d, vocab: int) -> list:
     with gr.Accordion("Sampling options", open=False):
         with gr.Row():
             cfg = gr.Number(d.cfg, label="CFG (guidance; 0 = off)", minimum=0, step=0.1)
-            top_k = gr.Number(d.top_k, label="Top-k (0 = off)", minimum=0, maximum=vocab, precision=0)
+            top_k = gr.Number(d.top_k, label=f"Top-k (0 = off; {vocab} = all codes)", minimum=0, precision=0)
             top_p = gr.Slider(0, 1, value=d.top_p, step=0.01, label="Top-p (0 = off)")
             smooth = gr.Checkbox(bool(d.more_smooth), label="More smooth")
     return [cfg, top_k, top_p, smooth]
