@@ -100,3 +100,13 @@ def demo_server(quickstart, tmp_path_factory):
             server.wait()
     with socket.socket() as s:  # stopped means the port is free again
         assert s.connect_ex(("127.0.0.1", port)) != 0, f"the demo server still answers on port {port}"
+
+
+@pytest.fixture(scope="module")
+def fresh_accelerate_state():
+    """accelerate keeps its process state in class attributes: a module that runs stages in-process starts the next
+    module from a clean one (`pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

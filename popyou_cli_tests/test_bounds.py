@@ -13,12 +13,7 @@ AD = ["train-adapter", "--preset", "tiny", "--var", "tiny", "--n-samples", 0]
 SAMPLE = ["sample", "a wizard", "--pipeline", "nowhere"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.mark.parametrize("args,message", [

@@ -53,14 +53,7 @@ def one_line_error(res) -> str:
     return helpers.one_line_error(res, exit_code=None)  # any failure status
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_accelerate_state():
-    """gen_data sets up accelerate's process-wide PartialState (on CPU here); drop it afterwards so that later
-    test modules in this process get their own."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

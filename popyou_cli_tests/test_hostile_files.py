@@ -21,12 +21,7 @@ GEN = ["--preset", "tiny", "--image-size", 32, "--shard-size", 2, "--batch-size"
 DATA = ["--preset", "tiny", "--shard-size", 2, "--batch-size", 1, "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

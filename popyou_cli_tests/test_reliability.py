@@ -30,12 +30,7 @@ FT = ["finetune", "--preset", "tiny", "--sample-every", 0, "--n-samples", 0]
 DATA_CMD = ["--preset", "tiny", "--device", "cpu", "--workers", 0, "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ DATA = ["--preset", "tiny", "--shard-size", 2, "--batch-size", 1, "--device", "c
 FT = ["finetune", "--preset", "tiny", "--sample-every", 0, "--n-samples", 0, "--max-steps", 2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")
