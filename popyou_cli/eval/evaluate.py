@@ -29,7 +29,7 @@ from popyou_cli.eval import metrics
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.files import portable_spec, resolve_recorded
 from popyou_cli.core.locks import claim_output_folder
-from popyou_cli.eval.heldout import check_training_data, held_out, heldout_summary, per_row_nll
+from popyou_cli.eval.heldout import check_training_data, held_out, heldout_summary
 from popyou_cli.infer.pipeline import Pipeline
 from popyou_cli.core.presets import ADAPTER_PRESETS, TINY, get_preset
 from popyou_cli.core.progress import Progress
@@ -37,6 +37,7 @@ from popyou_cli.eval.fid_reference import (ReferenceSet, any_reference, dataset_
                          reference_features)
 from popyou_cli.eval.report import caveats, command_line, write_report
 from popyou_cli.infer.options import SamplingOptions, check_disk, read_prompts
+from popyou_cli.train.conditioning import per_row_nll
 
 FID_PROGRESS_BATCH = 32
 COMMAND = "popyou eval"

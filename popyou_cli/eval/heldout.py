@@ -13,7 +13,7 @@ encode folder's manifest digest, store/lineage.py). eval compares it with the da
 * no recorded hash (an imported or older pipeline, data without content hashes): used as it is.
 
 The NLL: next-scale cross-entropy of each held-out row (mean over its tokens, as VAR's training loss) with its
-own embedding, with another row's (the fixed permutation of conditioning.conditioning_eval) and with the class
+own embedding, with another row's (a fixed permutation) and with the class
 alone. Per row, because the verdict compares them row by row (metrics.paired_difference).
 """
 from __future__ import annotations
@@ -24,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.eval.metrics import paired_difference
 
-NLL_BATCH = 64  # held-out rows per forward pass
 
 
 @dataclass(frozen=True)
@@ -116,28 +114,6 @@ def held_out(pipe, data: Path, val_fraction: float, check: DataCheck, console=No
                           "or --prompt-file FILE")
     pos, train_pos = val_rows.pop("_pos").numpy(), train_rows.pop("_pos").numpy()
     return HeldOut(val_rows, index[pos], index[train_pos], column)
-
-
-@torch.no_grad()
-def per_row_nll(model, rows: dict, device, batch_size: int = NLL_BATCH) -> dict[str, torch.Tensor]:
-    """{right, shuffled, class_only: (N,) float64 nats/token} for a ConditionedVAR with an adapter (eval mode)."""
-    from popyou_cli.train.conditioning import SHUFFLE_SEED
-
-    was = model.training
-    model.eval()
-    n = len(rows["codes"])
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SHUFFLE_SEED))
-    out = {"right": [], "shuffled": [], "class_only": []}
-    for s in range(0, n, batch_size):
-        idx = torch.arange(s, min(n, s + batch_size))
-        batch = {k: v[idx].to(device) for k, v in rows.items()}
-        other = rows[model.column][perm[idx]].to(device)
-        for name, kw in (("right", {}), ("shuffled", {"emb": other}), ("class_only", {"use_delta": False})):
-            logits, target = model(batch, **kw)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
-            out[name].append(ce.view(target.shape).mean(-1).double().cpu())
-    model.train(was)
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def heldout_summary(per_row: dict) -> dict:

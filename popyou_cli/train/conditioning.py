@@ -18,11 +18,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.lora import base_var
-from popyou_cli.models.var import next_scale_loss
 from popyou_cli.models.generate import generate
 
 HELD_OUT_SEED = 0  # the train / held-out split of train-adapter and eval: fixed, whatever the training seed
@@ -157,26 +157,35 @@ def split_rows(rows: dict[str, torch.Tensor], val_fraction: float, seed: int = H
 
 
 @torch.no_grad()
-def conditioning_eval(model: ConditionedVAR, rows: dict, device, batch_size: int = 64) -> dict:
-    """Held-out next-scale loss (eval mode, no dropout) with the right embeddings, with embeddings shuffled
-    among the rows (a fixed permutation), and with no delta (the class alone). The adapter is useful when
-    right < shuffled."""
+@torch.no_grad()
+def per_row_nll(model: ConditionedVAR, rows: dict, device, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Held-out next-scale loss per row (eval mode, no dropout; the mean over a row's tokens, float64 nats/token)
+    with the right embeddings, with embeddings shuffled among the rows (a fixed permutation), and with no delta
+    (the class alone): {right, shuffled, class_only: (N,)}. eval compares them row by row; the adapter is useful
+    when right < shuffled."""
     if model.adapter is None:
-        raise ValueError("conditioning_eval needs a ConditionedVAR with an adapter")
+        raise ValueError("per_row_nll needs a ConditionedVAR with an adapter")
     was = model.training
     model.eval()
     n = len(rows["codes"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SHUFFLE_SEED))
-    sums = {"right": 0.0, "shuffled": 0.0, "class_only": 0.0}
+    out = {"right": [], "shuffled": [], "class_only": []}
     for s in range(0, n, batch_size):
         idx = torch.arange(s, min(n, s + batch_size))
         batch = {k: v[idx].to(device) for k, v in rows.items()}
         other = rows[model.column][perm[idx]].to(device)
         for name, kw in (("right", {}), ("shuffled", {"emb": other}), ("class_only", {"use_delta": False})):
             logits, target = model(batch, **kw)
-            sums[name] += next_scale_loss(logits, target).item() * len(idx)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
+            out[name].append(ce.view(target.shape).mean(-1).double().cpu())
     model.train(was)
-    return {k: v / n for k, v in sums.items()} | {"rows": n}
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def conditioning_eval(model: ConditionedVAR, rows: dict, device, batch_size: int = 64) -> dict:
+    """train-adapter's eval.json: the mean of each held-out loss of per_row_nll, and the row count."""
+    per_row = per_row_nll(model, rows, device, batch_size)
+    return {k: float(v.mean()) for k, v in per_row.items()} | {"rows": len(per_row["right"])}
 
 
 def sample_grid_fn(vqvae, *, n: int, cfg: float, top_k: int, top_p: float, device,
