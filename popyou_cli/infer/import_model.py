@@ -7,7 +7,6 @@ popyou made (store.check_can_replace). original.py reads the file's two layouts.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import time
@@ -204,13 +203,9 @@ def _locate(source: str, filename: str | None, revision: str | None) -> tuple[Pa
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from popyou_cli.store.lineage import hash_file  # store's file hash: 8 MiB blocks, regular files only
 
-
+    return hash_file(path)[0]
 
 
 def summary(res: dict) -> str:

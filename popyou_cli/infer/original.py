@@ -24,7 +24,7 @@ import torch
 
 from popyou_cli.core import hub
 from popyou_cli.core.devices import on_meta
-from popyou_cli.core.errors import PopyouError
+from popyou_cli.core.errors import PopyouError, short_error
 from popyou_cli.core.formats import PIPELINE_JSON
 from popyou_cli.core.presets import DEFAULT_PIPELINE
 from popyou_cli.models.adapter import AdapterConfig, CondAdapter
@@ -55,7 +55,7 @@ def read_checkpoint(path: Path) -> dict:
         try:
             return {"state_dict": load_file(str(path))}
         except Exception as e:  # noqa: BLE001
-            raise PopyouError(f"{name} is not a readable safetensors file ({_first_line(e)}); {_EXPECTS}") from None
+            raise PopyouError(f"{name} is not a readable safetensors file ({short_error(e, 160)}); {_EXPECTS}") from None
     if zipfile.is_zipfile(path):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -65,7 +65,7 @@ def read_checkpoint(path: Path) -> dict:
                 what = refused[1] if refused else "an object"
                 raise PopyouError(f"{name}: torch's safe loader refused to unpickle {what} (popyou never runs pickled "
                                   "code); re-save the checkpoint's state_dict with plain tensors and dicts") from None
-            raise PopyouError(f"{name} is a damaged PyTorch checkpoint ({_first_line(e)}); {_EXPECTS}") from None
+            raise PopyouError(f"{name} is a damaged PyTorch checkpoint ({short_error(e, 160)}); {_EXPECTS}") from None
     if head.startswith(b"PK\x03\x04"):
         raise PopyouError(f"{name} is a truncated or damaged PyTorch checkpoint (a zip archive without its "
                           f"directory); download it again")
@@ -187,9 +187,3 @@ def pick_checkpoint(listing: hub.RepoListing) -> str:
                           f"{PIPELINE_JSON} (files: {', '.join(listing.files[:10]) or 'none'}); {WHERE_IT_LIVES}")
     raise PopyouError(f"the Hub repo '{listing.repo}' holds several checkpoints ({', '.join(found)}); name one, e.g. "
                       f"{listing.ref.file(found[0])}, or pick it with --filename")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-
-
