@@ -66,6 +66,15 @@ def test_the_fastest_candidate_wins(models, fastest_block, mode):
     assert all(timer.calls.count(label) == 1 + autotune.REPEATS for label in _cases(timer))
 
 
+def test_a_reduced_precision_mode_counts_its_faster_attention(models):
+    """bf16's block with fused attention is slower than int8's, with unfused attention faster: bf16 wins."""
+    timer = FakeTimer({"block int8": 0.5, "block bf16": 0.6, "block bf16 unfused attention": 0.4})
+    tuning = autotune.measure(*models, timer=timer, cpu=BF16_CPU)
+    assert tuning.fast_mode == "bf16" and tuning.kernels.attention == "unfused"
+    assert {"block bf16", "block bf16 unfused attention", "block bf16+int8 unfused attention"} <= set(timer.calls)
+    assert "block int8 unfused attention" not in timer.calls  # fp32 modes always run the fused kernel
+
+
 def test_the_decoder_counts_in_the_estimate(models):
     """bf16 blocks a little slower than int8 ones, but bf16 convolutions much faster: bf16 wins on the whole."""
     timer = FakeTimer({"block int8": 0.5, "block bf16": 0.6, "conv fp32": 10.0, "conv bf16 nchw": 1.0,
@@ -80,6 +89,11 @@ def test_the_decoder_counts_in_the_estimate(models):
     ({"block onednn+gelu": 0.5}, Kernels()),
     ({"block onednn+gelu": 0.5, "upsample nearest": 0.5}, Kernels(upsample="nearest")),
     ({"block plain": 0.5, "conv bf16 channels_last": 2.0}, Kernels(gemm="plain", channels_last=False)),
+    ({"block onednn+gelu": 0.5, "block bf16+int8": 0.2}, Kernels(attention="fused")),
+    ({"block onednn+gelu": 0.5, "block bf16+int8 unfused attention": 0.2}, Kernels(attention="unfused")),
+    # the picked mode's block decides: bf16 wins here, and its unfused attention is the faster one
+    ({"block onednn+gelu": 0.5, "block bf16": 0.3, "block bf16 unfused attention": 0.2, "block bf16+int8": 0.25},
+     Kernels(attention="unfused")),
 ])
 def test_each_exact_kernel_is_kept_only_where_it_is_faster(models, seconds, kernels):
     timer = FakeTimer(seconds)
@@ -129,7 +143,7 @@ def test_the_key_is_cpu_flags_torch_threads_and_model_shape(models, monkeypatch)
     assert key != autotune.cache_key(var, vae, BF16_CPU)
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps([1, 2]), json.dumps({"version": 1, "entries": 5}),
+@pytest.mark.parametrize("content", ["{not json", json.dumps([1, 2]), json.dumps({"version": autotune.CACHE_VERSION, "entries": 5}),
                                      "corrupt entry"])
 def test_a_corrupt_cache_is_ignored_and_rewritten(models, tmp_path, content):
     var, vae = models
@@ -137,7 +151,7 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(models, tmp_path, content):
     path.parent.mkdir(parents=True)
     if content == "corrupt entry":  # valid JSON, but the entry names a mode --fast may not pick
         good = autotune.measure(var, vae, FakeTimer(), BF16_CPU).as_dict()
-        content = json.dumps({"version": 1, "entries": {autotune.cache_key(var, vae): {**good,
+        content = json.dumps({"version": autotune.CACHE_VERSION, "entries": {autotune.cache_key(var, vae): {**good,
                                                                                       "fast_mode": "cfg-scales 8"}}})
     path.write_text(content)
     timer = FakeTimer({"block bf16": 0.1})
@@ -213,3 +227,48 @@ def test_fast_pipelines_measure_once_and_name_their_pick(tmp_path):
     assert pipe.fast_mode in autotune.FAST_CHOICES
     assert json.loads((tmp_path / "cache" / autotune.CACHE_FILE).read_text())["entries"]
     assert len(pipe(None, n=1, class_id=1, seed=0)) == 1
+
+
+def test_a_pick_measured_on_a_busy_machine_is_measured_again_then_kept(models, monkeypatch):
+    """Measured while another program held the CPUs (popyou got 50% of them): the pick is used and said, but the
+    next run measures again, up to BUSY_RETRIES times; then the last busy pick is kept."""
+    var, vae = models
+    monkeypatch.setattr(autotune, "cpu_share", lambda wall, cpu, threads: 0.5)
+    timer = FakeTimer({"block int8": 0.1})
+    for attempt in range(1, autotune.BUSY_RETRIES + 1):
+        timer.calls.clear()
+        with pytest.warns(RuntimeWarning, match="busy .* 50% of the CPUs"):
+            tuning = autotune.tune(var, vae, timer)
+        assert timer.calls and tuning.fast_mode == "int8" and tuning.busy and tuning.busy_tries == attempt
+    assert autotune.tune(var, vae, refuse).busy_tries == autotune.BUSY_RETRIES  # kept now: nothing measured
+    assert "busy machine" in autotune.tune(var, vae, refuse).summary()
+
+
+def test_an_idle_measurement_is_trusted_at_once(models, monkeypatch):
+    var, vae = models
+    monkeypatch.setattr(autotune, "cpu_share", lambda wall, cpu, threads: 0.97)
+    first = autotune.tune(var, vae, FakeTimer({"block bf16": 0.1}))
+    assert not first.busy and first.busy_tries == 0 and "busy" not in first.summary()
+    assert autotune.tune(var, vae, refuse) == first
+
+
+@pytest.mark.parametrize("wall, cpu, threads, share", [(2.0, 3.92, 2, 0.98), (2.0, 2.44, 2, 0.61), (0.01, 0.0, 2, 1.0),
+                                                       (1.0, 9.0, 2, 1.0)])
+def test_the_cpu_share_is_cpu_time_over_wall_time_and_threads(wall, cpu, threads, share):
+    assert autotune.cpu_share(wall, cpu, threads) == pytest.approx(share)
+
+
+def test_the_fastest_round_counts_not_a_disturbed_one(models):
+    """A case slowed in one round by another program (3 s instead of 0.1 s) is still read as 0.1 s."""
+    rounds = iter([0.1] * 10)
+
+    class Disturbed(FakeTimer):
+        def __call__(self, label, fn):
+            self.calls.append(label)
+            if label == "block int8":
+                n = sum(c == label for c in self.calls)
+                return 3.0 if n == 3 else next(rounds)
+            return 1.0
+
+    tuning = autotune.measure(*models, timer=Disturbed(), cpu=BF16_CPU)
+    assert tuning.timings_ms["block int8"] == pytest.approx(100.0) and tuning.fast_mode == "int8"

@@ -12,8 +12,10 @@ from helpers import invoke
 from popyou_cli.models import autotune
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load_var, load_vqvae
-from popyou_cli.models.fast import (DenseLinear, FusedFFN, Kernels, SubpixelUpsample, prepare_for_sampling,
-                                    quantize_var)
+from popyou_cli.models import fast as fast_module
+from popyou_cli.models.fast import (DenseLinear, FusedFFN, Int8Linear, Kernels, SubpixelUpsample,
+                                    prepare_for_sampling, quantize_var)
+from popyou_cli.models import var as var_module
 from popyou_cli.models.vqvae import Upsample
 from popyou_cli.models.generate import SamplingGraphs, generate
 
@@ -125,6 +127,37 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(channels_last):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [1 << 21, 700])  # one chunk, and one (batch x head) slice at a time
+def test_unfused_attention_is_attention(chunk, monkeypatch):
+    """var.unfused_attention against float64 softmax(q k^T * scale) v: within bf16's rounding, in chunks or not."""
+    monkeypatch.setattr(var_module, "ATTENTION_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (5, 7, 7))
+    want = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.5, dim=-1) @ v.double()
+    got = var_module.unfused_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 5, 8)
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
+    assert not torch.equal(got.double(), want)  # it is bf16: the check above is not vacuous
+
+
+@pytest.mark.parametrize("attention", ["unfused", "fused"])
+def test_the_attention_kernel_runs_under_reduced_precision_only(golden, attention, monkeypatch):
+    """attention=unfused sends bf16 sampling through var.unfused_attention, never fp32 (exact mode, goldens);
+    attention=fused never does. Either way bf16 keeps >= 90% of exact mode's greedy tokens at every scale."""
+    calls = []
+    real = var_module.unfused_attention
+    monkeypatch.setattr(var_module, "unfused_attention", lambda *a: calls.append(1) or real(*a))
+    var, vae, _, _ = _prepared(golden, "tiny10", kernels=Kernels(attention=attention))
+    labels = torch.arange(8) % 10
+    _, exact_steps = _run(var, vae, 8, labels, cfg=1.5, top_k=1)
+    assert calls == []  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, steps = _run(var, vae, 8, labels, cfg=1.5, top_k=1)
+    assert bool(calls) == (attention == "unfused")
+    agreement = [(x[0] == y[0]).float().mean().item() for x, y in zip(steps, exact_steps)]
+    assert min(agreement) >= autotune.MIN_AGREEMENT, agreement
+
+
 def test_cfg_on_every_scale_is_the_reference_bit_for_bit(golden):
     var, vae, _, _ = _golden_models(golden, "tiny10")
     S = len(var.config.patch_nums)
@@ -169,6 +202,23 @@ def test_int8_is_deterministic_and_close_to_exact(golden):
     agreement = [(x[0] == y[0]).float().mean().item() for x, y in zip(a_steps, e_steps)]
     assert min(agreement) >= 0.9, agreement
     assert sum(not torch.equal(x[1], y[1]) for x, y in zip(a_steps, e_steps)) > 0  # int8 logits are not exact
+
+
+def test_int8_layers_run_in_chunks_with_the_same_result(monkeypatch):
+    """Int8Linear and FusedFFN take CHUNK_TOKENS tokens at a time (so that big batches stay in the CPU's cache):
+    rows are independent, so the result is the whole run's bit for bit."""
+    var = quantize_var(build_tiny_var(), "int8", "cpu")
+    block = var.blocks[0]
+    x = torch.randn(3, 30, var.config.embed_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = block.ffn(x)
+        chunks = []
+        real = Int8Linear._rows
+        monkeypatch.setattr(Int8Linear, "_rows", lambda self, *a: chunks.append(len(a[0])) or real(self, *a))
+        monkeypatch.setattr(fast_module, "CHUNK_TOKENS", 16)
+        chunked = block.ffn(x)
+    assert isinstance(block.ffn, FusedFFN) and torch.equal(chunked, whole)
+    assert max(chunks) <= 16 and sum(chunks) == 2 * 90  # fc1 and fc2, every one of the 90 tokens once
 
 
 def test_bf16_weights_run_deterministically_under_autocast(golden):

@@ -7,26 +7,35 @@ tiny10 model is at least 90% (BENCHMARKS.md: `--quantize int8` 0.955, `--dtype b
 default there). $POPYOU_FAST_MODE (exact, int8, bf16 or bf16+int8) forces the pick; $POPYOU_EXACT_KERNELS (e.g.
 "gemm=plain,upsample=nearest", see models.fast.Kernels) forces exact mode's kernels.
 
-The measurement (CPU, `measure`; every case called once untimed, then timed in 3 rounds over all cases, medians):
+The measurement (CPU, `measure`; every case called once untimed, then timed in 5 rounds over all cases; each case's
+fastest round counts, the one least disturbed by other programs):
 - one transformer block at the model's width, on the largest scale's tokens of one image with guidance (2 rows),
   attending over the whole KV cache: MKL's GEMM, oneDNN's, oneDNN's with the GELU fused (exact mode's choices),
-  int8, and where the CPU has bf16 dot products (AVX512-BF16, AMX) bf16 and bf16 + int8;
+  int8, and where the CPU has bf16 dot products (AVX512-BF16, AMX) bf16 and bf16 + int8, each of these two with
+  PyTorch's fused attention kernel and with the unfused one (models/var.py; the faster counts);
 - the decoder's heaviest convolution at its real size: fp32, and (bf16 CPUs) bf16 in NCHW and in channels_last;
 - the decoder's largest upsampling: nearest + 3x3 conv against sub-pixel.
 A mode's seconds per image are estimated as depth x block x (all tokens / the largest scale's) + heaviest conv x
 (the decoder's multiply-adds / that conv's). It takes a few seconds for VAR-d16 on 2 cores, a fraction of one for
 the tiny models, and is cached in `cache_root()/sampling-autotune.json`: one entry per CPU model + flags + torch
 version + threads + model shape. A missing or unreadable cache is measured again and rewritten.
+
+A busy machine skews the pick (another program slows some kernels more than others: measured while a test suite
+ran, bf16 looked faster than bf16 + int8 here, the reverse of the idle truth). So the measurement also records
+the share of the CPUs popyou got while timing (process CPU time / (wall time x threads): 0.98 idle, 0.61 beside one
+busy process on 2 cores). Below BUSY_SHARE the pick is used for this run but not trusted: the next run measures
+again, up to BUSY_RETRIES times, after which the last busy pick is kept (a machine that is always busy still gets
+one cached answer).
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
-import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,8 +50,10 @@ FAST_MODE_ENV = "POPYOU_FAST_MODE"
 KERNELS_ENV = "POPYOU_EXACT_KERNELS"
 MIN_AGREEMENT = 0.9  # a --fast candidate keeps at least this share of exact mode's tokens at every scale
 CACHE_FILE = "sampling-autotune.json"
-CACHE_VERSION = 1
-REPEATS = 3  # timed rounds over every case, after one untimed call of each; the median counts
+CACHE_VERSION = 2  # 2: fastest rounds, the CPU share, the attention kernel
+REPEATS = 5  # timed rounds over every case, after one untimed call of each; each case's fastest round counts
+BUSY_SHARE = 0.8  # below this share of the CPUs during the measurement, the machine was busy (module docstring)
+BUSY_RETRIES = 3  # busy measurements before one is kept anyway
 
 Timer = Callable[[str, Callable[[], object]], float]  # (case label, the call) -> seconds of one call
 
@@ -96,8 +107,14 @@ class Tuning:
     kernels: Kernels  # exact mode's kernels
     fast_mode: str  # what --fast picks
     estimates_s: dict  # mode -> estimated seconds per image
-    timings_ms: dict  # case -> median milliseconds of one call
+    timings_ms: dict  # case -> fastest milliseconds of one call
     seconds: float  # how long the measurement took
+    cpu_share: float = 1.0  # the share of the CPUs popyou got while timing (module docstring)
+    busy_tries: int = 0  # how many busy measurements this entry has seen (0: taken on an idle machine)
+
+    @property
+    def busy(self) -> bool:
+        return self.cpu_share < BUSY_SHARE
 
     def as_dict(self) -> dict:
         return {**asdict(self), "kernels": self.kernels.as_dict()}
@@ -106,15 +123,17 @@ class Tuning:
     def from_dict(cls, d: dict) -> "Tuning":
         """Raises (KeyError, TypeError, ValueError, PopyouError) on an entry that is not one."""
         tuning = cls(Kernels(**d["kernels"]), mode_named(d["fast_mode"]).name, dict(d["estimates_s"]),
-                     dict(d["timings_ms"]), float(d["seconds"]))
+                     dict(d["timings_ms"]), float(d["seconds"]), float(d.get("cpu_share", 1.0)),
+                     int(d.get("busy_tries", 0)))
         if not isinstance(tuning.kernels.fused_gelu, bool) or not isinstance(tuning.kernels.channels_last, bool):
             raise ValueError("kernel flags are not booleans")
         return tuning
 
     def summary(self) -> str:
         est = ", ".join(f"{m} {s:.3g} s" for m, s in sorted(self.estimates_s.items(), key=lambda kv: kv[1]))
+        busy = f", on a busy machine: popyou got {self.cpu_share:.0%} of the CPUs" if self.busy else ""
         return (f"exact-mode kernels {self.kernels.spelled()}; --fast picks {self.fast_mode} (estimated s/image: "
-                f"{est}; measured in {self.seconds:.1f} s)")
+                f"{est}; measured in {self.seconds:.1f} s{busy})")
 
 
 # ------------------------------------------------------------------------------------------ the choices
@@ -201,11 +220,14 @@ def _read_entries(path: Path) -> dict:
 
 
 def cached(key: str) -> Tuning | None:
+    """The entry for key; None where there is none, it is unreadable, or it was measured on a busy machine fewer
+    than BUSY_RETRIES times (measure again)."""
     entry = _read_entries(cache_path()).get(key)
     try:
-        return Tuning.from_dict(entry) if entry is not None else None
+        found = Tuning.from_dict(entry) if entry is not None else None
     except (KeyError, TypeError, ValueError, AttributeError, PopyouError):
         return None
+    return None if found is not None and found.busy and found.busy_tries < BUSY_RETRIES else found
 
 
 def tune(var, vqvae, timer: Timer | None = None) -> Tuning:
@@ -217,6 +239,14 @@ def tune(var, vqvae, timer: Timer | None = None) -> Tuning:
     tuning = measure(var, vqvae, timer or time_call)
     path = cache_path()
     entries = _read_entries(path)  # read again: another process may have added its own model's entry
+    if tuning.busy:
+        before = entries.get(key)
+        tries = before.get("busy_tries", 0) if isinstance(before, dict) and isinstance(before.get("busy_tries"), int) else 0
+        tuning.busy_tries = tries + 1
+        again = "measuring again next time" if tuning.busy_tries < BUSY_RETRIES else "kept: it stays busy"
+        warnings.warn(f"the machine was busy while popyou measured its sampling kernels (it got "
+                      f"{tuning.cpu_share:.0%} of the CPUs); using {tuning.fast_mode} now, {again}",
+                      RuntimeWarning, stacklevel=2)
     entries[key] = tuning.as_dict()
     try:
         from popyou_cli.core.files import atomic_write_json
@@ -229,7 +259,11 @@ def tune(var, vqvae, timer: Timer | None = None) -> Tuning:
     return tuning
 
 
-# ------------------------------------------------------------------------------------------ the measurement
+def cpu_share(wall_s: float, cpu_s: float, threads: int) -> float:
+    """The share of `threads` CPUs this process used over wall_s seconds (1.0 for a span too short to tell)."""
+    return 1.0 if wall_s < 0.05 else min(1.0, cpu_s / (wall_s * max(threads, 1)))
+
+
 def time_call(label: str, fn: Callable[[], object]) -> float:
     """Wall seconds of one call."""
     t = time.perf_counter()
@@ -240,7 +274,7 @@ def time_call(label: str, fn: Callable[[], object]) -> float:
 def measure(var, vqvae, timer: Timer = time_call, cpu: devices.CpuInfo | None = None) -> Tuning:
     """Times the cases of the module docstring on the (unprepared) CPU models and returns the choices. Every case
     is called once untimed (first-call setup, the allocator), then REPEATS rounds time every case in turn, so that
-    another program's load hits all of them alike; each case's median counts."""
+    another program's load hits all of them alike; each case's fastest round counts. Records the CPU share."""
     from popyou_cli.models.autotune_cases import block_case, conv_cases, upsample_cases
 
     cpu, start = cpu or devices.cpu_info(), time.perf_counter()
@@ -252,33 +286,53 @@ def measure(var, vqvae, timer: Timer = time_call, cpu: devices.CpuInfo | None = 
     modes = {"exact": torch.float32} | ({"int8": torch.float32} if int8 else {})
     if cpu.native_bf16:
         modes |= {"bf16": torch.bfloat16} | ({"bf16+int8": torch.bfloat16} if int8 else {})
+    fused_attention = replace(DEFAULT_KERNELS, attention="fused")
     for name in modes:  # int8 and bf16 replace every Linear of the block: exact's kernel choice is moot there
-        if name != "exact":
-            cases[f"block {name}"] = block_case(var, modes[name], mode_named(name).quantize, DEFAULT_KERNELS)
+        if name != "exact":  # reduced precision: once with each attention kernel ("block NAME" is the fused one)
+            quantize = mode_named(name).quantize
+            cases[f"block {name}"] = block_case(var, modes[name], quantize, fused_attention)
+            if modes[name] != torch.float32:
+                cases[f"block {name} {UNFUSED}"] = block_case(var, modes[name], quantize, DEFAULT_KERNELS)
     convs, conv_share = conv_cases(vqvae, bf16=cpu.native_bf16)
     cases |= {f"conv {k}": fn for k, fn in convs.items()}
     cases |= {f"upsample {k}": fn for k, fn in upsample_cases(vqvae).items()}
     for label, fn in cases.items():
         timer(label, fn)
     runs = {label: [] for label in cases}
+    wall, cpu_time = time.perf_counter(), time.process_time()
     for _ in range(REPEATS):
         for label, fn in cases.items():
             runs[label].append(timer(label, fn))
-    ms = {label: round(1000 * statistics.median(times), 4) for label, times in runs.items()}
+    share = cpu_share(time.perf_counter() - wall, time.process_time() - cpu_time, torch.get_num_threads())
+    ms = {label: round(1000 * min(times), 4) for label, times in runs.items()}
 
     best = min(exact, key=lambda name: ms[f"block {name}"])
     channels_last = (ms["conv bf16 channels_last"] <= ms["conv bf16 nchw"] if "conv bf16 nchw" in ms
                      else DEFAULT_KERNELS.channels_last)
     bf16_conv = "conv bf16 channels_last" if channels_last else "conv bf16 nchw"
     ups = {k: ms[f"upsample {k}"] for k in ("subpixel", "nearest") if f"upsample {k}" in ms}
-    kernels = Kernels(gemm=exact[best].gemm, fused_gelu=exact[best].fused_gelu,
-                      upsample=min(ups, key=ups.get) if ups else DEFAULT_KERNELS.upsample,
-                      channels_last=channels_last)
     c = var.config
     blocks = c.depth * c.L / c.patch_nums[-1] ** 2  # blocks x (all tokens / the largest scale's tokens)
     estimates = {}
     for name, dtype in modes.items():
-        block = ms[f"block {best}" if name == "exact" else f"block {name}"]
+        block = ms[f"block {best}"] if name == "exact" else min(ms.get(f"block {name}{a}", math.inf)
+                                                                for a in ("", f" {UNFUSED}"))
         conv = ms["conv fp32" if dtype == torch.float32 else bf16_conv]
         estimates[name] = round((block * blocks + conv * conv_share) / 1000, 4)
-    return Tuning(kernels, fastest(estimates), estimates, ms, round(time.perf_counter() - start, 2))
+    pick = fastest(estimates)
+    kernels = Kernels(gemm=exact[best].gemm, fused_gelu=exact[best].fused_gelu,
+                      upsample=min(ups, key=ups.get) if ups else DEFAULT_KERNELS.upsample,
+                      channels_last=channels_last, attention=_attention(ms, pick))
+    return Tuning(kernels, pick, estimates, ms, round(time.perf_counter() - start, 2), round(share, 3))
+
+
+UNFUSED = "unfused attention"  # the label suffix of a reduced-precision block timed with unfused attention
+
+
+def _attention(ms: dict, pick: str) -> str:
+    """The attention kernel of reduced precision: the faster one in the picked mode's block, else in the first
+    reduced-precision mode measured; the default where none was (a CPU without bf16 dot products)."""
+    for name in (pick, "bf16+int8", "bf16"):
+        if f"block {name} {UNFUSED}" in ms:
+            return "unfused" if ms[f"block {name} {UNFUSED}"] <= ms[f"block {name}"] else "fused"
+    return DEFAULT_KERNELS.attention

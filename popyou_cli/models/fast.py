@@ -32,24 +32,33 @@ from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.presets import QUANTIZE_MODES
 from popyou_cli.models.generate import SamplingGraphs
 
+# int8 layers run at most this many tokens at a time: one guided image's largest d16 scale (2 x 256). Larger
+# batches spill the fp32 intermediates (fc1's output is 4x wider) out of the cache; chunks keep them there.
+CHUNK_TOKENS = 512
 _KERNEL_SPELLINGS = {"gemm": ("onednn", "plain"), "gelu": ("fused", "separate"),
-                     "upsample": ("subpixel", "nearest"), "layout": ("channels_last", "nchw")}
+                     "upsample": ("subpixel", "nearest"), "layout": ("channels_last", "nchw"),
+                     "attention": ("unfused", "fused")}
 
 
 @dataclass(frozen=True)
 class Kernels:
     """How sampling computes on a CPU; every choice keeps exact mode within the goldens (test_fast_sampling
     checks each one). The defaults are the choices measured fastest on the AMD EPYC of BENCHMARKS.md; autotune.py
-    measures them on the machine at hand. Spelled "gemm=onednn,gelu=fused,upsample=subpixel,layout=channels_last"."""
+    measures them on the machine at hand. Spelled
+    "gemm=onednn,gelu=fused,upsample=subpixel,layout=channels_last,attention=unfused"."""
 
     gemm: str = "onednn"  # fp32 Linear layers: "onednn" (oneDNN's GEMM) or "plain" (F.linear: MKL's sgemm)
     fused_gelu: bool = True  # fc1's tanh-GELU inside oneDNN's GEMM (with gemm "onednn" only)
     upsample: str = "subpixel"  # the decoder's upsampling: "subpixel" or "nearest" (upsample, then the 3x3 conv)
     channels_last: bool = True  # the decoder's memory format under bf16/fp16 autocast; never in fp32 (goldens)
+    # VAR's attention under bf16/fp16 autocast on a CPU: "unfused" (var.unfused_attention: batched GEMMs and a
+    # softmax) or "fused" (PyTorch's flash kernel); fp32 always runs the fused kernel (goldens)
+    attention: str = "unfused"
 
     def __post_init__(self):
-        if self.gemm not in _KERNEL_SPELLINGS["gemm"] or self.upsample not in _KERNEL_SPELLINGS["upsample"]:
-            raise PopyouError(f"unknown kernels gemm={self.gemm}, upsample={self.upsample}")
+        if (self.gemm not in _KERNEL_SPELLINGS["gemm"] or self.upsample not in _KERNEL_SPELLINGS["upsample"]
+                or self.attention not in _KERNEL_SPELLINGS["attention"]):
+            raise PopyouError(f"unknown kernels gemm={self.gemm}, upsample={self.upsample}, attention={self.attention}")
         if self.gemm != "onednn":  # only oneDNN's GEMM can fuse the GELU: one spelling per behaviour
             object.__setattr__(self, "fused_gelu", False)
 
@@ -66,13 +75,13 @@ class Kernels:
         values = dict(part.split("=") for part in cls().spelled().split(","))  # the defaults, then the given
         values.update(given)
         return cls(gemm=values["gemm"], fused_gelu=values["gelu"] == "fused", upsample=values["upsample"],
-                   channels_last=values["layout"] == "channels_last")
+                   channels_last=values["layout"] == "channels_last", attention=values["attention"])
 
     def spelled(self) -> str:
         """The parse() spelling; gelu says "separate" wherever it is not fused (plain GEMM included)."""
         gelu = "fused" if self.fused_gelu and self.gemm == "onednn" else "separate"
         layout = "channels_last" if self.channels_last else "nchw"
-        return f"gemm={self.gemm},gelu={gelu},upsample={self.upsample},layout={layout}"
+        return f"gemm={self.gemm},gelu={gelu},upsample={self.upsample},layout={layout},attention={self.attention}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +89,7 @@ class Kernels:
     @classmethod
     def exact_choices(cls) -> list["Kernels"]:
         """Every distinct combination exact mode (fp32) can run: the GEMM with or without the fused GELU, and the
-        upsampling (the memory format applies to reduced precision only)."""
+        upsampling (the memory format and the attention apply to reduced precision only)."""
         gemms = [("onednn", True), ("onednn", False), ("plain", False)]
         return [cls(gemm=g, fused_gelu=f, upsample=u) for g, f in gemms for u in ("subpixel", "nearest")]
 
@@ -171,25 +180,40 @@ class Int8Linear(nn.Module):
             raise PopyouError("int8 layers run on the CPU only (on a GPU, quantize to bf16)")
         b = self.bias if bias is None else bias.float()
         x2 = x.reshape(-1, self.in_features).float()
+        out = x2.new_empty(len(x2), self.out_features)
+        for start in range(0, len(x2), CHUNK_TOKENS):  # each chunk's result is written straight into `out`
+            self._rows(x2[start:start + CHUNK_TOKENS], b, out[start:start + CHUNK_TOKENS])
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _rows(self, x2: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
         row_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
         xq = x2.div(row_scale).round_().add_(128).clamp_(1, 255).to(torch.uint8)
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.w_packed, self.w_scale, self.w_zero, None,
                                                1.0, 0, torch.float32, "none", [], "")
-        y = torch.addcmul(b, y, row_scale) if b is not None else y.mul_(row_scale)
+        if b is not None:
+            torch.addcmul(b, y, row_scale, out=out)
+        else:
+            torch.mul(y, row_scale, out=out)
         if self.gelu:
-            y = F.gelu(y, approximate="tanh")
-        return y.view(*x.shape[:-1], self.out_features)
+            torch._C._nn.gelu_(out, approximate="tanh")
 
 
 class FusedFFN(nn.Module):
-    """FFN with GELU inside fc1's kernel; same parameter names (fc1, fc2)."""
+    """FFN with GELU inside fc1's kernel; same parameter names (fc1, fc2). With int8 layers it runs CHUNK_TOKENS
+    tokens at a time, so that fc1's 4x wider output stays in the CPU's cache between the kernels that quantise,
+    rescale and activate it (measured on one d16 block at B=4's last scale: 189 -> 151 ms; no gain for the bf16
+    or fp32 GEMMs, whose GELU is fused or cheap, so they run whole)."""
 
     def __init__(self, fc1: nn.Module, fc2: nn.Module):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x):
-        return self.fc2(self.fc1(x))
+        tokens = x.reshape(-1, x.shape[-1])
+        if len(tokens) <= CHUNK_TOKENS or not isinstance(self.fc1, Int8Linear):
+            return self.fc2(self.fc1(x))
+        out = torch.cat([self.fc2(self.fc1(tokens[i:i + CHUNK_TOKENS])) for i in range(0, len(tokens), CHUNK_TOKENS)])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class SubpixelUpsample(nn.Module):
@@ -276,6 +300,8 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
     SamplingGraphs to pass to generate on CUDA (None elsewhere, or without cuda_graphs)."""
     dev = torch.device(device) if device is not None else var.pos_1LC.device
     quantize_var(var, quantize, dev)
+    for block in var.blocks:  # read only under reduced-precision autocast (models/var.py)
+        block.attn.unfused_attention = dev.type == "cpu" and kernels.attention == "unfused"
     if dev.type == "cpu":
         if dtype == torch.float32 and kernels.gemm == "onednn" and onednn_linear_available():
             _replace_linears(var, lambda lin, gelu: DenseLinear(lin, gelu), fuse_gelu=kernels.fused_gelu)
