@@ -272,3 +272,29 @@ def test_the_fastest_round_counts_not_a_disturbed_one(models):
 
     tuning = autotune.measure(*models, timer=Disturbed(), cpu=BF16_CPU)
     assert tuning.timings_ms["block int8"] == pytest.approx(100.0) and tuning.fast_mode == "int8"
+
+
+EPYC_CPUINFO = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 avx512_vnni "
+                "sha_ni\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f\n")
+
+
+@pytest.mark.parametrize("cap, flags", [
+    (None, {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}),
+    ("ALL", {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}),
+    ("avx512_core_vnni", {"avx2", "fma", "avx512f", "avx512_vnni"}),
+    ("AVX512_CORE", {"avx2", "fma", "avx512f"}),
+    ("AVX2", {"avx2", "fma"}),
+    ("AVX512_CORE_FP16", {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}),
+    ("SSE41", set()),
+])
+def test_the_cpu_is_read_from_proc_cpuinfo_within_onednns_isa_cap(cap, flags, monkeypatch):
+    """The first processor's model and flags (those that decide the modes); $ONEDNN_MAX_CPU_ISA drops the flags
+    oneDNN may not use, so a capped run measures no bf16 mode and has a cache key of its own."""
+    monkeypatch.undo()  # the autouse fixture's stand-in for cpu_info
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu = devices.cpu_info(EPYC_CPUINFO)
+    assert cpu.model == "AMD EPYC" and cpu.flags == flags
+    assert cpu.native_bf16 == ("avx512_bf16" in flags)

@@ -17,6 +17,7 @@ on it (AMX, AVX512-BF16, VNNI, AVX2, from /proc/cpuinfo).
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,25 @@ CPU_FEATURES = {"AMX": ("amx_bf16", "amx_int8", "amx_tile"), "AVX512-BF16": ("av
                 "VNNI": ("avx512_vnni", "avx_vnni"), "AVX512": ("avx512f",), "AVX2": ("avx2",), "FMA": ("fma",)}
 
 
+# $ONEDNN_MAX_CPU_ISA caps the instructions oneDNN (popyou's GEMMs and convolutions) may use; flags above the cap
+# are dropped, so that --fast measures and caches what the capped kernels can do (BENCHMARKS.md emulates a CPU
+# without bf16 dot products this way). Each oneDNN ISA name -> the flags it allows.
+_ISA_FLAGS = [("SSE41", set()), ("AVX", set()), ("AVX2", {"avx2", "fma"}), ("AVX2_VNNI", {"avx_vnni"}),
+              ("AVX512_CORE", {"avx512f"}), ("AVX512_CORE_VNNI", {"avx512_vnni"}),
+              ("AVX512_CORE_BF16", {"avx512_bf16"}), ("AVX512_CORE_FP16", set()), ("AVX10_1_512", set()),
+              ("AVX512_CORE_AMX", {"amx_bf16", "amx_int8", "amx_tile"})]
+
+
+def _allowed_by_isa_cap(flags: set, cap: str | None) -> set:
+    names = [name for name, _ in _ISA_FLAGS]
+    cap = (cap or "").strip().upper().removesuffix("_2")  # AVX2_VNNI_2 allows what AVX2_VNNI does, and more
+    if cap not in names:  # unset, ALL, or a name popyou does not rank: no cap
+        return flags
+    allowed = set().union(*(f for _, f in _ISA_FLAGS[:names.index(cap) + 1]))
+    ranked = set().union(*(f for _, f in _ISA_FLAGS))
+    return {f for f in flags if f in allowed or f not in ranked}
+
+
 @dataclass(frozen=True)
 class CpuInfo:
     model: str
@@ -146,7 +166,8 @@ class CpuInfo:
 
 
 def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
-    """This machine's CPU (`cpuinfo`: the text of /proc/cpuinfo, read when None; empty where there is none)."""
+    """This machine's CPU (`cpuinfo`: the text of /proc/cpuinfo, read when None; empty where there is none), less
+    the flags $ONEDNN_MAX_CPU_ISA forbids."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -160,4 +181,5 @@ def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
         elif key == "flags" and not flags:
             flags = set(value.split())
     known = {f for group in CPU_FEATURES.values() for f in group}
-    return CpuInfo(model or platform.processor() or "unknown CPU", frozenset(flags & known))
+    flags = _allowed_by_isa_cap(flags & known, os.environ.get("ONEDNN_MAX_CPU_ISA"))
+    return CpuInfo(model or platform.processor() or "unknown CPU", frozenset(flags))

@@ -12,12 +12,15 @@ orders: greedy tokens stay identical on the goldens, images within their toleran
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
   call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps). With a
   reduced-precision dtype the decoder also runs in channels_last.
+- Under bf16/fp16 autocast on a CPU, VAR's attention runs unfused (models/var.unfused_attention) where that beats
+  PyTorch's flash kernel (Kernels.attention, measured by autotune.py).
 
 Opt-in, `quantize_var(var, mode, device)`:
 - "int8" on CPU: dynamic int8 Linear layers (weights int8 per output channel, activations quantised per call and
   per token) through oneDNN's int8 GEMM (VNNI where the CPU has it), the maintained x86 path (torch.ao's dynamic
   quantisation and its quantized-tensor API are deprecated; torchao's int8 tensors are no faster than fp32 on a
-  CPU without torch.compile). The head stays fp32: sampling reads its logits directly. On CUDA: bf16 weights.
+  CPU without torch.compile). The head stays fp32: sampling reads its logits directly. The layers take at most
+  CHUNK_TOKENS tokens at a time, so that a batch's intermediates stay in the CPU's cache. On CUDA: bf16 weights.
 - "bf16": bf16 weights for every Linear of the transformer, on any device.
 """
 from __future__ import annotations
