@@ -198,7 +198,7 @@ class Int8Linear(nn.Module):
         else:
             torch.mul(y, row_scale, out=out)
         if self.gelu:
-            torch._C._nn.gelu_(out, approximate="tanh")
+            torch.ops.aten.gelu_(out, approximate="tanh")  # in place: no second pass over the output
 
 
 class FusedFFN(nn.Module):

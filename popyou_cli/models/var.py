@@ -142,7 +142,7 @@ ATTENTION_CHUNK = 1 << 21  # scores per chunk of unfused_attention: 4 MiB in bf1
 def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v as plain batched GEMMs and a softmax, a few (batch x head) slices at a time so
     that the scores stay in the cache. In bf16 on a CPU with bf16 dot products this beats PyTorch's fused (flash)
-    CPU kernel (d16 at B=4: 2.57 -> 2.41 s/image on the AMD EPYC of BENCHMARKS.md); autotune.py measures it."""
+    CPU kernel (d16 at B=4: 2.57 -> 2.39 s/image on the AMD EPYC of BENCHMARKS.md); autotune.py measures it."""
     B, H, L, hd = q.shape
     out = q.new_empty(B * H, L, hd)  # written slice by slice, then viewed as (B, H, L, hd)
     qs, ks, vs = (t.reshape(B * H, *t.shape[2:]) for t in (q, k, v))
