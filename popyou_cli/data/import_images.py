@@ -167,15 +167,11 @@ class ImagesResult(DataStageResult):
     source: str = ""
 
     def summary(self) -> str:
-        errors = (f"; {self.errors} of {self.n} rows have an error in {ERROR} (first: {self.first_error})"
-                  if self.errors else "; no errors")
         if not self.done:
-            return f"images: {self.out} holds the {self.n} pictures of {self.source}, unchanged: reused{errors}"
-        rate = f", {self.images_per_s:.1f} images/s" if self.images_per_s else ""
-        per = " on this process" if self.world_size > 1 else ""
+            return (f"images: {self.out} holds the {self.n} pictures of {self.source}, unchanged: reused"
+                    f"{self.errors_note()}")
         return (f"images: converted the {self.n} pictures of {self.source} into {self.out} ({self.done} now: "
-                f"{self.process_done} in {self.seconds:.1f} s{per}{rate}; {self.details}), once: reused while "
-                f"{self.source} is unchanged{errors}")
+                f"{self.work_note()}; {self.details}), once: reused while {self.source} is unchanged{self.errors_note()}")
 
 
 def _existing(target: Path, out: Path, label: str) -> dict | None:

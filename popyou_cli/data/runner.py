@@ -268,17 +268,24 @@ class DataStageResult:
     def images_per_s(self) -> float | None:
         return self.process_done / self.seconds if self.seconds else None
 
-    def summary(self) -> str:
-        """The line the CLI prints at the end (main process)."""
-        errors = (f"; {self.errors} of {self.n} rows have an error in {self.stage}_error (first: "
-                  f"{self.first_error})" if self.errors else "; no errors")
-        if not self.done:
-            return f"{self.stage}: {self.out} already holds all {self.n} rows; nothing to do{errors}"
+    def errors_note(self) -> str:
+        """The summary line's end: "; no errors", or how many rows have one and the first."""
+        if not self.errors:
+            return "; no errors"
+        return f"; {self.errors} of {self.n} rows have an error in {self.stage}_error (first: {self.first_error})"
+
+    def work_note(self) -> str:
+        """This process's share of the summary line: "N in S s[ on this process][, R images/s]"."""
         rate = f", {self.images_per_s:.1f} images/s" if self.images_per_s else ""
         per = " on this process" if self.world_size > 1 else ""
-        return (f"{self.stage}: {self.out} holds {self.n} rows; {self.what} {self.done} now ({self.process_done} "
-                f"in {self.seconds:.1f} s{per}{rate}) with {self.details} on {self.world_size} process(es), "
-                f"{self.device}, {self.dtype}{errors}")
+        return f"{self.process_done} in {self.seconds:.1f} s{per}{rate}"
+
+    def summary(self) -> str:
+        """The line the CLI prints at the end (main process)."""
+        if not self.done:
+            return f"{self.stage}: {self.out} already holds all {self.n} rows; nothing to do{self.errors_note()}"
+        return (f"{self.stage}: {self.out} holds {self.n} rows; {self.what} {self.done} now ({self.work_note()}) with "
+                f"{self.details} on {self.world_size} process(es), {self.device}, {self.dtype}{self.errors_note()}")
 
     def __str__(self) -> str:
         return self.summary()

@@ -116,6 +116,11 @@ class Tuning:
     def busy(self) -> bool:
         return self.cpu_share < BUSY_SHARE
 
+    @property
+    def settled(self) -> bool:
+        """Whether to reuse it: measured idle, or busy BUSY_RETRIES times (module docstring)."""
+        return not self.busy or self.busy_tries >= BUSY_RETRIES
+
     def as_dict(self) -> dict:
         return {**asdict(self), "kernels": self.kernels.as_dict()}
 
@@ -219,34 +224,37 @@ def _read_entries(path: Path) -> dict:
     return data["entries"] if ok else {}
 
 
+def _entry(key: str) -> Tuning | None:
+    """The cache's entry for key; None where there is none or it is unreadable."""
+    entry = _read_entries(cache_path()).get(key)
+    try:
+        return Tuning.from_dict(entry) if entry is not None else None
+    except (KeyError, TypeError, ValueError, AttributeError, PopyouError):
+        return None
+
+
 def cached(key: str) -> Tuning | None:
     """The entry for key; None where there is none, it is unreadable, or it was measured on a busy machine fewer
     than BUSY_RETRIES times (measure again)."""
-    entry = _read_entries(cache_path()).get(key)
-    try:
-        found = Tuning.from_dict(entry) if entry is not None else None
-    except (KeyError, TypeError, ValueError, AttributeError, PopyouError):
-        return None
-    return None if found is not None and found.busy and found.busy_tries < BUSY_RETRIES else found
+    found = _entry(key)
+    return found if found is not None and found.settled else None
 
 
 def tune(var, vqvae, timer: Timer | None = None) -> Tuning:
     """The cached choice for this machine and model shape, else a measurement (then cached)."""
     key = cache_key(var, vqvae)
-    found = cached(key)
-    if found is not None:
-        return found
+    earlier = _entry(key)
+    if earlier is not None and earlier.settled:
+        return earlier
     tuning = measure(var, vqvae, timer or time_call)
-    path = cache_path()
-    entries = _read_entries(path)  # read again: another process may have added its own model's entry
     if tuning.busy:
-        before = entries.get(key)
-        tries = before.get("busy_tries", 0) if isinstance(before, dict) and isinstance(before.get("busy_tries"), int) else 0
-        tuning.busy_tries = tries + 1
+        tuning.busy_tries = (earlier.busy_tries if earlier is not None else 0) + 1
         again = "measuring again next time" if tuning.busy_tries < BUSY_RETRIES else "kept: it stays busy"
         warnings.warn(f"the machine was busy while popyou measured its sampling kernels (it got "
                       f"{tuning.cpu_share:.0%} of the CPUs); using {tuning.fast_mode} now, {again}",
                       RuntimeWarning, stacklevel=2)
+    path = cache_path()
+    entries = _read_entries(path)  # read again: another process may have added its own model's entry
     entries[key] = tuning.as_dict()
     try:
         from popyou_cli.core.files import atomic_write_json
