@@ -77,8 +77,8 @@ def test_a_reduced_precision_mode_counts_its_faster_attention(models):
 
 def test_the_decoder_counts_in_the_estimate(models):
     """bf16 blocks a little slower than int8 ones, but bf16 convolutions much faster: bf16 wins on the whole."""
-    timer = FakeTimer({"block int8": 0.5, "block bf16": 0.6, "conv fp32": 10.0, "conv bf16 nchw": 1.0,
-                       "conv bf16 channels_last": 2.0})
+    timer = FakeTimer({"block int8": 0.5, "block bf16": 0.6, "conv fp32": 10.0, "conv fp32 channels_last": 10.0,
+                       "conv bf16 nchw": 1.0, "conv bf16 channels_last": 2.0})
     tuning = autotune.measure(*models, timer=timer, cpu=BF16_CPU)
     assert tuning.fast_mode == "bf16" and tuning.kernels.channels_last is False
 
@@ -89,6 +89,11 @@ def test_the_decoder_counts_in_the_estimate(models):
     ({"block onednn+gelu": 0.5}, Kernels()),
     ({"block onednn+gelu": 0.5, "upsample nearest": 0.5}, Kernels(upsample="nearest")),
     ({"block plain": 0.5, "conv bf16 channels_last": 2.0}, Kernels(gemm="plain", channels_last=False)),
+    ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 2.0}, Kernels(fp32_channels_last=False)),
+    # exact mode's channels_last pays for its two-pass norm: the conv plus the norm decide, not the conv alone
+    ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 0.8, "norm fp32 channels_last": 1.5},
+     Kernels(fp32_channels_last=False)),
+    ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 0.7, "norm fp32 channels_last": 1.2}, Kernels()),
     ({"block onednn+gelu": 0.5, "block bf16+int8": 0.2}, Kernels(attention="fused")),
     ({"block onednn+gelu": 0.5, "block bf16+int8 unfused attention": 0.2}, Kernels(attention="unfused")),
     # the picked mode's block decides: bf16 wins here, and its unfused attention is the faster one
@@ -190,7 +195,7 @@ def test_kernel_spellings_round_trip():
     for k in Kernels.exact_choices():
         assert Kernels.parse(k.spelled()) == k
     assert Kernels(gemm="plain", fused_gelu=True) == Kernels(gemm="plain", fused_gelu=False)  # one per behaviour
-    assert len(set(Kernels.exact_choices())) == 6
+    assert len(set(Kernels.exact_choices())) == 12
 
 
 def test_measure_times_the_real_cases_on_the_tiny_models(models):

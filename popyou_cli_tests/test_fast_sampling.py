@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from helpers import invoke
@@ -14,7 +15,7 @@ from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load_var, load_vqvae
 from popyou_cli.models import fast as fast_module
 from popyou_cli.models.fast import (DenseLinear, FusedFFN, Int8Linear, Kernels, SubpixelUpsample,
-                                    prepare_for_sampling, quantize_var)
+                                    TwoPassGroupNorm, prepare_for_sampling, quantize_var)
 from popyou_cli.models import var as var_module
 from popyou_cli.models.vqvae import Upsample
 from popyou_cli.models.generate import SamplingGraphs, generate
@@ -85,7 +86,8 @@ def test_exact_mode_decodes_the_golden_codes(golden, kernels, monkeypatch):
 
 
 def test_each_kernel_choice_changes_what_runs():
-    """The choices are not names only: the GEMM, the GELU's place and the upsampling differ in the modules."""
+    """The choices are not names only: the GEMM, the GELU's place, the upsampling and the fp32 decoder's layout
+    differ in the modules."""
     for kernels in Kernels.exact_choices():
         var, vae = build_tiny_var(), build_tiny_vqvae()
         prepare_for_sampling(var, vae, "cpu", kernels=kernels)
@@ -94,6 +96,43 @@ def test_each_kernel_choice_changes_what_runs():
         assert isinstance(block.ffn, FusedFFN) == (kernels.gemm == "onednn" and kernels.fused_gelu)
         ups = [getattr(level, level.resample) for level in vae.decoder.up if level.resample]
         assert all(isinstance(u, SubpixelUpsample) == (kernels.upsample == "subpixel") for u in ups) and ups
+        finest = vae.decoder.up[0].block[0]
+        assert isinstance(finest.norm1, TwoPassGroupNorm) == kernels.fp32_channels_last
+        assert finest.conv1.weight.is_contiguous(memory_format=torch.channels_last) == kernels.fp32_channels_last
+        assert not isinstance(vae.decoder.mid.block_1.norm1, TwoPassGroupNorm)  # the coarse levels stay NCHW
+
+
+def test_the_fp32_channels_last_decoder_writes_no_layout_conversion():
+    """The upsampling that feeds the finest levels writes channels_last itself, and the decoder's output comes
+    out of them in that layout: no NCHW <-> NHWC copy runs in between (that copy cost what the layout saved)."""
+    vae = build_tiny_vqvae()
+    prepare_for_sampling(build_tiny_var(), vae, "cpu", kernels=Kernels(fp32_channels_last=True))
+    seen = []
+    hooks = [level.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for level in vae.decoder.up[:3]]
+    with torch.no_grad():
+        vae.decoder(torch.randn(1, vae.config.z_channels, 2, 2))
+    for h in hooks:
+        h.remove()
+    levels_in = seen[-3:]  # the finest three levels run last
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in levels_in)
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_two_pass_group_norm_keeps_fp32_precision_on_channels_last(offset):
+    """Against float64 GroupNorm: as close as PyTorch's NCHW kernel, also where a group's mean is 50x its spread
+    (where a one-pass sum of x and x^2 loses digits); NCHW input and other dtypes run the stock kernel."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 24, 20, generator=gen) + offset
+    norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen), norm.bias.normal_(generator=gen)
+        two_pass = TwoPassGroupNorm.of(norm)
+        want = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), 1e-6)
+        nchw_error = (norm(x).double() - want).abs().max().item()
+        got = two_pass(x.contiguous(memory_format=torch.channels_last))
+        assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() <= max(2 * nchw_error, 1e-6)
+        assert torch.equal(two_pass(x), norm(x))  # NCHW: the stock kernel
 
 
 @pytest.mark.parametrize("quantize, dtype", [(None, torch.bfloat16), ("int8", torch.bfloat16)])

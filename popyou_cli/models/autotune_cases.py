@@ -1,5 +1,5 @@
 """The calls autotune.py times, built on the model's real shapes: one transformer block per way of running its
-Linear layers, the decoder's heaviest convolution and its largest upsampling. Each builder returns argument-free
+Linear layers, the decoder's heaviest convolution (and the GroupNorm before it) and its largest upsampling. Each builder returns argument-free
 callables; building copies only the part it needs (one block, one conv), so the models stay as they were."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from popyou_cli.core import devices
-from popyou_cli.models.fast import Kernels, SubpixelUpsample, prepare_for_sampling
+from popyou_cli.models.fast import Kernels, SubpixelUpsample, TwoPassGroupNorm, prepare_for_sampling
 from popyou_cli.models.var import KVCache
 from popyou_cli.models.vqvae import Upsample
 
@@ -77,14 +77,18 @@ def _traced_convs(vqvae) -> list[tuple[nn.Conv2d, tuple[int, ...], int]]:
 
 
 def conv_cases(vqvae, bf16: bool) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
-    """({"fp32": call, and with bf16 "bf16 nchw" and "bf16 channels_last"}, the decoder's multiply-adds over the
-    heaviest convolution's): that convolution, on one image at its real size."""
+    """({"conv fp32", "conv fp32 channels_last", "norm fp32 nchw", "norm fp32 channels_last", and with bf16
+    "conv bf16 nchw" and "conv bf16 channels_last": call}, the decoder's multiply-adds over the heaviest
+    convolution's): that convolution on one image at its real size, and the GroupNorm of its input in fp32 as each
+    layout runs it (the stock kernel on NCHW, TwoPassGroupNorm on channels_last), since exact mode's channels_last
+    pays for its precise norm."""
     traced = _traced_convs(vqvae)
     conv, shape, macs = max(traced, key=lambda t: t[2])
     conv = copy.deepcopy(conv).to(CPU).eval()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
+    norm = nn.GroupNorm(vqvae.decoder.norm_out.num_groups, shape[1], eps=vqvae.decoder.norm_out.eps)
 
     def run(module, inp, dtype):
         def call():
@@ -92,10 +96,12 @@ def conv_cases(vqvae, bf16: bool) -> tuple[dict[str, Callable[[], torch.Tensor]]
                 return module(inp)
         return call
 
-    cases = {"fp32": run(conv, x, torch.float32)}
+    cases = {"conv fp32": run(conv, x, torch.float32), "conv fp32 channels_last": run(conv_cl, x_cl, torch.float32),
+             "norm fp32 nchw": run(norm, x, torch.float32),
+             "norm fp32 channels_last": run(TwoPassGroupNorm.of(norm), x_cl, torch.float32)}
     if bf16:
-        cases.update({"bf16 nchw": run(conv, x, torch.bfloat16), "bf16 channels_last": run(conv_cl, x_cl,
-                                                                                           torch.bfloat16)})
+        cases.update({"conv bf16 nchw": run(conv, x, torch.bfloat16),
+                      "conv bf16 channels_last": run(conv_cl, x_cl, torch.bfloat16)})
     return cases, sum(t[2] for t in traced) / macs
 
 

@@ -6,8 +6,10 @@ orders: greedy tokens stay identical on the goldens, images within their toleran
   internal PyTorch op; checked at preparation, plain F.linear otherwise) instead of MKL's sgemm, with fc1's
   tanh-GELU fused into it; on the AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster, elsewhere it can be
   slower. The VQ-VAE decoder's upsampling convolutions run sub-pixel (SubpixelUpsample: 2.25x fewer
-  multiply-adds there). Each of these is a `Kernels` choice: autotune.py keeps those that are faster on this
-  machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU, after 20 s of compiling
+  multiply-adds there). The decoder's three finest levels (85% of its multiply-adds) run in channels_last, where
+  oneDNN's fp32 convolutions are about 15% faster here, with TwoPassGroupNorm in place of PyTorch's channels_last
+  GroupNorm, whose one-pass sums would move the golden image by most of its tolerance. Each of these is a
+  `Kernels` choice: autotune.py keeps those that are faster on this machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU, after 20 s of compiling
   per shape.
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
   call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps). With a
@@ -40,7 +42,7 @@ from popyou_cli.models.generate import SamplingGraphs
 CHUNK_TOKENS = 512
 _KERNEL_SPELLINGS = {"gemm": ("onednn", "plain"), "gelu": ("fused", "separate"),
                      "upsample": ("subpixel", "nearest"), "layout": ("channels_last", "nchw"),
-                     "attention": ("unfused", "fused")}
+                     "attention": ("unfused", "fused"), "fp32_layout": ("channels_last", "nchw")}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class Kernels:
     # VAR's attention under bf16/fp16 autocast on a CPU: "unfused" (var.unfused_attention: batched GEMMs and a
     # softmax) or "fused" (PyTorch's flash kernel); fp32 always runs the fused kernel (goldens)
     attention: str = "unfused"
+    # the decoder's finest levels in fp32 (exact mode): "channels_last" (with TwoPassGroupNorm, within the goldens)
+    # or "nchw"
+    fp32_channels_last: bool = True
 
     def __post_init__(self):
         if (self.gemm not in _KERNEL_SPELLINGS["gemm"] or self.upsample not in _KERNEL_SPELLINGS["upsample"]
@@ -67,7 +72,8 @@ class Kernels:
 
     @classmethod
     def parse(cls, text: str) -> "Kernels":
-        """From "key=value,..." (keys gemm, gelu, upsample, layout); keys left out keep the default."""
+        """From "key=value,..." (keys gemm, gelu, upsample, layout, attention, fp32_layout); keys left out keep the
+        default."""
         given = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, _, value = (x.strip().lower() for x in part.partition("="))
@@ -78,23 +84,27 @@ class Kernels:
         values = dict(part.split("=") for part in cls().spelled().split(","))  # the defaults, then the given
         values.update(given)
         return cls(gemm=values["gemm"], fused_gelu=values["gelu"] == "fused", upsample=values["upsample"],
-                   channels_last=values["layout"] == "channels_last", attention=values["attention"])
+                   channels_last=values["layout"] == "channels_last", attention=values["attention"],
+                   fp32_channels_last=values["fp32_layout"] == "channels_last")
 
     def spelled(self) -> str:
         """The parse() spelling; gelu says "separate" wherever it is not fused (plain GEMM included)."""
         gelu = "fused" if self.fused_gelu and self.gemm == "onednn" else "separate"
         layout = "channels_last" if self.channels_last else "nchw"
-        return f"gemm={self.gemm},gelu={gelu},upsample={self.upsample},layout={layout},attention={self.attention}"
+        fp32_layout = "channels_last" if self.fp32_channels_last else "nchw"
+        return (f"gemm={self.gemm},gelu={gelu},upsample={self.upsample},layout={layout},attention={self.attention},"
+                f"fp32_layout={fp32_layout}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def exact_choices(cls) -> list["Kernels"]:
-        """Every distinct combination exact mode (fp32) can run: the GEMM with or without the fused GELU, and the
-        upsampling (the memory format and the attention apply to reduced precision only)."""
+        """Every distinct combination exact mode (fp32) can run: the GEMM with or without the fused GELU, the
+        upsampling and the decoder's fp32 memory format (`layout` and `attention` apply to reduced precision only)."""
         gemms = [("onednn", True), ("onednn", False), ("plain", False)]
-        return [cls(gemm=g, fused_gelu=f, upsample=u) for g, f in gemms for u in ("subpixel", "nearest")]
+        return [cls(gemm=g, fused_gelu=f, upsample=u, fp32_channels_last=cl)
+                for g, f in gemms for u in ("subpixel", "nearest") for cl in (True, False)]
 
 
 DEFAULT_KERNELS = Kernels()
@@ -219,6 +229,47 @@ class FusedFFN(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+# exact mode's fp32 channels_last decoder (Kernels.fp32_channels_last): its finest levels. On the golden tiny10
+# decoder the three finest stay as close to the reference as NCHW (1.8e-5 of the goldens' 1e-4); the coarser ones
+# move the image more (3.7e-5 with all five) and cost little anyway (the finest three are 85% of the multiply-adds).
+FP32_CHANNELS_LAST_LEVELS = 3
+
+
+class TwoPassGroupNorm(nn.GroupNorm):
+    """GroupNorm that keeps fp32 precision on channels_last input: PyTorch's channels_last GroupNorm kernel sums x
+    and x^2 in one pass, which loses digits when a group's mean is large next to its spread (7.7e-5 off on N(1, 3)
+    data against 1.4e-6 for its NCHW kernel; on the golden decoder, 7.9e-5 of the 1e-4 tolerance). Here: per-channel
+    means (one summing pass), then the centred squares (a second pass, in cache-sized chunks), combined per group in
+    float64, and one scale-and-shift pass. Other layouts and dtypes run the stock kernel."""
+
+    CHUNK = 1 << 19  # elements of centred squares held at a time
+
+    @classmethod
+    def of(cls, norm: nn.GroupNorm) -> "TwoPassGroupNorm":
+        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+        new.weight, new.bias = norm.weight, norm.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype != torch.float32 or x.dim() != 4 or not self.affine or x.is_contiguous()
+                or not x.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled(x.device.type)):
+            return super().forward(x)
+        N, C, H, W = x.shape
+        G = self.num_groups
+        rows = x.permute(0, 2, 3, 1).reshape(N, H * W, C)  # a view: channels_last memory is (N, H, W, C)
+        mean_c = rows.sum(1).div_(H * W)  # (N, C)
+        step = max(1, self.CHUNK // C)
+        sq_c = sum((chunk - mean_c[:, None]).square_().sum(1) for chunk in rows.split(step, dim=1)).double()
+        mean_g = mean_c.double().view(N, G, -1)
+        group_mean = mean_g.mean(-1, keepdim=True)
+        # a group's variance: its channels' centred squares plus their means' spread around the group mean
+        var_g = (sq_c.view(N, G, -1).sum(-1, keepdim=True) / (H * W)
+                 + (mean_g - group_mean).square().sum(-1, keepdim=True)) / (C // G)
+        scale = (var_g + self.eps).rsqrt() * self.weight.double().view(1, G, -1)
+        shift = self.bias.double().view(1, G, -1) - group_mean * scale
+        return torch.addcmul(shift.float().view(N, C, 1, 1), x, scale.float().view(N, C, 1, 1))
+
+
 class SubpixelUpsample(nn.Module):
     """The decoder's nearest-x2 upsample + 3x3 conv, computed as four 2x2 convs on the small map, one per output
     phase (2.25x fewer multiply-adds, no upsampled copy). Output phase (a, b) of the big map reads small rows
@@ -239,12 +290,14 @@ class SubpixelUpsample(nn.Module):
         for k, kernel in enumerate(kernels):  # one (Cout, Cin, 2, 2) buffer per phase (4-D: channels_last applies)
             self.register_buffer(f"kernel{k}", kernel)
         self.bias = conv.bias
+        self.channels_last_out = False  # write channels_last whatever the input's layout (prepare_decoder)
 
     def forward(self, x):
         B, _, H, W = x.shape
         xp = F.pad(x, (1, 1, 1, 1))
         cout = self.kernel0.shape[0]
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        channels_last = self.channels_last_out or (x.is_contiguous(memory_format=torch.channels_last)
+                                                    and not x.is_contiguous())
         # written straight into the interleaved layout the next layer reads (NHWC when channels_last)
         out = x.new_empty(B, H, 2, W, 2, cout) if channels_last else x.new_empty(B, cout, H, 2, W, 2)
         for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
@@ -314,19 +367,52 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
         _replace_linears(var, lambda lin, gelu: CastLinear(lin, dtype, gelu))
     if vqvae is not None:
         prepare_decoder(vqvae, channels_last=dtype != torch.float32 and kernels.channels_last,
-                        subpixel=kernels.upsample == "subpixel")
+                        subpixel=kernels.upsample == "subpixel",
+                        fp32_channels_last=dtype == torch.float32 and dev.type == "cpu" and kernels.fp32_channels_last)
     return SamplingGraphs() if dev.type == "cuda" and cuda_graphs else None
 
 
-def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True) -> None:
-    """The decoder's speed-ups in place: sub-pixel upsampling (exact), and channels_last for reduced precision.
-    In fp32, channels_last is left out of exact mode: 9% faster decoding on the BENCHMARKS.md CPU, but oneDNN's
-    NHWC kernels move the golden tiny10 image by up to 1.003e-4, past the goldens' 1e-4."""
+def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, fp32_channels_last: bool = False):
+    """The decoder's speed-ups in place: sub-pixel upsampling (exact); channels_last for reduced precision (the
+    whole decoder); fp32_channels_last for exact mode (its finest levels only, module docstring)."""
     from popyou_cli.models.vqvae import Upsample
 
-    for level in vqvae.decoder.up:
+    decoder = vqvae.decoder
+    for level in decoder.up:
         if subpixel and level.resample and isinstance(getattr(level, level.resample), Upsample):
             setattr(level, level.resample, SubpixelUpsample(getattr(level, level.resample)))
     if channels_last:
-        vqvae.decoder.to(memory_format=torch.channels_last)
+        decoder.to(memory_format=torch.channels_last)
         vqvae.post_quant_conv.to(memory_format=torch.channels_last)
+    elif fp32_channels_last:
+        _finest_levels_channels_last(decoder)
+
+
+def _finest_levels_channels_last(decoder) -> None:
+    """The FP32_CHANNELS_LAST_LEVELS finest levels (up to the first with attention, whose reshapes assume NCHW), the
+    output norm and conv in channels_last, each GroupNorm there a TwoPassGroupNorm; the upsampling that feeds them
+    writes channels_last, so no layout conversion runs in between."""
+    n = 0
+    while n < min(FP32_CHANNELS_LAST_LEVELS, len(decoder.up)) and not len(decoder.up[n].attn):
+        n += 1
+    if n == 0:
+        return
+    for module in [*decoder.up[:n], decoder.norm_out, decoder.conv_out]:
+        module.to(memory_format=torch.channels_last)
+    _two_pass_group_norms(decoder.up[:n])
+    decoder.norm_out = TwoPassGroupNorm.of(decoder.norm_out)
+    feeder = decoder.up[n] if n < len(decoder.up) else None
+    if feeder is not None and feeder.resample:
+        upsample = getattr(feeder, feeder.resample)
+        if isinstance(upsample, SubpixelUpsample):
+            upsample.channels_last_out = True
+        else:  # nearest + conv: the conv in channels_last writes that layout
+            upsample.to(memory_format=torch.channels_last)
+
+
+def _two_pass_group_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm) and not isinstance(child, TwoPassGroupNorm):
+            setattr(module, name, TwoPassGroupNorm.of(child))
+        else:
+            _two_pass_group_norms(child)
