@@ -243,6 +243,38 @@ def test_int8_is_deterministic_and_close_to_exact(golden):
     assert sum(not torch.equal(x[1], y[1]) for x, y in zip(a_steps, e_steps)) > 0  # int8 logits are not exact
 
 
+def test_the_int8_gelu_is_tanh_gelu():
+    """fast.gelu_tanh_ (x * sigmoid(2u), faster on a CPU) against PyTorch's tanh-GELU in float64, from -1e30 to
+    1e30: fp32 rounding apart, the same function, in place."""
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([0.0, -0.0, 50.0, -50.0, 1e30, -1e30])])
+    want = F.gelu(x.double(), approximate="tanh")
+    got = x.clone()
+    assert fast_module.gelu_tanh_(got) is got
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_reduced_precision_stores_the_per_call_linears_in_its_dtype(quantize):
+    """Under bf16 the AdaLN Linears and the head keep bf16 weights instead of being cast at every call; the products
+    are autocast's own, bit for bit (a stored cast is the same cast)."""
+    torch.manual_seed(0)
+    var = build_tiny_var().eval()
+    cond = var.condition(torch.tensor([1, 2]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = var.block_modulations(cond)
+        want_head = var.head(var.head_nm(torch.randn(2, 3, var.config.embed_dim,
+                                                     generator=torch.Generator().manual_seed(1)), cond))
+    prepare_for_sampling(var, None, "cpu", torch.bfloat16, quantize=quantize)
+    stored = [b.ada_lin[-1] for b in var.blocks] + [var.head_nm.ada_lin[-1], var.head]
+    assert all(m.weight.dtype == torch.bfloat16 for m in stored)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = var.block_modulations(cond)
+        got_head = var.head(var.head_nm(torch.randn(2, 3, var.config.embed_dim,
+                                                    generator=torch.Generator().manual_seed(1)), cond))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(got_head, want_head)
+
+
 def test_int8_layers_run_in_chunks_with_the_same_result(monkeypatch):
     """Int8Linear and FusedFFN take CHUNK_TOKENS tokens at a time (so that big batches stay in the CPU's cache):
     rows are independent, so the result is the whole run's bit for bit."""
