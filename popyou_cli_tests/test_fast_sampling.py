@@ -2,7 +2,9 @@
 is deterministic for a seed and differs from exact mode only as documented. Expected values come from the
 goldens (the reference implementation), from an unprepared model, or from a teacher-forced forward pass."""
 import copy
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -241,6 +243,30 @@ def test_int8_is_deterministic_and_close_to_exact(golden):
     agreement = [(x[0] == y[0]).float().mean().item() for x, y in zip(a_steps, e_steps)]
     assert min(agreement) >= 0.9, agreement
     assert sum(not torch.equal(x[1], y[1]) for x, y in zip(a_steps, e_steps)) > 0  # int8 logits are not exact
+
+
+def test_exact_mode_keeps_its_weights_packed_once_and_gives_them_back_plain():
+    """DenseLinear packs its weight once in oneDNN's layout and keeps no plain copy (no doubled memory); the
+    prepared model's state dict is the original's bit for bit, and the layer computes F.linear (also with input
+    gradients, through the plain fallback)."""
+    var = build_tiny_var().eval()
+    want = {k: v.clone() for k, v in var.state_dict().items()}
+    original = weakref.ref(var.blocks[0].attn.proj.weight)
+    prepare_for_sampling(var, None, "cpu", kernels=Kernels())
+    gc.collect()
+    assert original() is None  # the plain weight is freed, not kept beside the packed one
+    layer = var.blocks[0].attn.proj
+    assert isinstance(layer, DenseLinear)
+    assert layer.packed is not None, "this PyTorch build cannot pack oneDNN weights (exact mode would repack per call)"
+    assert "weight" not in dict(layer.named_parameters()) and layer.packed.is_mkldnn
+    got = var.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    x = torch.randn(5, layer.in_features, requires_grad=True)
+    plain = F.linear(x, want["blocks.0.attn.proj.weight"], want["blocks.0.attn.proj.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain, atol=1e-5, rtol=1e-5)
+    layer(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_the_int8_gelu_is_tanh_gelu():

@@ -4,7 +4,7 @@ Exact mode, `prepare_for_sampling(var, vqvae, device, dtype, kernels=...)` (same
 orders: greedy tokens stay identical on the goldens, images within their tolerances, with every `Kernels` choice):
 - CPU: the transformer's Linear layers go through oneDNN's fp32 GEMM (`torch.ops.mkldnn._linear_pointwise`, an
   internal PyTorch op; checked at preparation, plain F.linear otherwise) instead of MKL's sgemm, with fc1's
-  tanh-GELU fused into it; on the AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster, elsewhere it can be
+  tanh-GELU fused into it and the weights packed once in oneDNN's layout (DenseLinear); on the AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster, elsewhere it can be
   slower. The VQ-VAE decoder's upsampling convolutions run sub-pixel (SubpixelUpsample: 2.25x fewer
   multiply-adds there). The decoder's three finest levels (85% of its multiply-adds) run in channels_last, where
   oneDNN's fp32 convolutions are about 15% faster here, with TwoPassGroupNorm in place of PyTorch's channels_last
@@ -131,24 +131,50 @@ def onednn_int8_available() -> bool:
 
 class DenseLinear(nn.Module):
     """An fp32 Linear through oneDNN (optionally with tanh-GELU fused); falls back to F.linear off the CPU, under
-    autocast or when gradients are wanted (the oneDNN op has no backward). Shares the original parameters."""
+    autocast or when gradients are wanted (the oneDNN op has no backward). On a CPU the weight is kept only in
+    oneDNN's blocked layout, packed once here, so that no call repacks it (VAR-d16 exact mode at B=4: 5.25 -> 5.13
+    s/image) and no plain copy doubles the memory; `weight` and the state dict give it back plain."""
 
     takes_bias = True  # VAR's attention passes its q|0|v bias in (models/var.py)
 
-    def __init__(self, linear: nn.Linear, gelu: bool = False):
+    def __init__(self, linear: nn.Module, gelu: bool = False):
         super().__init__()
-        self.weight, self.bias, self.gelu = linear.weight, linear.bias, gelu
+        self.bias, self.gelu = linear.bias, gelu
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight
+        packed = _packed(weight.detach()) if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
+        if packed is not None:
+            self.packed = packed  # a plain attribute: the state dict gets the weight back plain (below)
+        else:
+            self.packed, self.weight = None, weight
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("packed") is not None:
+            return self.__dict__["packed"].to_dense()
+        return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b = self.bias if bias is None else bias
-        w = self.weight
-        if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and not (torch.is_grad_enabled() and w.requires_grad)):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.packed is not None
+                and not torch.is_autocast_enabled("cpu") and not (torch.is_grad_enabled() and x.requires_grad)):
             post = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, *post)
-        y = F.linear(x, w, b)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, b, *post)
+        y = F.linear(x, self.weight, b)
         return F.gelu(y, approximate="tanh") if self.gelu else y
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed is not None:
+            destination[prefix + "weight"] = self.weight
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight in oneDNN's blocked layout for its fp32 GEMM (an mkldnn tensor), or None where PyTorch lacks the
+    op. Packed for any number of rows (a batch-size hint only tunes it; measured no faster here)."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 class CastLinear(nn.Module):
