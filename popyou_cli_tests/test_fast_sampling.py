@@ -16,8 +16,9 @@ from popyou_cli.models import autotune
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load_var, load_vqvae
 from popyou_cli.models import fast as fast_module
-from popyou_cli.models.fast import (DenseLinear, FusedFFN, Int8Linear, Kernels, SubpixelUpsample,
-                                    TwoPassGroupNorm, prepare_for_sampling, quantize_var)
+from popyou_cli.models.fast import (DenseLinear, FusedFFN, Int8Linear, Kernels, prepare_for_sampling,
+                                    quantize_var)
+from popyou_cli.models.fast_decoder import SubpixelUpsample, TwoPassGroupNorm
 from popyou_cli.models import var as var_module
 from popyou_cli.models.vqvae import Upsample
 from popyou_cli.models.generate import SamplingGraphs, generate

@@ -1,6 +1,7 @@
 """The calls autotune.py times, built on the model's real shapes: one transformer block per way of running its
-Linear layers, the decoder's heaviest convolution (and the GroupNorm before it) and its largest upsampling. Each builder returns argument-free
-callables; building copies only the part it needs (one block, one conv), so the models stay as they were."""
+Linear layers, the decoder's heaviest convolution (and the GroupNorm before it) and its largest upsampling. Each
+builder returns argument-free callables; building copies only the part it needs (one block, one conv), so the models
+stay as they were."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from popyou_cli.core import devices
-from popyou_cli.models.fast import Kernels, SubpixelUpsample, TwoPassGroupNorm, prepare_for_sampling
+from popyou_cli.models.fast import Kernels, prepare_for_sampling
+from popyou_cli.models.fast_decoder import SubpixelUpsample, TwoPassGroupNorm
 from popyou_cli.models.var import KVCache
 from popyou_cli.models.vqvae import Upsample
 

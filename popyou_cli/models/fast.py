@@ -4,13 +4,14 @@ Exact mode, `prepare_for_sampling(var, vqvae, device, dtype, kernels=...)` (same
 orders: greedy tokens stay identical on the goldens, images within their tolerances, with every `Kernels` choice):
 - CPU: the transformer's Linear layers go through oneDNN's fp32 GEMM (`torch.ops.mkldnn._linear_pointwise`, an
   internal PyTorch op; checked at preparation, plain F.linear otherwise) instead of MKL's sgemm, with fc1's
-  tanh-GELU fused into it and the weights packed once in oneDNN's layout (DenseLinear); on the AMD EPYC of BENCHMARKS.md that GEMM is about 1.35x faster, elsewhere it can be
-  slower. The VQ-VAE decoder's upsampling convolutions run sub-pixel (SubpixelUpsample: 2.25x fewer
-  multiply-adds there). The decoder's three finest levels (85% of its multiply-adds) run in channels_last, where
-  oneDNN's fp32 convolutions are about 15% faster here, with TwoPassGroupNorm in place of PyTorch's channels_last
-  GroupNorm, whose one-pass sums would move the golden image by most of its tolerance. Each of these is a
-  `Kernels` choice: autotune.py keeps those that are faster on this machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU, after 20 s of compiling
-  per shape.
+  tanh-GELU fused into it and the weights packed once in oneDNN's layout (DenseLinear); on the AMD EPYC of
+  BENCHMARKS.md that GEMM is about 1.35x faster, elsewhere it can be slower. The VQ-VAE decoder's upsampling
+  convolutions run sub-pixel (fast_decoder.SubpixelUpsample: 2.25x fewer multiply-adds there), and its three
+  finest levels (85% of its multiply-adds) in channels_last, where oneDNN's fp32 convolutions are about 15% faster
+  here, with fast_decoder.TwoPassGroupNorm in place of PyTorch's channels_last GroupNorm, whose one-pass sums would
+  move the golden image by most of its tolerance. Each of these is a `Kernels` choice: autotune.py keeps those
+  that are faster on this machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU,
+  after 20 s of compiling per shape.
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
   call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps). With a
   reduced-precision dtype the decoder also runs in channels_last.
@@ -22,8 +23,9 @@ Opt-in, `quantize_var(var, mode, device)`:
   per token) through oneDNN's int8 GEMM (VNNI where the CPU has it), the maintained x86 path (torch.ao's dynamic
   quantisation and its quantized-tensor API are deprecated; torchao's int8 tensors are no faster than fp32 on a
   CPU without torch.compile). The head is left out (sampling reads its logits directly: fp32, or under bf16 its
-  bf16 product with the weights stored in bf16). fc1's tanh-GELU runs as gelu_tanh_ (cheaper than PyTorch's). The layers take at most
-  CHUNK_TOKENS tokens at a time, so that a batch's intermediates stay in the CPU's cache. On CUDA: bf16 weights.
+  bf16 product with the weights stored in bf16). fc1's tanh-GELU runs as gelu_tanh_ (cheaper than PyTorch's).
+  The layers take at most CHUNK_TOKENS tokens at a time, so that a batch's intermediates stay in the CPU's cache.
+  On CUDA: bf16 weights.
 - "bf16": bf16 weights for every Linear of the transformer, on any device.
 Under reduced-precision autocast the AdaLN Linears are stored in its dtype too (_store_per_call_linears).
 """
@@ -38,6 +40,7 @@ from torch import nn
 
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.core.presets import QUANTIZE_MODES
+from popyou_cli.models.fast_decoder import prepare_decoder
 from popyou_cli.models.generate import SamplingGraphs
 
 # int8 layers run at most this many tokens at a time: one guided image's largest d16 scale (2 x 256). Larger
@@ -270,88 +273,6 @@ class FusedFFN(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-# exact mode's fp32 channels_last decoder (Kernels.fp32_channels_last): its finest levels. On the golden tiny10
-# decoder the three finest stay as close to the reference as NCHW (1.8e-5 of the goldens' 1e-4); the coarser ones
-# move the image more (3.7e-5 with all five) and cost little anyway (the finest three are 85% of the multiply-adds).
-FP32_CHANNELS_LAST_LEVELS = 3
-
-
-class TwoPassGroupNorm(nn.GroupNorm):
-    """GroupNorm that keeps fp32 precision on channels_last input: PyTorch's channels_last GroupNorm kernel sums x
-    and x^2 in one pass, which loses digits when a group's mean is large next to its spread (7.7e-5 off on N(1, 3)
-    data against 1.4e-6 for its NCHW kernel; on the golden decoder, 7.9e-5 of the 1e-4 tolerance). Here: per-channel
-    means (one summing pass), then the centred squares (a second pass, in cache-sized chunks), combined per group in
-    float64, and one scale-and-shift pass. Other layouts and dtypes run the stock kernel."""
-
-    CHUNK = 1 << 19  # elements of centred squares held at a time
-
-    @classmethod
-    def of(cls, norm: nn.GroupNorm) -> "TwoPassGroupNorm":
-        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
-        new.weight, new.bias = norm.weight, norm.bias
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype != torch.float32 or x.dim() != 4 or not self.affine or x.is_contiguous()
-                or not x.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled(x.device.type)):
-            return super().forward(x)
-        N, C, H, W = x.shape
-        G = self.num_groups
-        rows = x.permute(0, 2, 3, 1).reshape(N, H * W, C)  # a view: channels_last memory is (N, H, W, C)
-        mean_c = rows.sum(1).div_(H * W)  # (N, C)
-        step = max(1, self.CHUNK // C)
-        sq_c = sum((chunk - mean_c[:, None]).square_().sum(1) for chunk in rows.split(step, dim=1)).double()
-        mean_g = mean_c.double().view(N, G, -1)
-        group_mean = mean_g.mean(-1, keepdim=True)
-        # a group's variance: its channels' centred squares plus their means' spread around the group mean
-        var_g = (sq_c.view(N, G, -1).sum(-1, keepdim=True) / (H * W)
-                 + (mean_g - group_mean).square().sum(-1, keepdim=True)) / (C // G)
-        scale = (var_g + self.eps).rsqrt() * self.weight.double().view(1, G, -1)
-        shift = self.bias.double().view(1, G, -1) - group_mean * scale
-        return torch.addcmul(shift.float().view(N, C, 1, 1), x, scale.float().view(N, C, 1, 1))
-
-
-class SubpixelUpsample(nn.Module):
-    """The decoder's nearest-x2 upsample + 3x3 conv, computed as four 2x2 convs on the small map, one per output
-    phase (2.25x fewer multiply-adds, no upsampled copy). Output phase (a, b) of the big map reads small rows
-    {i-1, i} (a = 0) or {i, i+1} (a = 1), so each 2x2 kernel sums the 3x3 kernel's taps that land on the same
-    small pixel. Same result up to fp32 rounding of those sums."""
-
-    _TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # phase -> (2 x 3) tap sums
-
-    def __init__(self, upsample: nn.Module):
-        super().__init__()
-        conv = upsample.conv
-        w = conv.weight.detach().double()
-        kernels = []
-        for a in (0, 1):
-            for b in (0, 1):
-                ra, rb = (torch.tensor(self._TAPS[p], dtype=torch.float64, device=w.device) for p in (a, b))
-                kernels.append(torch.einsum("yi,ocij,xj->ocyx", ra, w, rb).to(conv.weight.dtype))
-        for k, kernel in enumerate(kernels):  # one (Cout, Cin, 2, 2) buffer per phase (4-D: channels_last applies)
-            self.register_buffer(f"kernel{k}", kernel)
-        self.bias = conv.bias
-        self.channels_last_out = False  # write channels_last whatever the input's layout (prepare_decoder)
-
-    def forward(self, x):
-        B, _, H, W = x.shape
-        xp = F.pad(x, (1, 1, 1, 1))
-        cout = self.kernel0.shape[0]
-        channels_last = self.channels_last_out or (x.is_contiguous(memory_format=torch.channels_last)
-                                                    and not x.is_contiguous())
-        # written straight into the interleaved layout the next layer reads (NHWC when channels_last)
-        out = x.new_empty(B, H, 2, W, 2, cout) if channels_last else x.new_empty(B, cout, H, 2, W, 2)
-        for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            y = F.conv2d(xp[:, :, a:a + H + 1, b:b + W + 1], getattr(self, f"kernel{k}"), self.bias)
-            if channels_last:
-                out[:, :, a, :, b] = y.permute(0, 2, 3, 1)
-            else:
-                out[:, :, :, a, :, b] = y
-        if channels_last:
-            return out.view(B, 2 * H, 2 * W, cout).permute(0, 3, 1, 2)
-        return out.view(B, cout, 2 * H, 2 * W)
-
-
 def _replace_linears(var, make, fuse_gelu: bool = True) -> None:
     """make(linear, gelu) -> module, for the attention, FFN and head Linears (ada_lin runs once per call). With
     fuse_gelu, fc1's module applies the GELU (FusedFFN); without, the FFN keeps applying it after fc1."""
@@ -424,49 +345,3 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
                         subpixel=kernels.upsample == "subpixel",
                         fp32_channels_last=dtype == torch.float32 and dev.type == "cpu" and kernels.fp32_channels_last)
     return SamplingGraphs() if dev.type == "cuda" and cuda_graphs else None
-
-
-def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, fp32_channels_last: bool = False):
-    """The decoder's speed-ups in place: sub-pixel upsampling (exact); channels_last for reduced precision (the
-    whole decoder); fp32_channels_last for exact mode (its finest levels only, module docstring)."""
-    from popyou_cli.models.vqvae import Upsample
-
-    decoder = vqvae.decoder
-    for level in decoder.up:
-        if subpixel and level.resample and isinstance(getattr(level, level.resample), Upsample):
-            setattr(level, level.resample, SubpixelUpsample(getattr(level, level.resample)))
-    if channels_last:
-        decoder.to(memory_format=torch.channels_last)
-        vqvae.post_quant_conv.to(memory_format=torch.channels_last)
-    elif fp32_channels_last:
-        _finest_levels_channels_last(decoder)
-
-
-def _finest_levels_channels_last(decoder) -> None:
-    """The FP32_CHANNELS_LAST_LEVELS finest levels (up to the first with attention, whose reshapes assume NCHW), the
-    output norm and conv in channels_last, each GroupNorm there a TwoPassGroupNorm; the upsampling that feeds them
-    writes channels_last, so no layout conversion runs in between."""
-    n = 0
-    while n < min(FP32_CHANNELS_LAST_LEVELS, len(decoder.up)) and not len(decoder.up[n].attn):
-        n += 1
-    if n == 0:
-        return
-    for module in [*decoder.up[:n], decoder.norm_out, decoder.conv_out]:
-        module.to(memory_format=torch.channels_last)
-    _two_pass_group_norms(decoder.up[:n])
-    decoder.norm_out = TwoPassGroupNorm.of(decoder.norm_out)
-    feeder = decoder.up[n] if n < len(decoder.up) else None
-    if feeder is not None and feeder.resample:
-        upsample = getattr(feeder, feeder.resample)
-        if isinstance(upsample, SubpixelUpsample):
-            upsample.channels_last_out = True
-        else:  # nearest + conv: the conv in channels_last writes that layout
-            upsample.to(memory_format=torch.channels_last)
-
-
-def _two_pass_group_norms(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.GroupNorm) and not isinstance(child, TwoPassGroupNorm):
-            setattr(module, name, TwoPassGroupNorm.of(child))
-        else:
-            _two_pass_group_norms(child)
