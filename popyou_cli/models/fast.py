@@ -22,8 +22,8 @@ Opt-in, `quantize_var(var, mode, device)`:
 - "int8" on CPU: dynamic int8 Linear layers (weights int8 per output channel, activations quantised per call and
   per token) through oneDNN's int8 GEMM (VNNI where the CPU has it), the maintained x86 path (torch.ao's dynamic
   quantisation and its quantized-tensor API are deprecated; torchao's int8 tensors are no faster than fp32 on a
-  CPU without torch.compile). The head is left out (sampling reads its logits directly: fp32, or under bf16 its
-  bf16 product with the weights stored in bf16). fc1's tanh-GELU runs as gelu_tanh_ (cheaper than PyTorch's).
+  CPU without torch.compile). The head is left out (sampling reads its logits directly): exact mode's fp32 GEMM,
+  or under bf16 autocast's bf16 product with the weights stored in bf16. fc1's tanh-GELU runs as gelu_tanh_ (cheaper than PyTorch's).
   The layers take at most CHUNK_TOKENS tokens at a time, so that a batch's intermediates stay in the CPU's cache.
   On CUDA: bf16 weights.
 - "bf16": bf16 weights for every Linear of the transformer, on any device.
@@ -295,14 +295,12 @@ def _replace_linears(var, make, fuse_gelu: bool = True) -> None:
 
 
 def _store_per_call_linears(var, dtype: torch.dtype) -> None:
-    """Under reduced-precision autocast, the AdaLN Linears (6C x C per block) and the fp32 head that int8 mode
-    leaves were cast from fp32 at every call (VAR-d16: 0.6 GB of weights per sampling call, about 2% of a --fast
-    image at B=1); stored in the autocast dtype, they compute the same bf16 products without the cast."""
+    """Under reduced-precision autocast, the AdaLN Linears (6C x C per block) were cast from fp32 at every call
+    (VAR-d16, with int8 mode's head: 0.6 GB of weights per sampling call, about 2% of a --fast image at B=1); stored
+    in the autocast dtype, they compute the same bf16 products without the cast."""
     for name, module in var.named_modules():
         if name.endswith("ada_lin") and isinstance(module[-1], nn.Linear):  # (SiLU, Linear): blocks, head_nm, shared
             module[-1] = CastLinear(module[-1], dtype)
-    if isinstance(getattr(var, "head", None), DenseLinear):
-        var.head = CastLinear(var.head, dtype)
 
 
 def quantize_var(var, mode: str | None, device: str | torch.device | None = None):
@@ -317,8 +315,8 @@ def quantize_var(var, mode: str | None, device: str | torch.device | None = None
         return var
     if not onednn_int8_available():
         raise PopyouError("--quantize int8 needs PyTorch's oneDNN int8 kernels, which this build lacks")
-    head = var.head
-    _replace_linears(var, lambda lin, gelu: Int8Linear(lin, gelu) if lin is not head else DenseLinear(lin))
+    head = var.head  # left a plain Linear: prepare_for_sampling gives it exact mode's GEMM or the autocast dtype
+    _replace_linears(var, lambda lin, gelu: Int8Linear(lin, gelu) if lin is not head else lin)
     return var
 
 
