@@ -14,6 +14,8 @@ from popyou_cli.core import devices
 from popyou_cli.core.errors import PopyouError
 from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae
 from popyou_cli.models.fast import DEFAULT_KERNELS, Kernels
+from popyou_cli.models import fast_decoder
+from popyou_cli.models.fast_decoder import winograd_available
 from popyou_cli.models.var import VAR
 
 BF16_CPU = devices.CpuInfo("Test CPU with AMX", frozenset({"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16",
@@ -89,10 +91,10 @@ def test_the_decoder_counts_in_the_estimate(models):
     ({"block onednn+gelu": 0.5}, Kernels()),
     ({"block onednn+gelu": 0.5, "upsample nearest": 0.5}, Kernels(upsample="nearest")),
     ({"block plain": 0.5, "conv bf16 channels_last": 2.0}, Kernels(gemm="plain", channels_last=False)),
-    ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 2.0}, Kernels(fp32_channels_last=False)),
+    ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 2.0, "conv fp32 winograd": 2.0}, Kernels(fp32_conv="nchw")),
     # exact mode's channels_last pays for its two-pass norm: the conv plus the norm decide, not the conv alone
-    ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 0.8, "norm fp32 channels_last": 1.5},
-     Kernels(fp32_channels_last=False)),
+    ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 0.8, "norm fp32 channels_last": 1.5,
+      "conv fp32 winograd": 2.0}, Kernels(fp32_conv="nchw")),
     ({"block onednn+gelu": 0.5, "conv fp32 channels_last": 0.7, "norm fp32 channels_last": 1.2}, Kernels()),
     ({"block onednn+gelu": 0.5, "block bf16+int8": 0.2}, Kernels(attention="fused")),
     ({"block onednn+gelu": 0.5, "block bf16+int8 unfused attention": 0.2}, Kernels(attention="unfused")),
@@ -103,6 +105,24 @@ def test_the_decoder_counts_in_the_estimate(models):
 def test_each_exact_kernel_is_kept_only_where_it_is_faster(models, seconds, kernels):
     timer = FakeTimer(seconds)
     assert autotune.measure(*models, timer=timer, cpu=BF16_CPU).kernels == kernels
+
+
+@pytest.mark.skipif(not winograd_available(), reason="this PyTorch build has no NNPACK (no Winograd case)")
+@pytest.mark.parametrize("seconds, fp32_conv", [
+    ({"conv fp32 winograd": 0.5}, "winograd"),
+    # Winograd runs NCHW, so it pays the stock norm: against channels_last, the conv plus the norm decide
+    ({"conv fp32 winograd": 0.9, "norm fp32 nchw": 1.5, "conv fp32 channels_last": 1.0,
+      "norm fp32 channels_last": 1.0}, "channels_last"),
+    ({"conv fp32 winograd": 1.1, "conv fp32": 1.0, "conv fp32 channels_last": 1.5}, "nchw"),
+])
+def test_the_fp32_decoder_takes_winograd_only_where_it_is_faster(models, seconds, fp32_conv, monkeypatch):
+    monkeypatch.setattr(fast_decoder, "WINOGRAD_MIN_SIDE", 1)  # the tiny decoder's heaviest conv is on a small map
+    timer = FakeTimer(seconds)
+    tuning = autotune.measure(*models, timer=timer, cpu=BF16_CPU)
+    assert "conv fp32 winograd" in timer.calls and tuning.kernels.fp32_conv == fp32_conv
+    # exact mode's estimate follows the chosen kernel: a faster Winograd conv makes exact cheaper
+    slower = autotune.measure(*models, timer=FakeTimer({**seconds, "conv fp32 winograd": 5.0}), cpu=BF16_CPU)
+    assert (tuning.estimates_s["exact"] < slower.estimates_s["exact"]) == (fp32_conv == "winograd")
 
 
 def test_modes_below_90_percent_agreement_are_never_chosen(models):
@@ -195,7 +215,7 @@ def test_kernel_spellings_round_trip():
     for k in Kernels.exact_choices():
         assert Kernels.parse(k.spelled()) == k
     assert Kernels(gemm="plain", fused_gelu=True) == Kernels(gemm="plain", fused_gelu=False)  # one per behaviour
-    assert len(set(Kernels.exact_choices())) == 12
+    assert len(set(Kernels.exact_choices())) == 18  # 3 GEMM ways x 2 upsamplings x 3 fp32 decoder convs
 
 
 def test_measure_times_the_real_cases_on_the_tiny_models(models):

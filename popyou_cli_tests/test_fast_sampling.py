@@ -18,7 +18,7 @@ from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load
 from popyou_cli.models import fast as fast_module
 from popyou_cli.models.fast import (DenseLinear, FusedFFN, Int8Linear, Kernels, prepare_for_sampling,
                                     quantize_var)
-from popyou_cli.models.fast_decoder import SubpixelUpsample, TwoPassGroupNorm
+from popyou_cli.models.fast_decoder import SubpixelUpsample, TwoPassGroupNorm, WinogradConv2d, winograd_available
 from popyou_cli.models import var as var_module
 from popyou_cli.models.vqvae import Upsample
 from popyou_cli.models.generate import SamplingGraphs, generate
@@ -89,8 +89,8 @@ def test_exact_mode_decodes_the_golden_codes(golden, kernels, monkeypatch):
 
 
 def test_each_kernel_choice_changes_what_runs():
-    """The choices are not names only: the GEMM, the GELU's place, the upsampling and the fp32 decoder's layout
-    differ in the modules."""
+    """The choices are not names only: the GEMM, the GELU's place, the upsampling and the fp32 decoder's convs
+    differ in the modules (Winograd where NNPACK runs, on the tiny decoder's 64 px finest level only)."""
     for kernels in Kernels.exact_choices():
         var, vae = build_tiny_var(), build_tiny_vqvae()
         prepare_for_sampling(var, vae, "cpu", kernels=kernels)
@@ -100,16 +100,21 @@ def test_each_kernel_choice_changes_what_runs():
         ups = [getattr(level, level.resample) for level in vae.decoder.up if level.resample]
         assert all(isinstance(u, SubpixelUpsample) == (kernels.upsample == "subpixel") for u in ups) and ups
         finest = vae.decoder.up[0].block[0]
-        assert isinstance(finest.norm1, TwoPassGroupNorm) == kernels.fp32_channels_last
-        assert finest.conv1.weight.is_contiguous(memory_format=torch.channels_last) == kernels.fp32_channels_last
+        channels_last = kernels.fp32_conv == "channels_last"
+        assert isinstance(finest.norm1, TwoPassGroupNorm) == channels_last
+        assert finest.conv1.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert not isinstance(vae.decoder.mid.block_1.norm1, TwoPassGroupNorm)  # the coarse levels stay NCHW
+        winograd = kernels.fp32_conv == "winograd" and winograd_available()
+        assert isinstance(finest.conv1, WinogradConv2d) == winograd
+        assert isinstance(vae.decoder.conv_out, WinogradConv2d) == winograd
+        assert not isinstance(vae.decoder.mid.block_1.conv1, WinogradConv2d)  # 4 px: oneDNN is faster there
 
 
 def test_the_fp32_channels_last_decoder_writes_no_layout_conversion():
     """The upsampling that feeds the finest levels writes channels_last itself, and the decoder's output comes
     out of them in that layout: no NCHW <-> NHWC copy runs in between (that copy cost what the layout saved)."""
     vae = build_tiny_vqvae()
-    prepare_for_sampling(build_tiny_var(), vae, "cpu", kernels=Kernels(fp32_channels_last=True))
+    prepare_for_sampling(build_tiny_var(), vae, "cpu", kernels=Kernels(fp32_conv="channels_last"))
     seen = []
     hooks = [level.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for level in vae.decoder.up[:3]]
     with torch.no_grad():
@@ -118,6 +123,32 @@ def test_the_fp32_channels_last_decoder_writes_no_layout_conversion():
         h.remove()
     levels_in = seen[-3:]  # the finest three levels run last
     assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in levels_in)
+
+
+@pytest.mark.skipif(not winograd_available(), reason="this PyTorch build has no NNPACK")
+def test_winograd_conv_keeps_fp32_precision_and_falls_back_elsewhere(monkeypatch):
+    """Against float64, on a batch of two (NNPACK runs one image at a time): one conv is about 20x direct fp32's
+    error away (2.4e-5 on outputs of order 1: Winograd's transforms round too), well inside the goldens' 1e-4 (the
+    golden decodes run it on their 64 px and larger maps). A bf16 conv, autocast and a forked child (NNPACK's
+    thread pool stays in the parent) run F.conv2d, bit for bit. The state dict is the conv's."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    x = torch.randn(2, 32, 64, 64, generator=gen)
+    winograd = WinogradConv2d(conv)
+    with torch.no_grad():
+        want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        direct_error = (conv(x).double() - want).abs().max().item()
+        got = winograd(x)
+        assert got.shape == want.shape and not torch.equal(got, conv(x))  # a different kernel ran
+        assert (got.double() - want).abs().max().item() < min(50 * direct_error, 1e-4)
+        bf16 = copy.deepcopy(conv).bfloat16()
+        assert torch.equal(WinogradConv2d(bf16)(x.bfloat16()), bf16(x.bfloat16()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(winograd(x), conv(x))
+        monkeypatch.setattr(winograd, "_pid", -1)
+        assert torch.equal(winograd(x), conv(x))
+    assert winograd.state_dict().keys() == conv.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(winograd.state_dict().values(), conv.state_dict().values()))
 
 
 @pytest.mark.parametrize("offset", [0.0, 50.0])

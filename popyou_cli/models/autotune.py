@@ -13,12 +13,13 @@ fastest round counts, the one least disturbed by other programs):
   attending over the whole KV cache: MKL's GEMM, oneDNN's, oneDNN's with the GELU fused (exact mode's choices),
   int8, and where the CPU has bf16 dot products (AVX512-BF16, AMX) bf16 and bf16 + int8, each of these two with
   PyTorch's fused attention kernel and with the unfused one (models/var.py; the faster counts);
-- the decoder's heaviest convolution at its real size: fp32 in NCHW and in channels_last (each with the GroupNorm
-  of its input as that layout runs it: exact mode's channels_last needs models.fast.TwoPassGroupNorm), and (bf16
-  CPUs) bf16 in NCHW and in channels_last;
+- the decoder's heaviest convolution at its real size: fp32 in NCHW, in channels_last and (where NNPACK runs)
+  through Winograd, each with the GroupNorm of its input as that layout runs it (exact mode's channels_last needs
+  models.fast_decoder.TwoPassGroupNorm), and (bf16 CPUs) bf16 in NCHW and in channels_last;
 - the decoder's largest upsampling: nearest + 3x3 conv against sub-pixel.
 A mode's seconds per image are estimated as depth x block x (all tokens / the largest scale's) + heaviest conv x
-(the decoder's multiply-adds / that conv's). It takes a few seconds for VAR-d16 on 2 cores, a fraction of one for
+(the decoder's multiply-adds / that conv's), with Winograd's time for the share of the multiply-adds it takes
+and oneDNN's NCHW time for the rest. It takes a few seconds for VAR-d16 on 2 cores, a fraction of one for
 the tiny models, and is cached in `cache_root()/sampling-autotune.json`: one entry per CPU model + flags + torch
 version + threads + model shape. A missing or unreadable cache is measured again and rewritten.
 
@@ -52,7 +53,7 @@ FAST_MODE_ENV = "POPYOU_FAST_MODE"
 KERNELS_ENV = "POPYOU_EXACT_KERNELS"
 MIN_AGREEMENT = 0.9  # a --fast candidate keeps at least this share of exact mode's tokens at every scale
 CACHE_FILE = "sampling-autotune.json"
-CACHE_VERSION = 3  # 2: fastest rounds, the CPU share, the attention kernel; 3: the fp32 decoder layout
+CACHE_VERSION = 4  # 2: fastest rounds, the CPU share, the attention kernel; 3: the fp32 decoder layout; 4: Winograd
 REPEATS = 5  # timed rounds over every case, after one untimed call of each; each case's fastest round counts
 BUSY_SHARE = 0.8  # below this share of the CPUs during the measurement, the machine was busy (module docstring)
 BUSY_RETRIES = 3  # busy measurements before one is kept anyway
@@ -132,8 +133,7 @@ class Tuning:
         tuning = cls(Kernels(**d["kernels"]), mode_named(d["fast_mode"]).name, dict(d["estimates_s"]),
                      dict(d["timings_ms"]), float(d["seconds"]), float(d.get("cpu_share", 1.0)),
                      int(d.get("busy_tries", 0)))
-        if not all(isinstance(getattr(tuning.kernels, flag), bool)
-                   for flag in ("fused_gelu", "channels_last", "fp32_channels_last")):
+        if not all(isinstance(getattr(tuning.kernels, flag), bool) for flag in ("fused_gelu", "channels_last")):
             raise ValueError("kernel flags are not booleans")
         return tuning
 
@@ -304,7 +304,7 @@ def measure(var, vqvae, timer: Timer = time_call, cpu: devices.CpuInfo | None = 
             cases[f"block {name}"] = block_case(var, modes[name], quantize, fused_attention)
             if modes[name] != torch.float32:
                 cases[f"block {name} {UNFUSED}"] = block_case(var, modes[name], quantize, DEFAULT_KERNELS)
-    convs, conv_share = conv_cases(vqvae, bf16=cpu.native_bf16)
+    convs, conv_shares = conv_cases(vqvae, bf16=cpu.native_bf16)
     cases |= convs
     cases |= {f"upsample {k}": fn for k, fn in upsample_cases(vqvae).items()}
     for label, fn in cases.items():
@@ -321,9 +321,17 @@ def measure(var, vqvae, timer: Timer = time_call, cpu: devices.CpuInfo | None = 
     channels_last = (ms["conv bf16 channels_last"] <= ms["conv bf16 nchw"] if "conv bf16 nchw" in ms
                      else DEFAULT_KERNELS.channels_last)
     bf16_conv = "conv bf16 channels_last" if channels_last else "conv bf16 nchw"
-    fp32_channels_last = (ms["conv fp32 channels_last"] + ms["norm fp32 channels_last"]
-                          <= ms["conv fp32"] + ms["norm fp32 nchw"])
-    fp32_conv = "conv fp32 channels_last" if fp32_channels_last else "conv fp32"
+    fp32_costs = {"channels_last": ms["conv fp32 channels_last"] + ms["norm fp32 channels_last"],
+                  "nchw": ms["conv fp32"] + ms["norm fp32 nchw"]}
+    if "conv fp32 winograd" in ms:
+        fp32_costs["winograd"] = ms["conv fp32 winograd"] + ms["norm fp32 nchw"]
+    fp32_choice = min(fp32_costs, key=fp32_costs.get)  # ties keep the first: channels_last
+    if fp32_choice == "winograd":  # Winograd takes the large maps' convs only; the rest run oneDNN in NCHW
+        winograd = conv_shares["winograd"]
+        fp32_decoder = ms["conv fp32 winograd"] * winograd + ms["conv fp32"] * (conv_shares["all"] - winograd)
+    else:
+        conv = ms["conv fp32 channels_last" if fp32_choice == "channels_last" else "conv fp32"]
+        fp32_decoder = conv * conv_shares["all"]
     ups = {k: ms[f"upsample {k}"] for k in ("subpixel", "nearest") if f"upsample {k}" in ms}
     c = var.config
     blocks = c.depth * c.L / c.patch_nums[-1] ** 2  # blocks x (all tokens / the largest scale's tokens)
@@ -331,13 +339,13 @@ def measure(var, vqvae, timer: Timer = time_call, cpu: devices.CpuInfo | None = 
     for name, dtype in modes.items():
         block = ms[f"block {best}"] if name == "exact" else min(ms.get(f"block {name}{a}", math.inf)
                                                                 for a in ("", f" {UNFUSED}"))
-        conv = ms[fp32_conv if dtype == torch.float32 else bf16_conv]
-        estimates[name] = round((block * blocks + conv * conv_share) / 1000, 4)
+        decoder = fp32_decoder if dtype == torch.float32 else ms[bf16_conv] * conv_shares["all"]
+        estimates[name] = round((block * blocks + decoder) / 1000, 4)
     pick = fastest(estimates)
     kernels = Kernels(gemm=exact[best].gemm, fused_gelu=exact[best].fused_gelu,
                       upsample=min(ups, key=ups.get) if ups else DEFAULT_KERNELS.upsample,
                       channels_last=channels_last, attention=_attention(ms, pick),
-                      fp32_channels_last=fp32_channels_last)
+                      fp32_conv=fp32_choice)
     return Tuning(kernels, pick, estimates, ms, round(time.perf_counter() - start, 2), round(share, 3))
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from popyou_cli.core import devices
 from popyou_cli.models.fast import Kernels, prepare_for_sampling
-from popyou_cli.models.fast_decoder import SubpixelUpsample, TwoPassGroupNorm
+from popyou_cli.models.fast_decoder import (SubpixelUpsample, TwoPassGroupNorm, WinogradConv2d, traced_convs,
+                                           winograd_available)
 from popyou_cli.models.var import KVCache
 from popyou_cli.models.vqvae import Upsample
 
@@ -56,35 +57,14 @@ def block_case(var, dtype: torch.dtype, quantize: str | None, kernels: Kernels) 
     return call
 
 
-def _traced_convs(vqvae) -> list[tuple[nn.Conv2d, tuple[int, ...], int]]:
-    """Every decoder convolution with its input shape and multiply-adds at the model's real size: traced on a 1x1
-    latent (every size in the decoder scales with the latent's), then scaled to the last scale's side."""
-    side, found = vqvae.config.patch_nums[-1], []
-
-    def hook(conv, inputs, out):
-        kh, kw = conv.kernel_size
-        n, c, h, w = inputs[0].shape
-        macs = out.shape[2] * out.shape[3] * side * side * conv.out_channels * conv.in_channels // conv.groups * kh * kw
-        found.append((conv, (n, c, h * side, w * side), macs))
-
-    decoder = vqvae.decoder
-    handles = [m.register_forward_hook(hook) for m in decoder.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            decoder(torch.zeros(1, vqvae.config.z_channels, 1, 1, device=next(decoder.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
-def conv_cases(vqvae, bf16: bool) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
-    """({"conv fp32", "conv fp32 channels_last", "norm fp32 nchw", "norm fp32 channels_last", and with bf16
-    "conv bf16 nchw" and "conv bf16 channels_last": call}, the decoder's multiply-adds over the heaviest
-    convolution's): that convolution on one image at its real size, and the GroupNorm of its input in fp32 as each
-    layout runs it (the stock kernel on NCHW, TwoPassGroupNorm on channels_last), since exact mode's channels_last
-    pays for its precise norm."""
-    traced = _traced_convs(vqvae)
+def conv_cases(vqvae, bf16: bool) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, float]]:
+    """({"conv fp32", "conv fp32 channels_last", "norm fp32 nchw", "norm fp32 channels_last", where NNPACK runs
+    and the conv fits it "conv fp32 winograd", and with bf16 "conv bf16 nchw" and "conv bf16 channels_last": call},
+    {"all": the decoder's multiply-adds over the heaviest convolution's, "winograd": those of the convs Winograd
+    takes (not the upsamplings', which run sub-pixel) over the heaviest's}): that convolution on one image at its
+    real size, and the GroupNorm of its input in fp32 as each layout runs it (the stock kernel on NCHW,
+    TwoPassGroupNorm on channels_last), since exact mode's channels_last pays for its precise norm."""
+    traced = traced_convs(vqvae)
     conv, shape, macs = max(traced, key=lambda t: t[2])
     conv = copy.deepcopy(conv).to(CPU).eval()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -101,16 +81,20 @@ def conv_cases(vqvae, bf16: bool) -> tuple[dict[str, Callable[[], torch.Tensor]]
     cases = {"conv fp32": run(conv, x, torch.float32), "conv fp32 channels_last": run(conv_cl, x_cl, torch.float32),
              "norm fp32 nchw": run(norm, x, torch.float32),
              "norm fp32 channels_last": run(TwoPassGroupNorm.of(norm), x_cl, torch.float32)}
+    if winograd_available() and WinogradConv2d.fits(conv, min(shape[2:])):
+        cases["conv fp32 winograd"] = run(WinogradConv2d(conv), x, torch.float32)
     if bf16:
         cases.update({"conv bf16 nchw": run(conv, x, torch.bfloat16),
                       "conv bf16 channels_last": run(conv_cl, x_cl, torch.bfloat16)})
-    return cases, sum(t[2] for t in traced) / macs
+    upsampling = {id(m.conv) for m in vqvae.decoder.modules() if isinstance(m, Upsample)}
+    winograd = sum(t[2] for t in traced if id(t[0]) not in upsampling and WinogradConv2d.fits(t[0], min(t[1][2:])))
+    return cases, {"all": sum(t[2] for t in traced) / macs, "winograd": winograd / macs}
 
 
 def upsample_cases(vqvae) -> dict[str, Callable[[], torch.Tensor]]:
     """{"nearest": upsample then 3x3 conv, "subpixel": SubpixelUpsample} for the decoder's largest upsampling, in
     fp32 on one image; {} for a decoder without one."""
-    traced = {id(conv): (shape, macs) for conv, shape, macs in _traced_convs(vqvae)}
+    traced = {id(conv): (shape, macs) for conv, shape, macs in traced_convs(vqvae)}
     ups = [getattr(level, level.resample) for level in vqvae.decoder.up if level.resample]
     ups = [u for u in ups if isinstance(u, Upsample) and id(u.conv) in traced]
     if not ups:

@@ -6,10 +6,11 @@ orders: greedy tokens stay identical on the goldens, images within their toleran
   internal PyTorch op; checked at preparation, plain F.linear otherwise) instead of MKL's sgemm, with fc1's
   tanh-GELU fused into it and the weights packed once in oneDNN's layout (DenseLinear); on the AMD EPYC of
   BENCHMARKS.md that GEMM is about 1.35x faster, elsewhere it can be slower. The VQ-VAE decoder's upsampling
-  convolutions run sub-pixel (fast_decoder.SubpixelUpsample: 2.25x fewer multiply-adds there), and its three
-  finest levels (85% of its multiply-adds) in channels_last, where oneDNN's fp32 convolutions are about 15% faster
-  here, with fast_decoder.TwoPassGroupNorm in place of PyTorch's channels_last GroupNorm, whose one-pass sums would
-  move the golden image by most of its tolerance. Each of these is a `Kernels` choice: autotune.py keeps those
+  convolutions run sub-pixel (fast_decoder.SubpixelUpsample: 2.25x fewer multiply-adds there), and its other
+  convolutions either through NNPACK's Winograd kernel on the large maps (fast_decoder.WinogradConv2d: about 2.2x
+  oneDNN's direct fp32 there) or with the three finest levels (85% of its multiply-adds) in channels_last, where
+  oneDNN's fp32 convolutions are about 15% faster, with fast_decoder.TwoPassGroupNorm in place of PyTorch's
+  channels_last GroupNorm, whose one-pass sums would move the golden image by most of its tolerance. Each of these is a `Kernels` choice: autotune.py keeps those
   that are faster on this machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU,
   after 20 s of compiling per shape.
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
@@ -23,7 +24,8 @@ Opt-in, `quantize_var(var, mode, device)`:
   per token) through oneDNN's int8 GEMM (VNNI where the CPU has it), the maintained x86 path (torch.ao's dynamic
   quantisation and its quantized-tensor API are deprecated; torchao's int8 tensors are no faster than fp32 on a
   CPU without torch.compile). The head is left out (sampling reads its logits directly): exact mode's fp32 GEMM,
-  or under bf16 autocast's bf16 product with the weights stored in bf16. fc1's tanh-GELU runs as gelu_tanh_ (cheaper than PyTorch's).
+  or under bf16 autocast's bf16 product with the weights stored in bf16. fc1's tanh-GELU runs as gelu_tanh_
+  (cheaper than PyTorch's).
   The layers take at most CHUNK_TOKENS tokens at a time, so that a batch's intermediates stay in the CPU's cache.
   On CUDA: bf16 weights.
 - "bf16": bf16 weights for every Linear of the transformer, on any device.
@@ -48,7 +50,7 @@ from popyou_cli.models.generate import SamplingGraphs
 CHUNK_TOKENS = 512
 _KERNEL_SPELLINGS = {"gemm": ("onednn", "plain"), "gelu": ("fused", "separate"),
                      "upsample": ("subpixel", "nearest"), "layout": ("channels_last", "nchw"),
-                     "attention": ("unfused", "fused"), "fp32_layout": ("channels_last", "nchw")}
+                     "attention": ("unfused", "fused"), "fp32_conv": ("channels_last", "nchw", "winograd")}
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Kernels:
     """How sampling computes on a CPU; every choice keeps exact mode within the goldens (test_fast_sampling
     checks each one). The defaults are the choices measured fastest on the AMD EPYC of BENCHMARKS.md; autotune.py
     measures them on the machine at hand. Spelled
-    "gemm=onednn,gelu=fused,upsample=subpixel,layout=channels_last,attention=unfused"."""
+    "gemm=onednn,gelu=fused,upsample=subpixel,layout=channels_last,attention=unfused,fp32_conv=channels_last"."""
 
     gemm: str = "onednn"  # fp32 Linear layers: "onednn" (oneDNN's GEMM) or "plain" (F.linear: MKL's sgemm)
     fused_gelu: bool = True  # fc1's tanh-GELU inside oneDNN's GEMM (with gemm "onednn" only)
@@ -65,20 +67,23 @@ class Kernels:
     # VAR's attention under bf16/fp16 autocast on a CPU: "unfused" (var.unfused_attention: batched GEMMs and a
     # softmax) or "fused" (PyTorch's flash kernel); fp32 always runs the fused kernel (goldens)
     attention: str = "unfused"
-    # the decoder's finest levels in fp32 (exact mode): "channels_last" (with TwoPassGroupNorm, within the goldens)
-    # or "nchw"
-    fp32_channels_last: bool = True
+    # the fp32 decoder's convolutions (exact mode, int8): oneDNN's on the finest levels in "channels_last" (with
+    # TwoPassGroupNorm, within the goldens) or all "nchw", or "winograd" (NNPACK's on the large maps, NCHW; where
+    # NNPACK is missing, as "nchw"); models/fast_decoder.py
+    fp32_conv: str = "channels_last"
 
     def __post_init__(self):
         if (self.gemm not in _KERNEL_SPELLINGS["gemm"] or self.upsample not in _KERNEL_SPELLINGS["upsample"]
-                or self.attention not in _KERNEL_SPELLINGS["attention"]):
-            raise PopyouError(f"unknown kernels gemm={self.gemm}, upsample={self.upsample}, attention={self.attention}")
+                or self.attention not in _KERNEL_SPELLINGS["attention"]
+                or self.fp32_conv not in _KERNEL_SPELLINGS["fp32_conv"]):
+            raise PopyouError(f"unknown kernels gemm={self.gemm}, upsample={self.upsample}, "
+                              f"attention={self.attention}, fp32_conv={self.fp32_conv}")
         if self.gemm != "onednn":  # only oneDNN's GEMM can fuse the GELU: one spelling per behaviour
             object.__setattr__(self, "fused_gelu", False)
 
     @classmethod
     def parse(cls, text: str) -> "Kernels":
-        """From "key=value,..." (keys gemm, gelu, upsample, layout, attention, fp32_layout); keys left out keep the
+        """From "key=value,..." (keys gemm, gelu, upsample, layout, attention, fp32_conv); keys left out keep the
         default."""
         given = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -91,15 +96,14 @@ class Kernels:
         values.update(given)
         return cls(gemm=values["gemm"], fused_gelu=values["gelu"] == "fused", upsample=values["upsample"],
                    channels_last=values["layout"] == "channels_last", attention=values["attention"],
-                   fp32_channels_last=values["fp32_layout"] == "channels_last")
+                   fp32_conv=values["fp32_conv"])
 
     def spelled(self) -> str:
         """The parse() spelling; gelu says "separate" wherever it is not fused (plain GEMM included)."""
         gelu = "fused" if self.fused_gelu and self.gemm == "onednn" else "separate"
         layout = "channels_last" if self.channels_last else "nchw"
-        fp32_layout = "channels_last" if self.fp32_channels_last else "nchw"
         return (f"gemm={self.gemm},gelu={gelu},upsample={self.upsample},layout={layout},attention={self.attention},"
-                f"fp32_layout={fp32_layout}")
+                f"fp32_conv={self.fp32_conv}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,10 +111,10 @@ class Kernels:
     @classmethod
     def exact_choices(cls) -> list["Kernels"]:
         """Every distinct combination exact mode (fp32) can run: the GEMM with or without the fused GELU, the
-        upsampling and the decoder's fp32 memory format (`layout` and `attention` apply to reduced precision only)."""
+        upsampling and the fp32 decoder's convolutions (`layout` and `attention` apply to reduced precision only)."""
         gemms = [("onednn", True), ("onednn", False), ("plain", False)]
-        return [cls(gemm=g, fused_gelu=f, upsample=u, fp32_channels_last=cl)
-                for g, f in gemms for u in ("subpixel", "nearest") for cl in (True, False)]
+        return [cls(gemm=g, fused_gelu=f, upsample=u, fp32_conv=c)
+                for g, f in gemms for u in ("subpixel", "nearest") for c in _KERNEL_SPELLINGS["fp32_conv"]]
 
 
 DEFAULT_KERNELS = Kernels()
@@ -341,5 +345,5 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
     if vqvae is not None:
         prepare_decoder(vqvae, channels_last=dtype != torch.float32 and kernels.channels_last,
                         subpixel=kernels.upsample == "subpixel",
-                        fp32_channels_last=dtype == torch.float32 and dev.type == "cpu" and kernels.fp32_channels_last)
+                        fp32_conv=kernels.fp32_conv if dtype == torch.float32 and dev.type == "cpu" else "nchw")
     return SamplingGraphs() if dev.type == "cuda" and cuda_graphs else None

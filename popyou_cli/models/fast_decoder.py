@@ -1,16 +1,84 @@
-"""The VQ-VAE decoder's sampling speed-ups (models/fast.py chooses them): sub-pixel upsampling, exact mode's fp32
-channels_last on the finest levels with TwoPassGroupNorm, and channels_last under reduced precision."""
+"""The VQ-VAE decoder's sampling speed-ups (models/fast.py chooses them): sub-pixel upsampling; for the fp32 decoder
+(exact mode, --quantize int8) either channels_last on the finest levels with TwoPassGroupNorm or Winograd
+convolutions on the large maps (WinogradConv2d); channels_last under reduced precision."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# exact mode's fp32 channels_last decoder (Kernels.fp32_channels_last): its finest levels. On the golden tiny10
+# exact mode's fp32 channels_last decoder (Kernels.fp32_conv "channels_last"): its finest levels. On the golden tiny10
 # decoder the three finest keep the image about as close to the reference as NCHW does (2.1e-5 against 1.9e-5; the
 # goldens allow 1e-4); the coarser ones move it more (3.7e-5 with all five) and cost little anyway (the finest
 # three are 85% of the multiply-adds).
 FP32_CHANNELS_LAST_LEVELS = 3
+
+
+# the fp32 decoder's Winograd convolutions (Kernels.fp32_conv "winograd"): the 3x3 convs on maps at least this side.
+# NNPACK's Winograd is 2.2x oneDNN's direct fp32 conv at 64 px and more (VQ-VAE 160 channels at 256 px: 68 ms
+# against 146 per image, 2 cores of the AMD EPYC of BENCHMARKS.md), slower below (640 channels at 16 px: 24 ms
+# against 10).
+WINOGRAD_MIN_SIDE = 64
+
+
+def winograd_available() -> bool:
+    """Whether this PyTorch build has NNPACK and it runs on this CPU (the call also initialises it)."""
+    try:
+        return bool(torch.backends.nnpack.is_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class WinogradConv2d(nn.Module):
+    """A 3x3 stride-1 fp32 convolution through NNPACK's Winograd kernel (F(6x6, 3x3) tiles), one image at a time
+    (NNPACK's batched path is slower than oneDNN's). Winograd trades multiply-adds for transforms whose rounding
+    adds to the direct sum's: the d16 decoder's image moves 1.2e-5 from float64 (direct fp32: 0.9e-5; the goldens
+    allow 1e-4 on the tiny decoder). Shares the conv's parameters (same state dict). Other dtypes (autocast, bf16),
+    other devices and a forked child (NNPACK's thread pool belongs to the process that made it) run F.conv2d."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias, self.padding = conv.weight, conv.bias, list(conv.padding)
+        self._pid = os.getpid()
+
+    @classmethod
+    def fits(cls, conv: nn.Module, side: int) -> bool:
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+                and side >= WINOGRAD_MIN_SIDE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or os.getpid() != self._pid
+                or torch.is_autocast_enabled("cpu") or self.weight.dtype != torch.float32):
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+        x = x.contiguous()
+        images = [torch._nnpack_spatial_convolution(x[i:i + 1], self.weight, self.bias, self.padding)
+                  for i in range(len(x))]
+        return images[0] if len(images) == 1 else torch.cat(images)
+
+
+def traced_convs(vqvae) -> list[tuple[nn.Conv2d, tuple[int, ...], int]]:
+    """Every decoder nn.Conv2d with its input shape and multiply-adds at the model's real size (one image): traced
+    on a 1x1 latent (every size in the decoder scales with the latent's), then scaled to the last scale's side."""
+    side, found = vqvae.config.patch_nums[-1], []
+
+    def hook(conv, inputs, out):
+        kh, kw = conv.kernel_size
+        n, c, h, w = inputs[0].shape
+        macs = out.shape[2] * out.shape[3] * side * side * conv.out_channels * conv.in_channels // conv.groups * kh * kw
+        found.append((conv, (n, c, h * side, w * side), macs))
+
+    decoder = vqvae.decoder
+    handles = [m.register_forward_hook(hook) for m in decoder.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            decoder(torch.zeros(1, vqvae.config.z_channels, 1, 1, device=next(decoder.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 class TwoPassGroupNorm(nn.GroupNorm):
@@ -89,9 +157,10 @@ class SubpixelUpsample(nn.Module):
         return out.view(B, cout, 2 * H, 2 * W)
 
 
-def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, fp32_channels_last: bool = False):
+def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, fp32_conv: str = "nchw"):
     """The decoder's speed-ups in place: sub-pixel upsampling (exact); channels_last for reduced precision (the
-    whole decoder); fp32_channels_last for exact mode (its finest levels only, module docstring)."""
+    whole decoder); else the fp32 decoder's conv kernels, `fp32_conv`: "channels_last" (the finest levels only,
+    module docstring), "winograd" (where NNPACK runs: the large maps' 3x3 convs, NCHW) or "nchw"."""
     from popyou_cli.models.vqvae import Upsample
 
     decoder = vqvae.decoder
@@ -101,8 +170,18 @@ def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, f
     if channels_last:
         decoder.to(memory_format=torch.channels_last)
         vqvae.post_quant_conv.to(memory_format=torch.channels_last)
-    elif fp32_channels_last:
+    elif fp32_conv == "channels_last":
         _finest_levels_channels_last(decoder)
+    elif fp32_conv == "winograd" and winograd_available():
+        _winograd_convs(vqvae)
+
+
+def _winograd_convs(vqvae) -> None:
+    eligible = {id(conv) for conv, shape, _ in traced_convs(vqvae) if WinogradConv2d.fits(conv, min(shape[2:]))}
+    for module in list(vqvae.decoder.modules()):
+        for name, child in module.named_children():
+            if id(child) in eligible:
+                setattr(module, name, WinogradConv2d(child))
 
 
 def _finest_levels_channels_last(decoder) -> None:
