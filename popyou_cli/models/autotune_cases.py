@@ -81,13 +81,13 @@ def conv_cases(vqvae, bf16: bool) -> tuple[dict[str, Callable[[], torch.Tensor]]
     cases = {"conv fp32": run(conv, x, torch.float32), "conv fp32 channels_last": run(conv_cl, x_cl, torch.float32),
              "norm fp32 nchw": run(norm, x, torch.float32),
              "norm fp32 channels_last": run(TwoPassGroupNorm.of(norm), x_cl, torch.float32)}
-    if winograd_available() and WinogradConv2d.fits(conv, min(shape[2:])):
+    if winograd_available() and WinogradConv2d.fits(conv, shape):
         cases["conv fp32 winograd"] = run(WinogradConv2d(conv), x, torch.float32)
     if bf16:
         cases.update({"conv bf16 nchw": run(conv, x, torch.bfloat16),
                       "conv bf16 channels_last": run(conv_cl, x_cl, torch.bfloat16)})
     upsampling = {id(m.conv) for m in vqvae.decoder.modules() if isinstance(m, Upsample)}
-    winograd = sum(t[2] for t in traced if id(t[0]) not in upsampling and WinogradConv2d.fits(t[0], min(t[1][2:])))
+    winograd = sum(m for c, s, m in traced if id(c) not in upsampling and WinogradConv2d.fits(c, s))
     return cases, {"all": sum(t[2] for t in traced) / macs, "winograd": winograd / macs}
 
 

@@ -33,10 +33,11 @@ def winograd_available() -> bool:
 
 class WinogradConv2d(nn.Module):
     """A 3x3 stride-1 fp32 convolution through NNPACK's inference kernel (Winograd for 3x3), one image at a time
-    (NNPACK's batched path is slower than oneDNN's: 881 ms against 580 for four 256 px images). Winograd trades multiply-adds for transforms whose rounding
-    adds to the direct sum's: the d16 decoder's image moves 1.2e-5 from float64 (direct fp32: 0.9e-5; the goldens
-    allow 1e-4 on the tiny decoder). Shares the conv's parameters (same state dict). Other dtypes (autocast, bf16),
-    other devices and a forked child (NNPACK's thread pool belongs to the process that made it) run F.conv2d."""
+    (NNPACK's batched path is slower than oneDNN's: 881 ms against 580 for four 256 px images). Winograd trades
+    multiply-adds for transforms whose rounding adds to the direct sum's: the d16 decoder's image moves 1.2e-5 from
+    float64 (direct fp32: 0.9e-5; the goldens allow 1e-4 on the tiny decoder). Shares the conv's parameters (same
+    state dict). Other dtypes (autocast, bf16), other devices and a forked child (NNPACK's thread pool belongs to
+    the process that made it) run F.conv2d."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -44,10 +45,11 @@ class WinogradConv2d(nn.Module):
         self._pid = os.getpid()
 
     @classmethod
-    def fits(cls, conv: nn.Module, side: int) -> bool:
+    def fits(cls, conv: nn.Module, input_shape: tuple[int, ...]) -> bool:
+        """Whether Winograd takes this conv at this input size (traced_convs' shapes)."""
         return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                 and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-                and side >= WINOGRAD_MIN_SIDE)
+                and min(input_shape[-2:]) >= WINOGRAD_MIN_SIDE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or os.getpid() != self._pid
@@ -177,7 +179,7 @@ def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, f
 
 
 def _winograd_convs(vqvae) -> None:
-    eligible = {id(conv) for conv, shape, _ in traced_convs(vqvae) if WinogradConv2d.fits(conv, min(shape[2:]))}
+    eligible = {id(conv) for conv, shape, _ in traced_convs(vqvae) if WinogradConv2d.fits(conv, shape)}
     for module in list(vqvae.decoder.modules()):
         for name, child in module.named_children():
             if id(child) in eligible:
