@@ -18,9 +18,10 @@ from popyou_cli.models.checkpoints import build_tiny_var, build_tiny_vqvae, load
 from popyou_cli.models import fast as fast_module
 from popyou_cli.models.fast import (DenseLinear, FusedFFN, Int8Linear, Kernels, prepare_for_sampling,
                                     quantize_var)
-from popyou_cli.models.fast_decoder import SubpixelUpsample, TwoPassGroupNorm, WinogradConv2d, winograd_available
+from popyou_cli.models.fast_decoder import (ResidualAddBlock, SubpixelUpsample, TwoPassGroupNorm, WinogradConv2d,
+                                            prepare_decoder, winograd_available)
 from popyou_cli.models import var as var_module
-from popyou_cli.models.vqvae import Upsample
+from popyou_cli.models.vqvae import ResnetBlock, Upsample
 from popyou_cli.models.generate import SamplingGraphs, generate
 
 _CACHE = {}
@@ -200,6 +201,36 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(channels_last):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cin", [32, 64])  # the shortcut as it is, and through its 1x1 conv
+def test_the_residual_add_inside_the_conv_is_the_block(cin):
+    """ResidualAddBlock: bf16 channels_last maps get the shortcut added inside conv2 (closer to float64 than the
+    block's own bf16 conv-then-add, and not the same numbers, so the fused path ran); anything else runs the block
+    as written, bit for bit; the parameters are the block's."""
+    torch.manual_seed(0)
+    block = ResnetBlock(cin, 32).eval()
+    fused = ResidualAddBlock(block)
+    assert fused.state_dict().keys() == block.state_dict().keys()
+    x = torch.randn(2, cin, 12, 10)
+    with torch.no_grad():
+        assert torch.equal(fused(x), block(x))  # fp32: not fused
+        want = copy.deepcopy(block).double()(x.bfloat16().double())
+        xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+        bf16 = copy.deepcopy(block).bfloat16().to(memory_format=torch.channels_last)
+        plain, got = bf16(xb), ResidualAddBlock(bf16)(xb)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(got, plain)
+    assert (got.double() - want).abs().mean() < (plain.double() - want).abs().mean()
+    torch.testing.assert_close(got.double(), want, atol=0.1, rtol=0.05)
+
+
+def test_the_reduced_precision_decoder_fuses_every_residual_add():
+    vae = build_tiny_vqvae()
+    blocks = sum(type(m) is ResnetBlock for m in vae.decoder.modules())
+    prepare_decoder(vae, channels_last=True)
+    assert blocks > 0 and sum(type(m) is ResidualAddBlock for m in vae.decoder.modules()) == blocks
+    assert not any(type(m) is ResnetBlock for m in vae.decoder.modules())
+
+
 @pytest.mark.parametrize("chunk", [1 << 21, 700])  # one chunk, and one (batch x head) slice at a time
 def test_unfused_attention_is_attention(chunk, monkeypatch):
     """var.unfused_attention against float64 softmax(q k^T * scale) v: within bf16's rounding, in chunks or not."""
@@ -309,6 +340,19 @@ def test_the_int8_gelu_is_tanh_gelu():
     got = x.clone()
     assert fast_module.gelu_tanh_(got) is got
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_int8_rows_are_rounded_half_to_even_into_1_to_255():
+    """fast.quantize_rows against round(x / scale) + 128: ties (k + 0.5 steps), both ends, zeros, a zero row."""
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1, 3, 1e4, 1, 0])[:, None]
+    x[1, :10] = torch.arange(-5, 5) + 0.5  # with row 1's max below, these are exact half steps
+    x[1] = x[1].clamp(-50.8, 50.8)
+    x[1, 10], x[1, 11] = 127.0, -127.0  # scale exactly 1
+    codes, scale = fast_module.quantize_rows(x)
+    want = (x / scale).round().add(128).clamp(1, 255).to(torch.uint8)
+    assert codes.dtype == torch.uint8 and torch.equal(codes, want)
+    assert scale[1].item() == 1.0 and codes[1, :10].tolist() == [124, 124, 126, 126, 128, 128, 130, 130, 132, 132]
+    assert codes[:5].max() == 255 and codes[:5].min() == 1 and bool((codes[5] == 128).all())
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -1,6 +1,7 @@
 """The VQ-VAE decoder's sampling speed-ups (models/fast.py chooses them): sub-pixel upsampling; for the fp32 decoder
 (exact mode, --quantize int8) either channels_last on the finest levels with TwoPassGroupNorm or Winograd
-convolutions on the large maps (WinogradConv2d); channels_last under reduced precision."""
+convolutions on the large maps (WinogradConv2d); channels_last under reduced precision, with each residual
+block's add inside its second conv (ResidualAddBlock)."""
 from __future__ import annotations
 
 import os
@@ -159,6 +160,36 @@ class SubpixelUpsample(nn.Module):
         return out.view(B, cout, 2 * H, 2 * W)
 
 
+class ResidualAddBlock(nn.Module):
+    """The VQ-VAE's residual block (same parameters and names) with its add inside the second conv: oneDNN adds
+    the shortcut to the conv's fp32 sums before rounding to bf16, so the sum is one pass less over the map and one
+    rounding less (d16, 4 images, 160 channels at 256 px: 74 ms per image against 80 for conv then add). For
+    bf16 channels_last maps on a CPU; anything else runs the block as written."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.norm1, self.conv1, self.norm2, self.conv2 = block.norm1, block.conv1, block.norm2, block.conv2
+        self.nin_shortcut = block.nin_shortcut
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = F.silu(self.norm2(h), inplace=True)
+        shortcut = self.nin_shortcut(x)
+        if not self._fusable(h, shortcut):
+            return shortcut + self.conv2(h)
+        conv = self.conv2
+        bias = None if conv.bias is None else conv.bias.to(h.dtype)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            h, shortcut, conv.weight.to(h.dtype), bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, "add", None, None, [], None)
+
+    def _fusable(self, h: torch.Tensor, shortcut: torch.Tensor) -> bool:
+        channels_last = torch.channels_last
+        return (h.device.type == "cpu" and h.dtype == torch.bfloat16 and shortcut.dtype == h.dtype
+                and h.is_contiguous(memory_format=channels_last) and shortcut.is_contiguous(memory_format=channels_last)
+                and self.conv2.padding_mode == "zeros" and not torch.is_grad_enabled())
+
+
 def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, fp32_conv: str = "nchw"):
     """The decoder's speed-ups in place: sub-pixel upsampling (exact); channels_last for reduced precision (the
     whole decoder); else the fp32 decoder's conv kernels, `fp32_conv`: "channels_last" (the finest levels only,
@@ -172,10 +203,21 @@ def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, f
     if channels_last:
         decoder.to(memory_format=torch.channels_last)
         vqvae.post_quant_conv.to(memory_format=torch.channels_last)
+        if torch.backends.mkldnn.is_available():
+            _fuse_residual_adds(decoder)
     elif fp32_conv == "channels_last":
         _finest_levels_channels_last(decoder)
     elif fp32_conv == "winograd" and winograd_available():
         _winograd_convs(vqvae)
+
+
+def _fuse_residual_adds(decoder) -> None:
+    from popyou_cli.models.vqvae import ResnetBlock
+
+    for module in list(decoder.modules()):
+        for name, child in module.named_children():
+            if type(child) is ResnetBlock:
+                setattr(module, name, ResidualAddBlock(child))
 
 
 def _winograd_convs(vqvae) -> None:
