@@ -8,8 +8,9 @@ What it adds to the reference loop, all opt-in or output-preserving:
 - a static per-scale step (blocks + head on fixed-size buffers, the KV cache written at fixed offsets), which
   CUDA graphs can capture once per (scale, rows) and replay (`ScaleSteps`, enabled by fast.prepare_for_sampling
   on CUDA). On the CPU the same step runs eagerly.
-- with one generator per image on a CPU, the images' random draws run on parallel threads (`_draw_per_image`):
-  the same draws, so the same tokens.
+- on a CPU, top-p after top-k sorts only the k candidates (`_mask_from_candidates_`, the reference's masking bit
+  for bit), and with one generator per image the images' random draws run on parallel threads
+  (`_draw_per_image`, the same draws): the same tokens either way.
 """
 from __future__ import annotations
 
@@ -240,11 +241,13 @@ def _new_cache(var):
 def sample_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float, generator) -> torch.Tensor:
     """Masks logits (B, l, V) IN PLACE as the reference does, then draws one token per position."""
     B, l, V = logits.shape
-    if not (0 < top_k < V and top_p > 0 and _mask_from_candidates_(logits, top_k, top_p)):
+    # on a GPU the whole-row sort is cheap, and the candidates' checks would wait for the GPU at every scale
+    cpu = logits.device.type == "cpu"
+    if not (cpu and 0 < top_k < V and top_p > 0 and _mask_from_candidates_(logits, top_k, top_p)):
         _mask_sorting_the_vocabulary_(logits, top_k, top_p)
     probs = logits.softmax(dim=-1).view(-1, V)
     if isinstance(generator, (list, tuple)):  # one generator per image: an image's draws ignore its batch
-        if B > 1 and probs.device.type == "cpu" and torch.get_num_threads() > 1:
+        if B > 1 and cpu and torch.get_num_threads() > 1:
             return _draw_per_image(probs.view(B, l, V), generator)
         return torch.cat([torch.multinomial(p, 1, replacement=True, generator=g)
                           for p, g in zip(probs.view(B, l, V), generator)]).view(B, l)
@@ -288,8 +291,8 @@ def _mask_from_candidates_(logits: torch.Tensor, top_k: int, top_p: float) -> bo
 def _draw_per_image(probs: torch.Tensor, generators) -> torch.Tensor:
     """torch.multinomial(p, 1) for each image (B, l, V) with its own generator, the images' draws on parallel
     threads. multinomial draws one Exp(1) per vocabulary entry, q, and returns argmax(p / q); PyTorch draws a
-    generator's stream on one core, in order (d16's last scale: 20 ms of 4 images' 80 ms per image), so images
-    drawn side by side are ~2x faster on 2 cores. Same draws, same tokens (a test holds it to multinomial)."""
+    generator's stream on one core, in order, so images drawn side by side are ~2x faster on 2 cores (d16's last
+    scale, 4 images: 40 ms instead of 79). Same draws, same tokens (a test holds it to multinomial)."""
     total = probs.sum(-1)  # softmax output: non-negative, so a NaN, inf or empty row shows in its sum
     if not (total.isfinite().all() and total.gt(0).all()):
         torch.multinomial(probs.view(-1, probs.shape[-1]), 1, replacement=True)  # raises multinomial's error
