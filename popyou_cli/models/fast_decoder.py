@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from popyou_cli.models.vqvae import ResnetBlock, Upsample
+
 # exact mode's fp32 channels_last decoder (Kernels.fp32_conv "channels_last"): its finest levels. On the golden tiny10
 # decoder the three finest keep the image about as close to the reference as NCHW does (2.1e-5 against 1.9e-5; the
 # goldens allow 1e-4); the coarser ones move it more (3.7e-5 with all five) and cost little anyway (the finest
@@ -160,20 +162,19 @@ class SubpixelUpsample(nn.Module):
         return out.view(B, cout, 2 * H, 2 * W)
 
 
-class ResidualAddBlock(nn.Module):
+class ResidualAddBlock(ResnetBlock):
     """The VQ-VAE's residual block (same parameters and names) with its add inside the second conv: oneDNN adds
     the shortcut to the conv's fp32 sums before rounding to bf16, so the sum is one pass less over the map and one
     rounding less (d16, 4 images, 160 channels at 256 px: 74 ms per image against 80 for conv then add). For
     bf16 channels_last maps on a CPU; anything else runs the block as written."""
 
-    def __init__(self, block: nn.Module):
-        super().__init__()
+    def __init__(self, block: ResnetBlock):
+        nn.Module.__init__(self)  # the block's own modules, not new ones
         self.norm1, self.conv1, self.norm2, self.conv2 = block.norm1, block.conv1, block.norm2, block.conv2
         self.nin_shortcut = block.nin_shortcut
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2_input(x)
         shortcut = self.nin_shortcut(x)
         if not self._fusable(h, shortcut):
             return shortcut + self.conv2(h)
@@ -194,8 +195,6 @@ def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, f
     """The decoder's speed-ups in place: sub-pixel upsampling (exact); channels_last for reduced precision (the
     whole decoder); else the fp32 decoder's conv kernels, `fp32_conv`: "channels_last" (the finest levels only,
     module docstring), "winograd" (where NNPACK runs: the large maps' 3x3 convs, NCHW) or "nchw"."""
-    from popyou_cli.models.vqvae import Upsample
-
     decoder = vqvae.decoder
     for level in decoder.up:
         if subpixel and level.resample and isinstance(getattr(level, level.resample), Upsample):
@@ -212,8 +211,6 @@ def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, f
 
 
 def _fuse_residual_adds(decoder) -> None:
-    from popyou_cli.models.vqvae import ResnetBlock
-
     for module in list(decoder.modules()):
         for name, child in module.named_children():
             if type(child) is ResnetBlock:

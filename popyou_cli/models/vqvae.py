@@ -76,9 +76,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
+        return self.nin_shortcut(x) + self.conv2(self.conv2_input(x))
+
+    def conv2_input(self, x):
+        """The residual branch up to its last conv: silu(norm2(conv1(silu(norm1(x)))))."""
         h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place: the norm output is a fresh tensor
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
-        return self.nin_shortcut(x) + h
+        return F.silu(self.norm2(h), inplace=True)
 
 
 class AttnBlock(nn.Module):
