@@ -10,8 +10,8 @@ orders: greedy tokens stay identical on the goldens, images within their toleran
   convolutions either through NNPACK's Winograd kernel on the large maps (fast_decoder.WinogradConv2d: about 2.2x
   oneDNN's direct fp32 there) or with the three finest levels (85% of its multiply-adds) in channels_last, where
   oneDNN's fp32 convolutions are about 15% faster, with fast_decoder.TwoPassGroupNorm in place of PyTorch's
-  channels_last GroupNorm, whose one-pass sums would move the golden image by most of its tolerance. Each of these is a `Kernels` choice: autotune.py keeps those
-  that are faster on this machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU,
+  channels_last GroupNorm, whose one-pass sums would move the golden image by most of its tolerance. Each of these
+  is a `Kernels` choice: autotune.py keeps those that are faster on this machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU,
   after 20 s of compiling per shape.
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
   call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps). With a
