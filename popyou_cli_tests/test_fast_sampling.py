@@ -21,7 +21,7 @@ from popyou_cli.models.fast import (DenseLinear, FusedFFN, Int8Linear, Kernels, 
 from popyou_cli.models.fast_decoder import (ResidualAddBlock, SubpixelUpsample, TwoPassGroupNorm, WinogradConv2d,
                                             prepare_decoder, winograd_available)
 from popyou_cli.models import var as var_module
-from popyou_cli.models.vqvae import ResnetBlock, Upsample
+from popyou_cli.models.vqvae import VQVAE, ResnetBlock, Upsample, VQVAEConfig
 from popyou_cli.models.generate import SamplingGraphs, generate
 
 _CACHE = {}
@@ -229,6 +229,37 @@ def test_the_reduced_precision_decoder_fuses_every_residual_add():
     prepare_decoder(vae, channels_last=True)
     assert blocks > 0 and sum(type(m) is ResidualAddBlock for m in vae.decoder.modules()) == blocks
     assert not any(type(m) is ResnetBlock for m in vae.decoder.modules())
+
+
+def test_a_reduced_precision_decode_does_not_depend_on_the_batch():
+    """On 2 threads PyTorch's channels_last bf16 GroupNorm sums a 64-channel 32 px map in another order for a batch
+    than for one image; prepared for bf16 on a CPU, the decoder runs one image at a time, so image k of a batch is
+    the image alone. fp32 preparation leaves the decoder batched."""
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=64, ch_mult=(1, 1), num_res_blocks=1, patch_nums=(1, 2, 4, 16))
+    vae = VQVAE(cfg).eval()
+    f_hat = torch.randn(3, 8, 16, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def decode(v, batch):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return v.decode_fhat(batch)
+
+        batched = copy.deepcopy(vae)
+        prepare_decoder(batched, channels_last=True)
+        prepare_decoder(vae, channels_last=True, one_image_at_a_time=True)
+        alone = torch.cat([decode(vae, f_hat[i:i + 1]) for i in range(3)])
+        assert torch.equal(decode(vae, f_hat), alone)
+        # the kernel this works around: a batched decode rounds differently (if this fails, PyTorch's GroupNorm no
+        # longer depends on the batch and the one-image loop can go)
+        assert not torch.equal(decode(batched, f_hat), alone)
+    finally:
+        torch.set_num_threads(threads)
+    for dtype, expected in ((torch.bfloat16, True), (torch.float32, False)):
+        model = build_tiny_vqvae()
+        prepare_for_sampling(build_tiny_var(), model, "cpu", dtype)
+        assert model.decoder.one_image_at_a_time is expected
 
 
 @pytest.mark.parametrize("chunk", [1 << 21, 700])  # one chunk, and one (batch x head) slice at a time

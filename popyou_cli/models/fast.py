@@ -354,5 +354,6 @@ def prepare_for_sampling(var, vqvae, device: str | torch.device | None = None, d
     if vqvae is not None:
         prepare_decoder(vqvae, channels_last=dtype != torch.float32 and kernels.channels_last,
                         subpixel=kernels.upsample == "subpixel",
-                        fp32_conv=kernels.fp32_conv if dtype == torch.float32 and dev.type == "cpu" else "nchw")
+                        fp32_conv=kernels.fp32_conv if dtype == torch.float32 and dev.type == "cpu" else "nchw",
+                        one_image_at_a_time=dtype != torch.float32 and dev.type == "cpu")
     return SamplingGraphs() if dev.type == "cuda" and cuda_graphs else None

@@ -188,8 +188,11 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(c)
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.one_image_at_a_time = False  # set by models/fast_decoder.prepare_decoder (reduced precision on a CPU)
 
     def forward(self, z):
+        if self.one_image_at_a_time and len(z) > 1:
+            return torch.cat([self(image) for image in z.split(1)])
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
