@@ -233,12 +233,14 @@ def test_the_reduced_precision_decoder_fuses_every_residual_add():
 
 def test_a_reduced_precision_decode_does_not_depend_on_the_batch():
     """On 2 threads PyTorch's channels_last bf16 GroupNorm sums a 64-channel 32 px map in another order for a batch
-    than for one image; prepared for bf16 on a CPU, the decoder runs one image at a time, so image k of a batch is
-    the image alone. fp32 preparation leaves the decoder batched."""
+    than for one image, and the quantizer's phi conv gets a batch's code map channels_last but a lone image's NCHW.
+    Prepared for bf16 on a CPU, both run one image at a time (phi in NCHW), so image k of a batch is the image
+    alone. fp32 preparation leaves them batched."""
     torch.manual_seed(0)
-    cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=64, ch_mult=(1, 1), num_res_blocks=1, patch_nums=(1, 2, 4, 16))
+    cfg = VQVAEConfig(vocab_size=64, z_channels=32, ch=64, ch_mult=(1, 1), num_res_blocks=1, patch_nums=(1, 2, 4, 16))
     vae = VQVAE(cfg).eval()
-    f_hat = torch.randn(3, 8, 16, 16)
+    f_hat = torch.randn(3, 32, 16, 16)
+    codes = torch.randint(0, 64, (3, 16 * 16))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -254,12 +256,27 @@ def test_a_reduced_precision_decode_does_not_depend_on_the_batch():
         # the kernel this works around: a batched decode rounds differently (if this fails, PyTorch's GroupNorm no
         # longer depends on the batch and the one-image loop can go)
         assert not torch.equal(decode(batched, f_hat), alone)
+
+        # phi's conv sees what a lone image's upsampled map is (one image, NCHW), however the batch comes; its bf16
+        # sums differ with the memory format, though rarely on random weights, so the inputs are checked here
+        quantizer = vae.quantize
+        conv = quantizer._phi_convs[quantizer.phi_index[3]]
+        code_map = quantizer.embedding(codes).transpose(1, 2).reshape(3, 32, 16, 16)  # as generate() builds it
+        assert code_map.is_contiguous(memory_format=torch.channels_last) and not code_map.is_contiguous()
+        seen = []
+        hook = conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = quantizer.phi(3, code_map)
+        hook.remove()
+        assert [(len(x), x.is_contiguous()) for x in seen] == [(1, True)] * 3
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(got, torch.cat([conv(code_map[i:i + 1].contiguous()) for i in range(3)]))
     finally:
         torch.set_num_threads(threads)
     for dtype, expected in ((torch.bfloat16, True), (torch.float32, False)):
         model = build_tiny_vqvae()
         prepare_for_sampling(build_tiny_var(), model, "cpu", dtype)
-        assert model.decoder.one_image_at_a_time is expected
+        assert model.one_image_at_a_time is model.quantize.one_image_at_a_time is expected
 
 
 @pytest.mark.parametrize("chunk", [1 << 21, 700])  # one chunk, and one (batch x head) slice at a time

@@ -196,13 +196,14 @@ def prepare_decoder(vqvae, channels_last: bool = False, subpixel: bool = True, f
     """The decoder's speed-ups in place: sub-pixel upsampling (exact); channels_last for reduced precision (the
     whole decoder); else the fp32 decoder's conv kernels, `fp32_conv`: "channels_last" (the finest levels only,
     module docstring), "winograd" (where NNPACK runs: the large maps' 3x3 convs, NCHW) or "nchw".
-    one_image_at_a_time: for the reduced-precision decoder on a CPU, so that an image's pixels do not depend on its
-    batch. On 2+ threads PyTorch's channels_last bf16 GroupNorm splits its sums by batch size (64+ channels at 32
-    px and up), so a batched image rounded differently from the same image alone (VAR-d16 `--fast`: up to 9
-    levels, 19% of the values off by more than one); one image at a time it is the same, at the same speed here
-    (BENCHMARKS.md)."""
+    one_image_at_a_time: decode_fhat and the quantizer's phi convs take one image at a time (reduced precision on a
+    CPU), so that an image's pixels do not depend on its batch: on 2+ threads PyTorch's channels_last bf16
+    GroupNorm splits its sums by batch size (64+ channels at 32 px and up), and a lone image's phi input can come
+    in another memory format than a batch's, which oneDNN's bf16 conv sums in another order; so a batched image
+    rounded differently from the same image alone (VAR-d16 `--fast`: up to 9 levels, 19% of the values off by more
+    than one). One image at a time: the same, at the same speed here."""
     decoder = vqvae.decoder
-    decoder.one_image_at_a_time = one_image_at_a_time
+    vqvae.one_image_at_a_time = vqvae.quantize.one_image_at_a_time = one_image_at_a_time
     for level in decoder.up:
         if subpixel and level.resample and isinstance(getattr(level, level.resample), Upsample):
             setattr(level, level.resample, SubpixelUpsample(getattr(level, level.resample)))

@@ -188,11 +188,8 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(c)
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
-        self.one_image_at_a_time = False  # set by models/fast_decoder.prepare_decoder (reduced precision on a CPU)
 
     def forward(self, z):
-        if self.one_image_at_a_time and len(z) > 1:
-            return torch.cat([self(image) for image in z.split(1)])
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
@@ -251,9 +248,13 @@ class MultiScaleQuantizer(nn.Module):
         self.embedding = nn.Embedding(V, Cv)
         self._phi_convs = convs  # plain list: the modules are registered above, this only indexes them
         self.phi_index = phi_indices(len(convs), S)
+        self.one_image_at_a_time = False  # set by models/fast_decoder.prepare_decoder (reduced precision on a CPU)
 
     def phi(self, si: int, h: torch.Tensor) -> torch.Tensor:
-        return self._phi_convs[self.phi_index[si]](h)
+        conv = self._phi_convs[self.phi_index[si]]
+        if self.one_image_at_a_time:  # in one memory format too: a lone image's map can come NCHW, a batch's not
+            return torch.cat([conv(image.contiguous()) for image in h.split(1)])
+        return conv(h)
 
     def set_resize(self, mode: str) -> None:
         """One of RESIZE_MODES; the original PopYOU quantizer replaced area (down) and bicubic (up) with bilinear."""
@@ -342,6 +343,7 @@ class VQVAE(nn.Module):
         self.quantize = MultiScaleQuantizer(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
+        self.one_image_at_a_time = False  # set by models/fast_decoder.prepare_decoder (reduced precision on a CPU)
 
     @property
     def patch_nums(self) -> tuple[int, ...]:
@@ -361,6 +363,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode_fhat(self, f_hat: torch.Tensor) -> torch.Tensor:
+        if self.one_image_at_a_time and len(f_hat) > 1:
+            return torch.cat([self.decode_fhat(image) for image in f_hat.split(1)])
         return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
 
     @torch.no_grad()
