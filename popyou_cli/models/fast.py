@@ -11,13 +11,14 @@ orders: greedy tokens stay identical on the goldens, images within their toleran
   oneDNN's direct fp32 there) or with the three finest levels (85% of its multiply-adds) in channels_last, where
   oneDNN's fp32 convolutions are about 15% faster, with fast_decoder.TwoPassGroupNorm in place of PyTorch's
   channels_last GroupNorm, whose one-pass sums would move the golden image by most of its tolerance. Each of these
-  is a `Kernels` choice: autotune.py keeps those that are faster on this machine. torch.compile is not used: measured on a d16 block it was no faster on a CPU,
-  after 20 s of compiling per shape.
+  is a `Kernels` choice: autotune.py keeps those that are faster on this machine. torch.compile is not used:
+  measured on a d16 block it was no faster on a CPU, after 20 s of compiling per shape.
 - CUDA: the Linear weights are stored in the sampling dtype (bf16), so autocast stops re-casting them at every
   call, and each scale's step is captured once as a CUDA graph and replayed (sampler.ScaleSteps). With a
   reduced-precision dtype the decoder also runs in channels_last.
 - Under bf16/fp16 autocast on a CPU, VAR's attention runs unfused (models/var.unfused_attention) where that beats
-  PyTorch's flash kernel (Kernels.attention, measured by autotune.py).
+  PyTorch's flash kernel (Kernels.attention, measured by autotune.py), and the VQ-VAE works one image at a time
+  (fast_decoder.prepare_decoder's one_image_at_a_time), so that an image's pixels do not depend on its batch.
 
 Opt-in, `quantize_var(var, mode, device)`:
 - "int8" on CPU: dynamic int8 Linear layers (weights int8 per output channel, activations quantised per call and

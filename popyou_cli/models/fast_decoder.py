@@ -1,7 +1,7 @@
 """The VQ-VAE decoder's sampling speed-ups (models/fast.py chooses them): sub-pixel upsampling; for the fp32 decoder
 (exact mode, --quantize int8) either channels_last on the finest levels with TwoPassGroupNorm or Winograd
 convolutions on the large maps (WinogradConv2d); channels_last under reduced precision, with each residual
-block's add inside its second conv (ResidualAddBlock)."""
+block's add inside its second conv (ResidualAddBlock), and on a CPU one image at a time (prepare_decoder)."""
 from __future__ import annotations
 
 import os
